@@ -1,0 +1,224 @@
+//! The crate's one error type.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A specialised `Result` for agentbus operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in agentbus.
+///
+/// Every variant that touches the file system names the path and the operation, so a
+/// message like `fdatasync .agentbus/mailboxes/main/log/00000000000000000001.jsonl:
+/// Input/output error` tells an operator exactly where to look. [`Error::code`] gives a
+/// stable, machine-readable code (the CLI prints it as `{"error": code, ...}`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`"open"`, `"append"`, `"fdatasync"`, ...).
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A mailbox, group, lease or agent name breaks the naming rule
+    /// `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
+    #[error("invalid {kind} name {name:?}: {reason}")]
+    InvalidName {
+        /// What the name was for (`"mailbox"`, `"agent"`, ...).
+        kind: &'static str,
+        /// The rejected name.
+        name: String,
+        /// Which part of the rule it breaks.
+        reason: &'static str,
+    },
+
+    /// The mailbox does not exist. Mailboxes are created explicitly, so a misspelled
+    /// recipient is an error rather than a silently created orphan.
+    #[error(
+        "mailbox {name:?} does not exist (existing mailboxes: {})",
+        list_or_none(existing)
+    )]
+    MailboxNotFound {
+        /// The name that was asked for.
+        name: String,
+        /// The mailboxes that do exist, sorted.
+        existing: Vec<String>,
+    },
+
+    /// `create_mailbox` was asked for a name that is taken.
+    #[error("mailbox {name:?} already exists")]
+    MailboxExists {
+        /// The name.
+        name: String,
+    },
+
+    /// The directory is not an agentbus directory (no `agentbus.json`).
+    #[error("{} is not an agentbus directory (no agentbus.json; create one with `agentbus init`)", path.display())]
+    NotABus {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// The bus was written by a newer, incompatible version of agentbus.
+    #[error("{}: format {found} is not supported (this build reads format {supported})", path.display())]
+    UnsupportedFormat {
+        /// The marker or metadata file.
+        path: PathBuf,
+        /// The format found there.
+        found: u64,
+        /// The format this build understands.
+        supported: u64,
+    },
+
+    /// A record is larger than the configured limit; nothing was written.
+    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    RecordTooLarge {
+        /// The encoded size of the record, in bytes.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+
+    /// A stored record is damaged: its checksum does not match, it is not valid JSON,
+    /// its `seq` is out of order, or it is longer than the record limit.
+    #[error("{}:{line}: damaged record: {reason}", path.display())]
+    Corrupt {
+        /// The file holding the record.
+        path: PathBuf,
+        /// The 1-based line number of the record in that file.
+        line: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The message (or another input) is not valid; nothing was written.
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+
+    /// An artifact named by a message does not exist (or is not a regular file).
+    #[error("artifact {} is missing", path.display())]
+    ArtifactMissing {
+        /// The artifact's path.
+        path: PathBuf,
+    },
+
+    /// An artifact's size differs from the size recorded when it was sent.
+    #[error("artifact {} has {actual} bytes, expected {expected}", path.display())]
+    ArtifactSizeMismatch {
+        /// The artifact's path.
+        path: PathBuf,
+        /// The size recorded in the message.
+        expected: u64,
+        /// The size found on disk.
+        actual: u64,
+    },
+
+    /// An artifact's SHA-256 differs from the digest recorded when it was sent.
+    #[error("artifact {} has sha256 {actual}, expected {expected}", path.display())]
+    ArtifactDigestMismatch {
+        /// The artifact's path.
+        path: PathBuf,
+        /// The digest recorded in the message.
+        expected: String,
+        /// The digest of the file on disk.
+        actual: String,
+    },
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+impl Error {
+    /// A stable, machine-readable code for this error, such as `"mailbox_not_found"`.
+    ///
+    /// The CLI prints it as the `error` field of its JSON error object; scripts can
+    /// match on it.
+    ///
+    /// ```
+    /// let err = agentbus::Error::MailboxExists { name: "main".into() };
+    /// assert_eq!(err.code(), "mailbox_exists");
+    /// ```
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::InvalidName { .. } => "invalid_name",
+            Error::MailboxNotFound { .. } => "mailbox_not_found",
+            Error::MailboxExists { .. } => "mailbox_exists",
+            Error::NotABus { .. } => "not_a_bus",
+            Error::UnsupportedFormat { .. } => "unsupported_format",
+            Error::RecordTooLarge { .. } => "record_too_large",
+            Error::Corrupt { .. } => "corrupt",
+            Error::InvalidMessage(_) => "invalid_message",
+            Error::ArtifactMissing { .. } => "artifact_missing",
+            Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
+            Error::ArtifactDigestMismatch { .. } => "artifact_digest_mismatch",
+        }
+    }
+
+    /// The file or directory this error is about, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Error::Io { path, .. }
+            | Error::NotABus { path }
+            | Error::UnsupportedFormat { path, .. }
+            | Error::Corrupt { path, .. }
+            | Error::ArtifactMissing { path }
+            | Error::ArtifactSizeMismatch { path, .. }
+            | Error::ArtifactDigestMismatch { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    /// True when the input was rejected before anything was written: a bad name, an
+    /// invalid or oversized message, or a mailbox that does not exist.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidName { .. }
+                | Error::InvalidMessage(_)
+                | Error::RecordTooLarge { .. }
+                | Error::MailboxNotFound { .. }
+                | Error::MailboxExists { .. }
+        )
+    }
+
+    /// The underlying I/O error, if this is an I/O failure.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `result.ctx("open", &path)?` turns an `io::Result` into a crate [`Result`] that names
+/// the operation and the path.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}

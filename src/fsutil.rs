@@ -1,0 +1,134 @@
+//! Small file-system helpers: no-follow opens, explicit modes, directory fsync,
+//! atomic replace.
+
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use crate::error::{IoContext, Result};
+
+/// Opens (creating if needed) a file for appending and reading, never following a
+/// symlink in the last component. New files get exactly `mode` (umask is overridden).
+pub(crate) fn open_append(path: &Path, mode: u32) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ctx("open", path)?;
+    ensure_regular(&file, path)?;
+    Ok(file)
+}
+
+/// Opens an existing file read-only without following a symlink.
+pub(crate) fn open_read(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
+/// Opens (creating if needed) a lock file without following a symlink.
+pub(crate) fn open_lock(path: &Path, mode: u32) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ctx("open lock", path)?;
+    ensure_regular(&file, path)?;
+    Ok(file)
+}
+
+fn ensure_regular(file: &File, path: &Path) -> Result<()> {
+    let meta = file.metadata().ctx("stat", path)?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(crate::Error::io(
+            "open",
+            path,
+            io::Error::other("not a regular file"),
+        ))
+    }
+}
+
+/// Creates one directory with exactly `mode`; an existing directory is fine, an existing
+/// symlink or file is not.
+pub(crate) fn create_dir(path: &Path, mode: u32) -> Result<()> {
+    match DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => set_mode(path, mode),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => ensure_dir(path),
+        Err(e) => Err(crate::Error::io("create directory", path, e)),
+    }
+}
+
+/// Fails unless `path` is a real directory (not a symlink to one).
+pub(crate) fn ensure_dir(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).ctx("stat", path)?;
+    if meta.is_dir() {
+        Ok(())
+    } else {
+        Err(crate::Error::io(
+            "open directory",
+            path,
+            io::Error::other("not a directory (symlinks are not followed)"),
+        ))
+    }
+}
+
+pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, Permissions::from_mode(mode)).ctx("chmod", path)
+}
+
+/// fsyncs a directory so that entries created or renamed in it survive power loss.
+pub(crate) fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", path)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsynced
+/// when `sync`, then renamed over `path` (and the directory fsynced when `sync`).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<()> {
+    let dir = path.parent().expect("atomic write target has a parent");
+    let name = path.file_name().expect("atomic write target has a name");
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        uuid::Uuid::now_v7().simple()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .ctx("create", &tmp)?;
+        f.write_all(bytes).ctx("write", &tmp)?;
+        if sync {
+            f.sync_all().ctx("fsync", &tmp)?;
+        }
+        set_mode(&tmp, mode)?;
+        fs::rename(&tmp, path).ctx("rename", path)?;
+        if sync {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,94 @@
+//! # agentbus
+//!
+//! Crash-safe coordination for AI agent processes on one machine, over a directory of
+//! append-only JSON-lines files.
+//!
+//! - A [`Mailbox`] is a named, append-only log of [`Message`]s. Any number of threads
+//!   and processes send to it at once; each gets a [`Receipt`] with a unique `id` and a
+//!   gap-free `seq`. Reading ([`Mailbox::messages`]) never changes state.
+//! - A [`Bus`] is the directory that holds mailboxes. Mailboxes are created explicitly:
+//!   sending to a misspelled name is an error listing the names that exist.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! use agentbus::{Artifact, Bus, NewMessage};
+//!
+//! let bus = Bus::builder().agent("writer").init(dir.path().join(".agentbus"))?;
+//! let main = bus.create_mailbox("main")?;
+//!
+//! // The writer drafts a file and tells the main agent, pinning the draft by SHA-256.
+//! let draft = dir.path().join("draft.md");
+//! std::fs::write(&draft, "# Chapter 1\n")?;
+//! main.send(
+//!     NewMessage::new("draft.ready")
+//!         .subject("chapter 1")
+//!         .artifact(Artifact::capture(&draft)?)
+//!         .correlation_id("book-1"),
+//! )?;
+//!
+//! // The main agent (usually another process) reads it and checks the artifact.
+//! for message in main.messages().of_type("draft.ready") {
+//!     let message = message?;
+//!     for artifact in &message.artifacts {
+//!         artifact.verify()?; // exists, same size, same SHA-256
+//!     }
+//!     assert_eq!(message.from, "writer");
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **Durable send.** With [`Durability::Sync`] (the default) a receipt means the
+//!   record was `fdatasync`ed; with [`Durability::Flush`] it was written to the kernel and
+//!   survives a crash of the process. A failed sync is returned, never retried.
+//! - **No interleaving.** Each append holds an exclusive `flock` on the mailbox's `lock`
+//!   file (never the data file) and writes the whole record with one `write()`.
+//! - **Torn tails are repaired, damage is loud.** A crash mid-append leaves at most one
+//!   incomplete final line; readers never deliver it and the next writer truncates it
+//!   before appending. Every record carries a CRC-32C; a damaged record is reported with
+//!   its file and line ([`Error::Corrupt`], [`Bus::doctor`]), never skipped silently.
+//! - **Identity and order.** `id` is a UUIDv7; `seq` is contiguous per mailbox.
+//! - **Idempotent send.** A repeated [idempotency key](NewMessage::idempotency_key)
+//!   returns the original receipt instead of writing a second message.
+//! - **Bounded.** A send never re-reads history: the writer caches its open segment and
+//!   its length and checks it with one `fstat` under the lock. Records over the limit
+//!   (default 1 MiB) are refused on write and reported on read.
+//! - **Safe by default.** Directories `0700`, files `0600`; names are validated
+//!   ([`validate_name`]) so nothing escapes the directory; symlinks inside the bus are
+//!   not followed.
+//!
+//! The on-disk format, for tools that write records directly, is in `FORMAT.md`.
+//!
+//! # Locking
+//!
+//! agentbus locks with `flock(2)` through [`std::fs::File::lock`] (stable since Rust
+//! 1.89, the same call the `fs4` crate makes), so shell scripts can take the same lock
+//! with `flock(1)`.
+
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+mod bus;
+mod doctor;
+mod error;
+mod fsutil;
+mod log;
+mod mailbox;
+mod message;
+mod name;
+mod record;
+
+pub use bus::{
+    Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_SEGMENT_BYTES, FORMAT_VERSION,
+    MARKER_FILE,
+};
+pub use doctor::{DoctorReport, Problem, ProblemKind};
+pub use error::{Error, Result};
+pub use mailbox::{Mailbox, Messages};
+pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};
+pub use name::{validate_name, MAX_NAME_LEN};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
