@@ -9,18 +9,15 @@ use std::path::Path;
 use crate::error::{IoContext, Result};
 
 /// Opens (creating if needed) a file for appending and reading, never following a
-/// symlink in the last component. New files get exactly `mode` (umask is overridden).
+/// symlink in the last component. A file this call creates gets exactly `mode`
+/// (the umask is overridden, so group-shared modes work).
 pub(crate) fn open_append(path: &Path, mode: u32) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .ctx("open", path)?;
-    ensure_regular(&file, path)?;
-    Ok(file)
+    open_or_create(
+        path,
+        mode,
+        OpenOptions::new().read(true).append(true),
+        "open",
+    )
 }
 
 /// Opens an existing file read-only without following a symlink.
@@ -37,15 +34,31 @@ pub(crate) fn open_read(path: &Path) -> io::Result<File> {
 
 /// Opens (creating if needed) a lock file without following a symlink.
 pub(crate) fn open_lock(path: &Path, mode: u32) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .ctx("open lock", path)?;
+    open_or_create(
+        path,
+        mode,
+        OpenOptions::new().read(true).write(true),
+        "open lock",
+    )
+}
+
+fn open_or_create(
+    path: &Path,
+    mode: u32,
+    opts: &mut OpenOptions,
+    op: &'static str,
+) -> Result<File> {
+    opts.mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    let file = match opts.clone().create_new(true).open(path) {
+        Ok(file) => {
+            file.set_permissions(Permissions::from_mode(mode))
+                .ctx("chmod", path)?;
+            file
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => opts.open(path).ctx(op, path)?,
+        Err(e) => return Err(crate::Error::io(op, path, e)),
+    };
     ensure_regular(&file, path)?;
     Ok(file)
 }

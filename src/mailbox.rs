@@ -627,12 +627,19 @@ impl Messages {
                                 }
                             }
                             Ok(head) => return Some(Err(self.out_of_order(head.seq))),
-                            Err(e) => return Some(Err(e)),
+                            Err(e) => {
+                                // A damaged line still held one record.
+                                self.expected += 1;
+                                return Some(Err(e));
+                            }
                         }
                     }
                     let message = match log::decode::<Message>(bytes, path, line) {
                         Ok(m) => m,
-                        Err(e) => return Some(Err(e)),
+                        Err(e) => {
+                            self.expected += 1;
+                            return Some(Err(e));
+                        }
                     };
                     if message.seq != self.expected {
                         return Some(Err(self.out_of_order(message.seq)));
@@ -644,6 +651,7 @@ impl Messages {
                 }
                 Line::TooLong { len, .. } => {
                     seg.line += 1;
+                    self.expected += 1;
                     return Some(Err(Error::Corrupt {
                         path: seg.path.clone(),
                         line: seg.line,
@@ -656,6 +664,11 @@ impl Messages {
                 }
                 Line::Partial { .. } | Line::Eof => {
                     let partial = matches!(line, Line::Partial { .. });
+                    // The next segment is named after the next seq; a segment holding
+                    // no complete record yet has no successor.
+                    if self.expected <= seg.first {
+                        return None;
+                    }
                     match Segment::open(&self.log_dir, self.expected, self.limit) {
                         Ok(Some(next)) => {
                             let old = std::mem::replace(seg, next);

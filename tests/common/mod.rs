@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+/// Environment variable that marks a process as a child spawned by a test.
+pub const CHILD_ENV: &str = "AGENTBUS_TEST_CHILD";
+
+/// A command that re-runs this test binary as a real, separate process executing only
+/// the (ignored) test `name`. The child test reads its instructions from environment
+/// variables and does nothing unless [`is_child`] is true.
+pub fn child(name: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary path"));
+    cmd.args([
+        "--exact",
+        name,
+        "--include-ignored",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ]);
+    cmd.env(CHILD_ENV, "1");
+    cmd
+}
+
+/// True inside a process started by [`child`].
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"))
+}
+
+/// The `agentbus` binary built for these tests.
+pub fn cli(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentbus"));
+    cmd.arg("--dir").arg(dir);
+    cmd.env_remove("AGENTBUS_DIR").env_remove("AGENTBUS_AGENT");
+    cmd
+}
+
+/// Path of the first segment of `mailbox` in the bus at `bus`.
+pub fn first_segment(bus: &Path, mailbox: &str) -> std::path::PathBuf {
+    bus.join("mailboxes")
+        .join(mailbox)
+        .join("log")
+        .join("00000000000000000001.jsonl")
+}
+
+/// A tiny deterministic PRNG (xorshift64*), so tests need no extra crate.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+    pub fn seeded_from_time() -> (Self, u64) {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        (Rng::new(seed), seed)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -1,0 +1,222 @@
+//! Torn tails, damaged records and oversized records: never delivered as valid,
+//! always reported with file and line, nothing else lost.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+
+use agentbus::{Bus, Durability, Error, NewMessage, ProblemKind};
+
+fn bus(dir: &std::path::Path) -> Bus {
+    Bus::builder()
+        .durability(Durability::Flush)
+        .max_record_bytes(4096)
+        .init(dir)
+        .unwrap()
+}
+
+fn append_raw(path: &std::path::Path, bytes: &[u8]) {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
+}
+
+fn bodies(mb: &agentbus::Mailbox) -> Vec<String> {
+    mb.messages()
+        .map(|m| m.unwrap().body.unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn torn_tail_is_not_delivered_and_the_next_writer_repairs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").body("one")).unwrap();
+    mb.send(NewMessage::new("t").body("two")).unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    let good_len = std::fs::metadata(&seg).unwrap().len();
+    append_raw(&seg, br#"{"crc":"00000000","seq":3,"body":"thr"#);
+
+    // Readers stop before the torn line, without an error.
+    assert_eq!(bodies(&mb), ["one", "two"]);
+    let report = bus.doctor(false).unwrap();
+    assert_eq!(report.problems.len(), 1);
+    let p = &report.problems[0];
+    assert_eq!(
+        (p.kind, p.line, p.repaired),
+        (ProblemKind::TornTail, 3, false)
+    );
+    assert_eq!(p.path, seg);
+
+    // A writer from a fresh handle (as after a restart) cuts it and continues at 3.
+    let fresh = Bus::open(dir.path()).unwrap().mailbox("main").unwrap();
+    assert_eq!(
+        fresh.send(NewMessage::new("t").body("three")).unwrap().seq,
+        3
+    );
+    assert_eq!(bodies(&mb), ["one", "two", "three"]);
+    let text = std::fs::read_to_string(&seg).unwrap();
+    assert!(!text.contains("\"thr\""), "torn bytes survived: {text}");
+    assert!(std::fs::metadata(&seg).unwrap().len() > good_len);
+    assert!(bus.doctor(false).unwrap().problems.is_empty());
+
+    // And a handle with a cached tail notices the change too.
+    append_raw(&seg, b"{\"seq\":4,");
+    assert_eq!(mb.send(NewMessage::new("t").body("four")).unwrap().seq, 4);
+    assert_eq!(bodies(&mb), ["one", "two", "three", "four"]);
+}
+
+#[test]
+fn doctor_repair_truncates_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    bus.create_mailbox("main")
+        .unwrap()
+        .send(NewMessage::new("t"))
+        .unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    append_raw(&seg, b"{\"seq\":2");
+    let report = bus.doctor(true).unwrap();
+    assert!(report.is_clean());
+    assert!(report.problems[0].repaired);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
+    assert!(bus.doctor(false).unwrap().problems.is_empty());
+}
+
+#[test]
+fn a_damaged_middle_record_is_reported_with_file_and_line_and_nothing_else_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    for body in ["alpha", "bravo", "charlie"] {
+        mb.send(NewMessage::new("t").body(body)).unwrap();
+    }
+    let seg = common::first_segment(dir.path(), "main");
+    let text = std::fs::read_to_string(&seg).unwrap();
+    std::fs::write(&seg, text.replacen("bravo", "brave", 1)).unwrap();
+
+    let items: Vec<_> = mb.messages().collect();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0].as_ref().unwrap().body.as_deref(), Some("alpha"));
+    match &items[1] {
+        Err(Error::Corrupt { path, line, reason }) => {
+            assert_eq!((path, *line), (&seg, 2));
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(items[2].as_ref().unwrap().body.as_deref(), Some("charlie"));
+
+    let report = bus.doctor(true).unwrap();
+    assert!(!report.is_clean(), "damage must not be 'repaired' away");
+    assert_eq!(report.problems.len(), 1);
+    assert_eq!(report.problems[0].kind, ProblemKind::Damaged);
+    assert_eq!(report.problems[0].line, 2);
+    // Still on disk for a human to look at.
+    assert!(std::fs::read_to_string(&seg).unwrap().contains("brave"));
+
+    // Sending still works: the damage is not at the tail.
+    assert_eq!(mb.send(NewMessage::new("t").body("delta")).unwrap().seq, 4);
+}
+
+#[test]
+fn a_damaged_last_record_stops_writers_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").body("alpha")).unwrap();
+    mb.send(NewMessage::new("t").body("bravo")).unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    let text = std::fs::read_to_string(&seg).unwrap();
+    std::fs::write(&seg, text.replacen("bravo", "brave", 1)).unwrap();
+    let before = std::fs::read(&seg).unwrap();
+
+    let fresh = Bus::open(dir.path()).unwrap().mailbox("main").unwrap();
+    match fresh.send(NewMessage::new("t")) {
+        Err(Error::Corrupt { path, line, .. }) => assert_eq!((path, line), (seg.clone(), 2)),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        before,
+        "nothing may be written"
+    );
+}
+
+#[test]
+fn oversized_records_are_refused_on_write_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").body("small")).unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    let before = std::fs::read(&seg).unwrap();
+
+    let big = NewMessage::new("t").body("x".repeat(5000));
+    match mb.send(big.clone()) {
+        Err(Error::RecordTooLarge { size, limit }) => {
+            assert!(size > 5000);
+            assert_eq!(limit, 4096);
+        }
+        other => panic!("expected RecordTooLarge, got {other:?}"),
+    }
+    // A batch with one oversized message writes none of them.
+    let batch = [NewMessage::new("t").body("ok"), big];
+    assert!(matches!(
+        mb.send_batch(batch),
+        Err(Error::RecordTooLarge { .. })
+    ));
+    assert_eq!(std::fs::read(&seg).unwrap(), before);
+    assert_eq!(mb.send(NewMessage::new("t").body("next")).unwrap().seq, 2);
+}
+
+#[test]
+fn oversized_records_are_reported_on_read_and_reading_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").body("one")).unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    // An outside tool wrote a 10 KB record, then a normal one.
+    let huge = format!(
+        "{{\"seq\":2,\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"x\",\"type\":\"t\",\"body\":\"{}\"}}\n",
+        uuid::Uuid::nil(),
+        "y".repeat(10_000)
+    );
+    append_raw(&seg, huge.as_bytes());
+    let items: Vec<_> = mb.messages().collect();
+    assert_eq!(items.len(), 2);
+    match &items[1] {
+        Err(Error::Corrupt { line, reason, .. }) => {
+            assert_eq!(*line, 2);
+            assert!(reason.contains("exceeds the limit"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn records_with_wrong_field_types_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    append_raw(
+        &seg,
+        b"{\"seq\":1,\"id\":42,\"type\":[]}\nnot json at all\n",
+    );
+    let items: Vec<_> = mb.messages().collect();
+    assert_eq!(items.len(), 2);
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Err(Error::Corrupt { line, .. }) => assert_eq!(*line, i as u64 + 1),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+}
