@@ -181,12 +181,14 @@ impl Error {
         }
     }
 
-    /// True when the input was rejected before anything was written: a bad name, an
-    /// invalid or oversized message, or a mailbox that does not exist.
+    /// True when the request itself was wrong and nothing was written: a bad name, an
+    /// invalid or oversized message, a mailbox that does not exist (or already does),
+    /// or a directory that is not a bus.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
             self,
             Error::InvalidName { .. }
+                | Error::NotABus { .. }
                 | Error::InvalidMessage(_)
                 | Error::RecordTooLarge { .. }
                 | Error::MailboxNotFound { .. }

@@ -46,7 +46,7 @@ fn eight_writer_processes_give_contiguous_seqs_and_unique_ids() {
     assert_eq!(ids.len(), messages.len(), "duplicate ids");
 
     // Each writer's messages appear exactly once and in the order it sent them.
-    let mut next = vec![0usize; WRITERS];
+    let mut next = [0usize; WRITERS];
     for m in &messages {
         let w: usize = m.from.strip_prefix("writer-").unwrap().parse().unwrap();
         assert_eq!(m.body.as_deref(), Some(format!("{w}-{}", next[w]).as_str()));

@@ -1,0 +1,340 @@
+//! The `agentbus` command line: JSON lines out, JSON errors with stable codes and exit
+//! statuses, and the same bus the library sees.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Output, Stdio};
+
+use agentbus::Bus;
+use serde_json::Value;
+
+fn ok(out: Output) -> Vec<Value> {
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+fn fails(out: Output, code: i32) -> Value {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one JSON object on stderr: {stderr}"
+    );
+    serde_json::from_str(&stderr).unwrap()
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ok(common::cli(dir.path()).arg("init").output().unwrap());
+    let created = ok(common::cli(dir.path())
+        .args(["mailbox", "create", "main", "review"])
+        .output()
+        .unwrap());
+    assert_eq!(
+        created[0],
+        serde_json::json!({"mailbox": "main", "created": true})
+    );
+    dir
+}
+
+#[test]
+fn send_prints_a_receipt_and_recv_reads_it_back() {
+    let dir = setup();
+    let artifact = dir.path().join("draft.md");
+    std::fs::write(&artifact, "# draft\n").unwrap();
+    let receipt = ok(common::cli(dir.path())
+        .args(["send", "main", "--type", "draft.ready", "--from", "writer"])
+        .args([
+            "--subject",
+            "ch1",
+            "--body",
+            "hello",
+            "--payload",
+            r#"{"n":1}"#,
+        ])
+        .args([
+            "--correlation-id",
+            "book-1",
+            "--priority",
+            "-2",
+            "--header",
+            "lang=en",
+        ])
+        .arg("--artifact")
+        .arg(&artifact)
+        .output()
+        .unwrap());
+    assert_eq!(receipt.len(), 1);
+    assert_eq!(receipt[0]["seq"], 1);
+    assert_eq!(receipt[0]["mailbox"], "main");
+    assert_eq!(receipt[0]["id"].as_str().unwrap().len(), 36);
+
+    let messages = ok(common::cli(dir.path())
+        .args(["recv", "main"])
+        .output()
+        .unwrap());
+    assert_eq!(messages.len(), 1);
+    let m = &messages[0];
+    assert_eq!(m["id"], receipt[0]["id"]);
+    assert_eq!(
+        (m["type"].as_str(), m["from"].as_str()),
+        (Some("draft.ready"), Some("writer"))
+    );
+    assert_eq!(m["payload"]["n"], 1);
+    assert_eq!(m["priority"], -2);
+    assert_eq!(m["headers"]["lang"], "en");
+    assert_eq!(m["artifacts"][0]["size"], 8);
+    assert_eq!(m["artifacts"][0]["sha256"], sha256_hex(b"# draft\n"));
+
+    // The library sees the same message.
+    let bus = Bus::open(dir.path()).unwrap();
+    let lib = bus
+        .mailbox("main")
+        .unwrap()
+        .messages()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(lib.id.to_string(), m["id"].as_str().unwrap());
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn recv_filters_and_limits() {
+    let dir = setup();
+    for (kind, from, corr) in [
+        ("task", "alice", "c1"),
+        ("note", "bob", "c1"),
+        ("task", "bob", "c2"),
+        ("task", "alice", "c2"),
+    ] {
+        ok(common::cli(dir.path())
+            .args([
+                "send",
+                "main",
+                "--type",
+                kind,
+                "--from",
+                from,
+                "--correlation-id",
+                corr,
+            ])
+            .output()
+            .unwrap());
+    }
+    let seqs = |args: &[&str]| -> Vec<u64> {
+        ok(common::cli(dir.path())
+            .args(["recv", "main"])
+            .args(args)
+            .output()
+            .unwrap())
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+    };
+    assert_eq!(seqs(&[]), [1, 2, 3, 4]);
+    assert_eq!(seqs(&["--type", "task"]), [1, 3, 4]);
+    assert_eq!(
+        seqs(&["--type", "task", "--type", "note", "--from", "bob"]),
+        [2, 3]
+    );
+    assert_eq!(seqs(&["--correlation-id", "c2"]), [3, 4]);
+    assert_eq!(seqs(&["--from-seq", "2", "--max", "2"]), [2, 3]);
+    assert_eq!(seqs(&["--from-seq", "9"]), Vec::<u64>::new());
+}
+
+#[test]
+fn body_from_stdin_and_idempotency_key() {
+    let dir = setup();
+    let send = || {
+        let mut child = common::cli(dir.path())
+            .args(["send", "main", "--type", "note", "--body-file", "-"])
+            .args(["--idempotency-key", "once"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"line one\nline two\n")
+            .unwrap();
+        ok(child.wait_with_output().unwrap()).remove(0)
+    };
+    let first = send();
+    let second = send();
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(second["duplicate"], true);
+    assert_eq!(first["id"], second["id"]);
+    let messages = ok(common::cli(dir.path())
+        .args(["recv", "main"])
+        .output()
+        .unwrap());
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["body"], "line one\nline two\n");
+}
+
+#[test]
+fn invalid_input_exits_2_with_a_typed_error_and_writes_nothing() {
+    let dir = setup();
+    let seg = common::first_segment(dir.path(), "main");
+
+    let e = fails(
+        common::cli(dir.path())
+            .args(["send", "main", "--type", "t", "--payload", "{not json"])
+            .output()
+            .unwrap(),
+        2,
+    );
+    assert_eq!(e["error"], "invalid_message");
+    assert!(e["message"].as_str().unwrap().contains("--payload"));
+
+    let e = fails(
+        common::cli(dir.path())
+            .args(["send", "mian", "--type", "t"])
+            .output()
+            .unwrap(),
+        2,
+    );
+    assert_eq!(e["error"], "mailbox_not_found");
+    assert_eq!(e["existing"], serde_json::json!(["main", "review"]));
+
+    let big = dir.path().join("big.txt");
+    std::fs::write(&big, "x".repeat(1024 * 1024)).unwrap();
+    let e = fails(
+        common::cli(dir.path())
+            .args(["send", "main", "--type", "t", "--body-file"])
+            .arg(&big)
+            .output()
+            .unwrap(),
+        2,
+    );
+    assert_eq!(e["error"], "record_too_large");
+
+    let e = fails(
+        common::cli(dir.path())
+            .args(["send", "main"])
+            .output()
+            .unwrap(),
+        2,
+    );
+    assert_eq!(e["error"], "usage");
+    let e = fails(
+        common::cli(dir.path()).arg("frobnicate").output().unwrap(),
+        2,
+    );
+    assert_eq!(e["error"], "usage");
+
+    let e = fails(
+        common::cli(dir.path())
+            .args([
+                "send",
+                "main",
+                "--type",
+                "t",
+                "--artifact",
+                "/nonexistent/file",
+            ])
+            .output()
+            .unwrap(),
+        1,
+    );
+    assert_eq!(e["error"], "artifact_missing");
+
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        0,
+        "nothing may be written"
+    );
+}
+
+#[test]
+fn a_missing_bus_is_an_error_not_a_new_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    for path in [missing.as_path(), dir.path()] {
+        let e = fails(
+            common::cli(path)
+                .args(["mailbox", "list"])
+                .output()
+                .unwrap(),
+            2,
+        );
+        assert_eq!(e["error"], "not_a_bus");
+        assert!(e["message"].as_str().unwrap().contains("agentbus init"));
+    }
+    assert!(!missing.exists());
+}
+
+#[test]
+fn dir_comes_from_the_environment_too() {
+    let dir = setup();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"))
+        .args(["mailbox", "list"])
+        .env("AGENTBUS_DIR", dir.path())
+        .output()
+        .unwrap();
+    let names: Vec<_> = ok(out).iter().map(|v| v["mailbox"].clone()).collect();
+    assert_eq!(names, ["main", "review"]);
+}
+
+#[test]
+fn doctor_reports_and_repairs_with_exit_codes() {
+    let dir = setup();
+    ok(common::cli(dir.path())
+        .args(["send", "main", "--type", "t"])
+        .output()
+        .unwrap());
+    let clean = ok(common::cli(dir.path()).arg("doctor").output().unwrap());
+    assert_eq!(clean.last().unwrap()["doctor"], "clean");
+    assert_eq!(clean.last().unwrap()["records"], 1);
+
+    let seg = common::first_segment(dir.path(), "main");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(b"{\"seq\":2,\"ty").unwrap();
+    let out = common::cli(dir.path()).arg("doctor").output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["problem"], "torn_tail");
+    assert_eq!(lines[0]["line"], 2);
+    assert_eq!(lines[0]["path"], seg.to_str().unwrap());
+    assert_eq!(lines[1]["doctor"], "problems");
+
+    let repaired = ok(common::cli(dir.path())
+        .args(["doctor", "--repair"])
+        .output()
+        .unwrap());
+    assert_eq!(repaired[0]["repaired"], true);
+    assert_eq!(repaired[1]["doctor"], "clean");
+    let again = ok(common::cli(dir.path()).arg("doctor").output().unwrap());
+    assert_eq!(again[0]["problems"], 0);
+}
