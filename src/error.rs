@@ -52,6 +52,50 @@ pub enum Error {
         existing: Vec<String>,
     },
 
+    /// The consumer group does not exist on this mailbox.
+    #[error(
+        "group {name:?} does not exist on mailbox {mailbox:?} (existing groups: {})",
+        list_or_none(existing)
+    )]
+    GroupNotFound {
+        /// The mailbox.
+        mailbox: String,
+        /// The group that was asked for.
+        name: String,
+        /// The groups that do exist, sorted.
+        existing: Vec<String>,
+    },
+
+    /// `create_group` was asked for a name that is taken.
+    #[error("group {name:?} already exists on mailbox {mailbox:?}")]
+    GroupExists {
+        /// The mailbox.
+        mailbox: String,
+        /// The group.
+        name: String,
+    },
+
+    /// The message was never delivered to this group, so it cannot be acked or nacked.
+    #[error("seq {seq} has not been delivered to group {group:?}")]
+    NotDelivered {
+        /// The group.
+        group: String,
+        /// The seq.
+        seq: u64,
+    },
+
+    /// The delivery is no longer this caller's to settle: its claim expired and the
+    /// message was redelivered, or it was already acked, nacked or dead-lettered.
+    #[error("delivery of seq {seq} to group {group:?} is stale: {reason}")]
+    StaleDelivery {
+        /// The group.
+        group: String,
+        /// The seq.
+        seq: u64,
+        /// What happened to it.
+        reason: String,
+    },
+
     /// `create_mailbox` was asked for a name that is taken.
     #[error("mailbox {name:?} already exists")]
     MailboxExists {
@@ -156,6 +200,10 @@ impl Error {
             Error::InvalidName { .. } => "invalid_name",
             Error::MailboxNotFound { .. } => "mailbox_not_found",
             Error::MailboxExists { .. } => "mailbox_exists",
+            Error::GroupNotFound { .. } => "group_not_found",
+            Error::GroupExists { .. } => "group_exists",
+            Error::NotDelivered { .. } => "not_delivered",
+            Error::StaleDelivery { .. } => "stale_delivery",
             Error::NotABus { .. } => "not_a_bus",
             Error::UnsupportedFormat { .. } => "unsupported_format",
             Error::RecordTooLarge { .. } => "record_too_large",
@@ -193,6 +241,9 @@ impl Error {
                 | Error::RecordTooLarge { .. }
                 | Error::MailboxNotFound { .. }
                 | Error::MailboxExists { .. }
+                | Error::GroupNotFound { .. }
+                | Error::GroupExists { .. }
+                | Error::NotDelivered { .. }
         )
     }
 

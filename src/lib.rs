@@ -70,24 +70,30 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod bus;
+mod compact;
 mod doctor;
 mod error;
 mod fsutil;
+mod group;
 mod log;
 mod mailbox;
 mod message;
 mod name;
+mod read;
 mod record;
 
 pub use bus::{
     Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_SEGMENT_BYTES, FORMAT_VERSION,
     MARKER_FILE,
 };
+pub use compact::{CompactReport, MailboxStats};
 pub use doctor::{DoctorReport, Problem, ProblemKind};
 pub use error::{Error, Result};
-pub use mailbox::{Mailbox, Messages};
+pub use group::{Delivery, Group, GroupOptions, GroupStats, StartAt, DEAD_LETTER_HEADER};
+pub use mailbox::Mailbox;
 pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};
 pub use name::{validate_name, MAX_NAME_LEN};
+pub use read::Messages;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use crate::bus::{BusInner, FORMAT_VERSION};
 use crate::error::IoContext;
-use crate::log::{self, Line, RecordHead, Segment};
-use crate::{fsutil, record, Error, Message, NewMessage, Receipt, Result};
+use crate::log::{self, Line, RecordHead};
+use crate::read::Messages;
+use crate::{fsutil, record, Error, NewMessage, Receipt, Result};
 
 /// `mailbox.json`: settings fixed when the mailbox is created.
 #[derive(Debug, Serialize, Deserialize)]
@@ -147,6 +148,33 @@ impl Mailbox {
                 bus,
             }),
         })
+    }
+
+    pub(crate) fn bus(&self) -> &Arc<BusInner> {
+        &self.inner.bus
+    }
+
+    /// The seq of the newest complete message, 0 for an empty mailbox. Reads only the
+    /// end of the newest segment.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] if the last record is damaged; [`Error::Io`].
+    pub fn last_seq(&self) -> Result<u64> {
+        let log_dir = &self.inner.log_dir;
+        for first in log::list_segments(log_dir)?.into_iter().rev() {
+            let path = log_dir.join(log::segment_name(first));
+            let file = match fsutil::open_read(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("open", path, e)),
+            };
+            let size = file.metadata().ctx("stat", &path)?.len();
+            let limit = self.inner.bus.opts.max_record_bytes;
+            let tail = log::read_tail(&file, &path, size, limit)?;
+            return Ok(tail.last.map_or(first.saturating_sub(1), |r| r.seq));
+        }
+        Ok(0)
     }
 
     /// The mailbox name.
@@ -425,7 +453,7 @@ impl Mailbox {
     }
 }
 
-struct Unlock<'a>(&'a File);
+pub(crate) struct Unlock<'a>(pub(crate) &'a File);
 
 impl Drop for Unlock<'_> {
     fn drop(&mut self) {
@@ -513,214 +541,5 @@ impl KeyIndex<'_> {
             }
         }
         Ok(())
-    }
-}
-
-/// An iterator over a mailbox's messages in `seq` order, from [`Mailbox::messages`].
-///
-/// Reading never changes state. A damaged record is yielded as an [`Error::Corrupt`]
-/// naming its file and line, and iteration continues after it; a final line still
-/// being written (or torn by a crash) is never yielded. After returning `None`, the
-/// iterator can be polled again and yields messages appended since.
-#[derive(Debug)]
-#[must_use = "iterators are lazy"]
-pub struct Messages {
-    log_dir: PathBuf,
-    limit: usize,
-    from_seq: u64,
-    kinds: Vec<String>,
-    sender: Option<String>,
-    correlation_id: Option<String>,
-    started: bool,
-    segment: Option<Segment>,
-    /// The seq the next record must carry.
-    expected: u64,
-}
-
-impl Messages {
-    fn new(log_dir: PathBuf, limit: usize) -> Self {
-        Messages {
-            log_dir,
-            limit,
-            from_seq: 1,
-            kinds: Vec::new(),
-            sender: None,
-            correlation_id: None,
-            started: false,
-            segment: None,
-            expected: 1,
-        }
-    }
-
-    /// Starts at `seq` (inclusive) instead of the beginning.
-    pub fn from_seq(mut self, seq: u64) -> Self {
-        self.from_seq = seq.max(1);
-        self
-    }
-
-    /// Only messages of this type; call again to accept several types.
-    pub fn of_type(mut self, kind: impl Into<String>) -> Self {
-        self.kinds.push(kind.into());
-        self
-    }
-
-    /// Only messages from this agent.
-    pub fn sender(mut self, agent: impl Into<String>) -> Self {
-        self.sender = Some(agent.into());
-        self
-    }
-
-    /// Only messages with this correlation id.
-    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
-        self.correlation_id = Some(id.into());
-        self
-    }
-
-    fn matches(&self, m: &Message) -> bool {
-        (self.kinds.is_empty() || self.kinds.contains(&m.kind))
-            && self.sender.as_ref().is_none_or(|s| *s == m.from)
-            && self
-                .correlation_id
-                .as_ref()
-                .is_none_or(|c| Some(c) == m.correlation_id.as_ref())
-    }
-
-    fn start(&mut self) -> Result<()> {
-        self.started = true;
-        let segments = log::list_segments(&self.log_dir)?;
-        let first = segments
-            .iter()
-            .rev()
-            .find(|&&f| f <= self.from_seq)
-            .or(segments.first())
-            .copied();
-        if let Some(first) = first {
-            self.segment = Segment::open(&self.log_dir, first, self.limit)?;
-            self.expected = first;
-        }
-        Ok(())
-    }
-
-    fn step(&mut self) -> Option<Result<Message>> {
-        if !self.started {
-            if let Err(e) = self.start() {
-                return Some(Err(e));
-            }
-        }
-        loop {
-            let seg = self.segment.as_mut()?;
-            let line = match seg.reader.next(&seg.file) {
-                Ok(line) => line,
-                Err(e) => return Some(Err(Error::io("read", &seg.path, e))),
-            };
-            match line {
-                Line::Complete { start, end, .. } => {
-                    seg.line += 1;
-                    let bytes = seg.reader.bytes(start, end);
-                    let (path, line) = (&seg.path, seg.line);
-                    if self.expected < self.from_seq {
-                        match log::decode::<RecordHead>(bytes, path, line) {
-                            Ok(head) if head.seq == self.expected => {
-                                self.expected += 1;
-                                if head.seq < self.from_seq {
-                                    continue;
-                                }
-                            }
-                            Ok(head) => return Some(Err(self.out_of_order(head.seq))),
-                            Err(e) => {
-                                // A damaged line still held one record.
-                                self.expected += 1;
-                                return Some(Err(e));
-                            }
-                        }
-                    }
-                    let message = match log::decode::<Message>(bytes, path, line) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            self.expected += 1;
-                            return Some(Err(e));
-                        }
-                    };
-                    if message.seq != self.expected {
-                        return Some(Err(self.out_of_order(message.seq)));
-                    }
-                    self.expected = message.seq + 1;
-                    if message.seq >= self.from_seq && self.matches(&message) {
-                        return Some(Ok(message));
-                    }
-                }
-                Line::TooLong { len, .. } => {
-                    seg.line += 1;
-                    self.expected += 1;
-                    return Some(Err(Error::Corrupt {
-                        path: seg.path.clone(),
-                        line: seg.line,
-                        reason: format!(
-                            "record of {} bytes exceeds the limit of {} bytes",
-                            len + 1,
-                            self.limit
-                        ),
-                    }));
-                }
-                Line::Partial { .. } | Line::Eof => {
-                    let partial = matches!(line, Line::Partial { .. });
-                    // The next segment is named after the next seq; a segment holding
-                    // no complete record yet has no successor.
-                    if self.expected <= seg.first {
-                        return None;
-                    }
-                    match Segment::open(&self.log_dir, self.expected, self.limit) {
-                        Ok(Some(next)) => {
-                            let old = std::mem::replace(seg, next);
-                            if partial {
-                                return Some(Err(Error::Corrupt {
-                                    path: old.path,
-                                    line: old.line + 1,
-                                    reason: "incomplete record in a sealed segment".into(),
-                                }));
-                            }
-                        }
-                        Ok(None) => return None,
-                        Err(e) => return Some(Err(e)),
-                    }
-                }
-            }
-        }
-    }
-
-    fn out_of_order(&mut self, found: u64) -> Error {
-        let seg = self.segment.as_ref().expect("reading a segment");
-        let err = Error::Corrupt {
-            path: seg.path.clone(),
-            line: seg.line,
-            reason: format!("expected seq {}, found {found}", self.expected),
-        };
-        self.expected = found + 1;
-        err
-    }
-
-    /// The first seq of the segment being read, if any.
-    pub(crate) fn segment_first(&self) -> Option<u64> {
-        self.segment.as_ref().map(|s| s.first)
-    }
-
-    /// Where an incomplete final line sits, if the last `next()` stopped at one: the
-    /// segment path, its 1-based line number and byte offset. Used by `doctor`.
-    pub(crate) fn pending_partial(&mut self) -> Result<Option<(PathBuf, u64, u64)>> {
-        let Some(seg) = self.segment.as_mut() else {
-            return Ok(None);
-        };
-        match seg.reader.next(&seg.file).ctx("read", &seg.path)? {
-            Line::Partial { offset } => Ok(Some((seg.path.clone(), seg.line + 1, offset))),
-            _ => Ok(None),
-        }
-    }
-}
-
-impl Iterator for Messages {
-    type Item = Result<Message>;
-
-    fn next(&mut self) -> Option<Result<Message>> {
-        self.step()
     }
 }

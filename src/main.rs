@@ -10,12 +10,14 @@
 //! | 1 | the operation failed (I/O error, damaged data); see the error object |
 //! | 2 | the request was invalid (usage, bad name, bad JSON, unknown mailbox); nothing was written |
 //! | 4 | `doctor` found problems it did not repair |
+//! | 5 | `ack`, `nack`, `extend` or `term` on a delivery that is no longer yours (stale) |
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use agentbus::{Artifact, Bus, Durability, Error, NewMessage};
+use agentbus::{Artifact, Bus, Durability, Error, GroupOptions, Mailbox, NewMessage, StartAt};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
@@ -59,6 +61,60 @@ enum Command {
     Send(SendArgs),
     /// Read messages without changing any state; prints one message per line.
     Recv(RecvArgs),
+    /// Acknowledge delivered messages (done).
+    Ack(AckArgs),
+    /// Give a claimed message back for redelivery, optionally after a delay.
+    Nack {
+        #[command(flatten)]
+        target: Target,
+        /// Redeliver after this many seconds.
+        #[arg(long, default_value_t = 0.0)]
+        delay: f64,
+        /// Why, kept in the message's delivery history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Keep the claim on a message for longer ("still working").
+    Extend {
+        #[command(flatten)]
+        target: Target,
+        /// Seconds from now.
+        #[arg(long, default_value_t = 30.0)]
+        by: f64,
+    },
+    /// Give up on a claimed message for good (no redelivery).
+    Term {
+        #[command(flatten)]
+        target: Target,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Create or list consumer groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Counters per mailbox and group: published, delivered, acked, in flight,
+    /// pending, redelivered, dead, lag, oldest unacked age.
+    Stats {
+        /// Only this mailbox.
+        mailbox: Option<String>,
+    },
+    /// Remove segments that every group has settled.
+    Compact {
+        /// Only this mailbox.
+        mailbox: Option<String>,
+        /// Keep segments written in the last SECS seconds.
+        #[arg(long)]
+        retention: Option<f64>,
+    },
+    /// Send dead letters back to the mailbox they came from.
+    Replay {
+        /// The dead-letter mailbox.
+        mailbox: String,
+        /// Seqs of the dead letters to replay.
+        #[arg(required = true)]
+        seqs: Vec<u64>,
+    },
     /// Verify every record of every mailbox; `--repair` truncates torn tails.
     Doctor {
         /// Truncate torn final lines (left by crashed writers).
@@ -80,6 +136,63 @@ enum MailboxCommand {
     },
     /// List mailboxes.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Create a consumer group on a mailbox.
+    Create {
+        /// The mailbox.
+        mailbox: String,
+        /// The group.
+        group: String,
+        /// Deliveries before a message is dead-lettered.
+        #[arg(long, default_value_t = 5)]
+        max_deliveries: u32,
+        /// Default visibility timeout of a claim, in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        visibility: f64,
+        /// Dead-letter mailbox (default `<mailbox>.dlq`).
+        #[arg(long)]
+        dead_letter: Option<String>,
+        /// Deliver only messages sent from now on.
+        #[arg(long)]
+        from_end: bool,
+        /// Succeed if the group already exists.
+        #[arg(long)]
+        exist_ok: bool,
+    },
+    /// List the groups of a mailbox.
+    List {
+        /// The mailbox.
+        mailbox: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Target {
+    /// The mailbox.
+    mailbox: String,
+    /// The consumer group.
+    #[arg(long)]
+    group: String,
+    /// The message's seq.
+    seq: u64,
+}
+
+#[derive(Args, Debug)]
+struct AckArgs {
+    /// The mailbox.
+    mailbox: String,
+    /// The consumer group.
+    #[arg(long)]
+    group: String,
+    /// Seqs to ack.
+    #[arg(required_unless_present = "upto")]
+    seqs: Vec<u64>,
+    /// Ack every delivered message up to and including this seq.
+    #[arg(long)]
+    upto: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -143,6 +256,18 @@ struct RecvArgs {
     /// Only messages with this correlation id.
     #[arg(long)]
     correlation_id: Option<String>,
+    /// Claim for this consumer group instead of just reading.
+    #[arg(long)]
+    group: Option<String>,
+    /// Consumer name for claims.
+    #[arg(long, env = "AGENTBUS_AGENT", default_value = "cli")]
+    consumer: String,
+    /// Visibility timeout of the claims, in seconds (default: the group's).
+    #[arg(long, requires = "group")]
+    visibility: Option<f64>,
+    /// Wait up to SECS for a message when none is waiting.
+    #[arg(long, default_value_t = 0.0)]
+    wait: f64,
 }
 
 /// A CLI failure: a crate error, or a usage problem found by the CLI itself.
@@ -190,11 +315,18 @@ fn report(failure: Failure) -> ExitCode {
                 v["path"] = json!(path);
             }
             match &e {
-                Error::MailboxNotFound { existing, .. } => v["existing"] = json!(existing),
+                Error::MailboxNotFound { existing, .. } | Error::GroupNotFound { existing, .. } => {
+                    v["existing"] = json!(existing)
+                }
                 Error::Corrupt { line, .. } => v["line"] = json!(line),
                 _ => {}
             }
-            (v, if e.is_invalid_input() { 2 } else { 1 })
+            let code = match e {
+                Error::StaleDelivery { .. } => 5,
+                _ if e.is_invalid_input() => 2,
+                _ => 1,
+            };
+            (v, code)
         }
     };
     eprintln!("{value}");
@@ -252,6 +384,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             let receipt = mailbox.send(build_message(args)?)?;
             emit(out, &receipt)
         }
+        Command::Recv(args) if args.group.is_some() => claim(&cli, args, out),
         Command::Recv(args) => {
             let bus = open_bus(&cli)?;
             let mut messages = bus
@@ -269,6 +402,122 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             }
             for message in messages.take(args.max.unwrap_or(usize::MAX)) {
                 emit(out, &message?)?;
+            }
+            Ok(())
+        }
+        Command::Ack(args) => {
+            let group = open_bus(&cli)?.mailbox(&args.mailbox)?.group(&args.group)?;
+            if let Some(upto) = args.upto {
+                let n = group.ack_upto(upto)?;
+                emit(out, &json!({"upto": upto, "acked": n}))?;
+            }
+            for &seq in &args.seqs {
+                let acked = group.ack(seq)?;
+                emit(out, &json!({"seq": seq, "acked": acked}))?;
+            }
+            Ok(())
+        }
+        Command::Nack {
+            target,
+            delay,
+            reason,
+        } => {
+            let group = open_target(&cli, target)?;
+            group.nack(target.seq, secs(*delay)?, reason.as_deref())?;
+            emit(out, &json!({"seq": target.seq, "nacked": true}))
+        }
+        Command::Extend { target, by } => {
+            let group = open_target(&cli, target)?;
+            group.extend(target.seq, secs(*by)?)?;
+            emit(out, &json!({"seq": target.seq, "extended": true}))
+        }
+        Command::Term { target, reason } => {
+            let group = open_target(&cli, target)?;
+            group.term(target.seq, reason.as_deref())?;
+            emit(out, &json!({"seq": target.seq, "terminated": true}))
+        }
+        Command::Group(GroupCommand::Create {
+            mailbox,
+            group,
+            max_deliveries,
+            visibility,
+            dead_letter,
+            from_end,
+            exist_ok,
+        }) => {
+            let mailbox = open_bus(&cli)?.mailbox(mailbox)?;
+            let mut opts = GroupOptions::new()
+                .max_deliveries(*max_deliveries)
+                .visibility(secs(*visibility)?)
+                .start(if *from_end {
+                    StartAt::End
+                } else {
+                    StartAt::Beginning
+                });
+            if let Some(dl) = dead_letter {
+                opts = opts.dead_letter(dl);
+            }
+            let created = match mailbox.create_group_with(group, opts) {
+                Ok(_) => true,
+                Err(Error::GroupExists { .. }) if *exist_ok => false,
+                Err(e) => return Err(e.into()),
+            };
+            emit(
+                out,
+                &json!({"mailbox": mailbox.name(), "group": group, "created": created}),
+            )
+        }
+        Command::Group(GroupCommand::List { mailbox }) => {
+            let mailbox = open_bus(&cli)?.mailbox(mailbox)?;
+            for name in mailbox.groups()? {
+                let g = mailbox.group(&name)?;
+                emit(
+                    out,
+                    &json!({
+                        "mailbox": mailbox.name(),
+                        "group": name,
+                        "max_deliveries": g.max_deliveries(),
+                        "visibility": g.visibility().as_secs_f64(),
+                        "dead_letter": g.dead_letter_mailbox(),
+                    }),
+                )?;
+            }
+            Ok(())
+        }
+        Command::Stats { mailbox } => {
+            for mb in mailboxes(&open_bus(&cli)?, mailbox.as_deref())? {
+                emit(out, &mb.stats()?)?;
+            }
+            Ok(())
+        }
+        Command::Compact { mailbox, retention } => {
+            let retention = retention.map(secs).transpose()?;
+            for mb in mailboxes(&open_bus(&cli)?, mailbox.as_deref())? {
+                emit(out, &mb.compact(retention)?)?;
+            }
+            Ok(())
+        }
+        Command::Replay { mailbox, seqs } => {
+            let bus = open_bus(&cli)?;
+            let dlq = bus.mailbox(mailbox)?;
+            for &seq in seqs {
+                let dead = dlq
+                    .messages()
+                    .from_seq(seq)
+                    .next()
+                    .transpose()?
+                    .filter(|m| m.seq == seq)
+                    .ok_or_else(|| Failure::Usage(format!("{mailbox} has no message {seq}")))?;
+                let origin = dead
+                    .headers
+                    .get(agentbus::DEAD_LETTER_HEADER)
+                    .and_then(|h| serde_json::from_str::<Value>(h).ok())
+                    .and_then(|v| v["mailbox"].as_str().map(str::to_owned))
+                    .ok_or_else(|| {
+                        Failure::Usage(format!("{mailbox} {seq} is not a dead letter"))
+                    })?;
+                let receipt = bus.mailbox(&origin)?.send(NewMessage::replay_of(&dead))?;
+                emit(out, &json!({"replayed": seq, "receipt": receipt}))?;
             }
             Ok(())
         }
@@ -298,6 +547,56 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
                 Err(Failure::Unclean)
             }
         }
+    }
+}
+
+fn secs(s: f64) -> Result<Duration, Failure> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| Failure::Usage(format!("{s} is not a number of seconds")))
+}
+
+fn open_target(cli: &Cli, t: &Target) -> Result<agentbus::Group, Failure> {
+    Ok(open_bus(cli)?.mailbox(&t.mailbox)?.group(&t.group)?)
+}
+
+fn mailboxes(bus: &Bus, only: Option<&str>) -> Result<Vec<Mailbox>, Failure> {
+    let names = match only {
+        Some(name) => vec![name.to_owned()],
+        None => bus.mailboxes()?,
+    };
+    Ok(names
+        .iter()
+        .map(|n| bus.mailbox(n))
+        .collect::<Result<_, _>>()?)
+}
+
+/// `recv --group`: claims, waiting up to `--wait` seconds for the first message.
+fn claim(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let group = open_bus(cli)?
+        .mailbox(&args.mailbox)?
+        .group(args.group.as_deref().expect("checked by caller"))?;
+    let visibility = match args.visibility {
+        Some(v) => secs(v)?,
+        None => group.visibility(),
+    };
+    let deadline = Instant::now() + secs(args.wait)?;
+    let max = args.max.unwrap_or(1);
+    loop {
+        let deliveries = group.claim_for(&args.consumer, max, visibility)?;
+        if !deliveries.is_empty() || Instant::now() >= deadline {
+            for d in deliveries {
+                let mut line = serde_json::to_value(&d.message).expect("message serializes");
+                line["delivery"] = json!({
+                    "group": group.name(),
+                    "consumer": d.consumer,
+                    "attempt": d.attempt,
+                    "deadline": d.deadline.format(&time::format_description::well_known::Rfc3339).ok(),
+                });
+                emit(out, &line)?;
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

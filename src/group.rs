@@ -1,0 +1,1295 @@
+//! Consumer groups: durable, competing consumption of a mailbox.
+//!
+//! A group's state is a fold over append-only records (`claim`, `ack`, `ack_upto`,
+//! `nack`, `extend`, `term`, `dead`) in `state.<gen>.jsonl`, plus `checkpoint.json`,
+//! the folded state at the start of that file. When the state file grows past
+//! [`ROTATE_BYTES`], the holder of the group lock writes a checkpoint and starts the
+//! next generation, so opening a group reads one small checkpoint and a bounded tail,
+//! never the whole history.
+//!
+//! The in-memory state holds the cursor (`next`, the first never-delivered seq, and its
+//! byte position in the log) and one entry per delivered but unsettled message: its
+//! size is bounded by the work in flight, not by history.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::IoContext;
+use crate::log::{self, Line};
+use crate::read::Position;
+use crate::{fsutil, record, validate_name, Error, Mailbox, Message, Messages, NewMessage, Result};
+
+/// State files larger than this are checkpointed and rotated.
+pub(crate) const ROTATE_BYTES: u64 = 1024 * 1024;
+
+/// Where a new group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartAt {
+    /// Deliver every message the mailbox holds, from the oldest (the default).
+    #[default]
+    Beginning,
+    /// Deliver only messages sent after the group was created.
+    End,
+}
+
+/// Settings of a consumer group, fixed when it is created.
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = agentbus::GroupOptions::new()
+///     .max_deliveries(3)
+///     .visibility(Duration::from_secs(60));
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct GroupOptions {
+    max_deliveries: u32,
+    visibility: Duration,
+    dead_letter: Option<String>,
+    start: StartAt,
+}
+
+impl Default for GroupOptions {
+    fn default() -> Self {
+        GroupOptions {
+            max_deliveries: 5,
+            visibility: Duration::from_secs(30),
+            dead_letter: None,
+            start: StartAt::Beginning,
+        }
+    }
+}
+
+impl GroupOptions {
+    /// Defaults: 5 deliveries, 30 s visibility, dead letters to `<mailbox>.dlq`, start
+    /// at the beginning.
+    pub fn new() -> Self {
+        GroupOptions::default()
+    }
+
+    /// How many times a message is delivered before it is dead-lettered (at least 1).
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// Default visibility timeout of a claim: how long a consumer has to ack, nack or
+    /// extend before the message is redelivered.
+    pub fn visibility(mut self, timeout: Duration) -> Self {
+        self.visibility = timeout;
+        self
+    }
+
+    /// The mailbox that receives dead letters (created if missing); default
+    /// `<mailbox>.dlq`.
+    pub fn dead_letter(mut self, mailbox: impl Into<String>) -> Self {
+        self.dead_letter = Some(mailbox.into());
+        self
+    }
+
+    /// Where the group starts reading.
+    pub fn start(mut self, start: StartAt) -> Self {
+        self.start = start;
+        self
+    }
+}
+
+/// `group.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GroupMeta {
+    format: u64,
+    max_deliveries: u32,
+    visibility_ms: u64,
+    dead_letter: String,
+}
+
+/// One delivered, unsettled message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Entry {
+    pub(crate) attempt: u32,
+    /// The consumer holding the claim; `None` after a nack.
+    pub(crate) consumer: Option<String>,
+    /// When the message may be delivered again (ms since the Unix epoch).
+    pub(crate) visible_at: i64,
+    /// Where the message starts in the log.
+    pub(crate) at: Position,
+    /// The message's own timestamp (ms), for the oldest-unacked age.
+    pub(crate) ts: i64,
+    /// How earlier attempts ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) history: Vec<AttemptNote>,
+}
+
+/// How one delivery attempt ended without an ack.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct AttemptNote {
+    pub(crate) attempt: u32,
+    pub(crate) consumer: Option<String>,
+    pub(crate) outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+    pub(crate) at: i64,
+}
+
+/// The folded state of a group.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct GroupState {
+    /// The first seq never delivered.
+    pub(crate) next: u64,
+    /// Where `next` is in the log, when known.
+    pub(crate) next_pos: Option<Position>,
+    pub(crate) entries: BTreeMap<u64, Entry>,
+    pub(crate) delivered: u64,
+    pub(crate) redelivered: u64,
+    pub(crate) acked: u64,
+    pub(crate) nacked: u64,
+    pub(crate) termed: u64,
+    pub(crate) dead: u64,
+}
+
+/// One state record. Flat, with optional fields, to keep lines short.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Rec {
+    pub(crate) seq: u64,
+    pub(crate) op: Op,
+    /// When the record was written (ms).
+    pub(crate) t: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) consumer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) until: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) at: Option<Position>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) next: Option<Position>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Op {
+    Claim,
+    Ack,
+    AckUpto,
+    Nack,
+    Extend,
+    Term,
+    Dead,
+}
+
+impl Rec {
+    fn new(seq: u64, op: Op, t: i64) -> Rec {
+        Rec {
+            seq,
+            op,
+            t,
+            attempt: None,
+            consumer: None,
+            until: None,
+            at: None,
+            next: None,
+            ts: None,
+            reason: None,
+        }
+    }
+
+    /// Records whose loss in a power cut would undo a settled outcome; claims and
+    /// extends are not among them (losing one only makes a redelivery come earlier).
+    fn needs_sync(&self) -> bool {
+        !matches!(self.op, Op::Claim | Op::Extend)
+    }
+}
+
+impl GroupState {
+    fn new(next: u64) -> GroupState {
+        GroupState {
+            next,
+            ..GroupState::default()
+        }
+    }
+
+    /// Every seq below the floor is settled.
+    pub(crate) fn floor(&self) -> u64 {
+        self.entries.keys().next().copied().unwrap_or(self.next)
+    }
+
+    /// Folds one record into the state. Records for seqs that are already settled are
+    /// ignored, so replaying is safe whatever the interleaving of writers was.
+    pub(crate) fn apply(&mut self, r: &Rec) {
+        match r.op {
+            Op::Claim => {
+                let attempt = r.attempt.unwrap_or(1);
+                if r.seq >= self.next {
+                    self.next = r.seq + 1;
+                    self.next_pos = r.next;
+                    self.delivered += 1;
+                } else if !self.entries.contains_key(&r.seq) {
+                    return;
+                }
+                if attempt > 1 {
+                    self.redelivered += 1;
+                }
+                let entry = self.entries.entry(r.seq).or_insert_with(|| Entry {
+                    attempt,
+                    consumer: None,
+                    visible_at: 0,
+                    at: r.at.unwrap_or(Position {
+                        segment: 0,
+                        offset: 0,
+                        line: 0,
+                        seq: r.seq,
+                    }),
+                    ts: r.ts.unwrap_or(r.t),
+                    history: Vec::new(),
+                });
+                if attempt > 1 && entry.consumer.is_some() {
+                    // The previous claim ran out.
+                    entry.history.push(AttemptNote {
+                        attempt: entry.attempt,
+                        consumer: entry.consumer.take(),
+                        outcome: "expired".into(),
+                        reason: None,
+                        at: entry.visible_at,
+                    });
+                }
+                entry.attempt = attempt;
+                entry.consumer = r.consumer.clone();
+                entry.visible_at = r.until.unwrap_or(r.t);
+            }
+            Op::Ack => {
+                if self.entries.remove(&r.seq).is_some() {
+                    self.acked += 1;
+                }
+            }
+            Op::AckUpto => {
+                let keep = self.entries.split_off(&(r.seq + 1));
+                self.acked += self.entries.len() as u64;
+                self.entries = keep;
+            }
+            Op::Nack => {
+                if let Some(e) = self.entries.get_mut(&r.seq) {
+                    self.nacked += 1;
+                    e.history.push(AttemptNote {
+                        attempt: e.attempt,
+                        consumer: e.consumer.take(),
+                        outcome: "nacked".into(),
+                        reason: r.reason.clone(),
+                        at: r.t,
+                    });
+                    e.visible_at = r.until.unwrap_or(r.t);
+                }
+            }
+            Op::Extend => {
+                if let Some(e) = self.entries.get_mut(&r.seq) {
+                    e.visible_at = r.until.unwrap_or(e.visible_at);
+                }
+            }
+            Op::Term => {
+                if self.entries.remove(&r.seq).is_some() {
+                    self.termed += 1;
+                }
+            }
+            Op::Dead => {
+                // A damaged record is dead-lettered straight from the cursor.
+                if r.seq >= self.next {
+                    self.next = r.seq + 1;
+                    self.next_pos = r.next;
+                    self.dead += 1;
+                } else if self.entries.remove(&r.seq).is_some() {
+                    self.dead += 1;
+                }
+            }
+        }
+    }
+}
+
+/// `checkpoint.json`: the state at offset `offset` of `state.<gen>.jsonl`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    format: u64,
+    gen: u64,
+    offset: u64,
+    state: GroupState,
+}
+
+/// A durable consumer group on a mailbox. Cheap to clone; `Send + Sync`.
+///
+/// Every group sees every message of its mailbox (pub/sub); consumers inside one group
+/// compete for them (work queue): a [`claim`](Group::claim) hands a message to one
+/// consumer for a visibility timeout, during which no other consumer of the group gets
+/// it. A message is done when it is acked; a claim that runs out is redelivered with
+/// `attempt + 1`, and after `max_deliveries` the message moves to the dead-letter
+/// mailbox with the reason and its attempt history.
+///
+/// ```
+/// # fn main() -> agentbus::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// use agentbus::{Bus, NewMessage};
+/// let bus = Bus::init(dir.path())?;
+/// let tasks = bus.create_mailbox("tasks")?;
+/// let workers = tasks.create_group("workers")?;
+/// tasks.send(NewMessage::new("task").body("resize image 1"))?;
+///
+/// let delivery = workers.claim_one("worker-1")?.expect("one task waiting");
+/// assert_eq!(delivery.attempt, 1);
+/// // ... do the work ...
+/// delivery.ack()?;
+/// assert!(workers.claim_one("worker-2")?.is_none());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Group {
+    inner: Arc<GroupInner>,
+}
+
+#[derive(Debug)]
+struct GroupInner {
+    mailbox: Mailbox,
+    name: String,
+    dir: PathBuf,
+    meta: GroupMeta,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Debug)]
+struct Cache {
+    lock_path: PathBuf,
+    lock: File,
+    loaded: Option<Loaded>,
+}
+
+/// The group state as of byte `off` of the state file of generation `gen`.
+#[derive(Debug)]
+struct Loaded {
+    state: GroupState,
+    gen: u64,
+    file: File,
+    path: PathBuf,
+    off: u64,
+    /// A reader positioned at `state.next`, kept across claims.
+    reader: Option<Messages>,
+}
+
+/// A message handed to a consumer by [`Group::claim`]. Settle it with
+/// [`ack`](Delivery::ack), [`nack`](Delivery::nack) or [`term`](Delivery::term), or keep
+/// it longer with [`extend`](Delivery::extend).
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// 1 for the first delivery, 2 for the first redelivery, ...
+    pub attempt: u32,
+    /// The consumer that holds the claim.
+    pub consumer: String,
+    /// When the claim runs out unless extended.
+    pub deadline: OffsetDateTime,
+    group: Group,
+}
+
+impl Delivery {
+    /// The message's seq.
+    pub fn seq(&self) -> u64 {
+        self.message.seq
+    }
+
+    /// The group this delivery belongs to.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// Marks the message done. Acking a message whose claim already ran out is still
+    /// accepted (the work was done), as is acking it twice.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the record cannot be written.
+    pub fn ack(&self) -> Result<()> {
+        self.group.ack(self.seq()).map(drop)
+    }
+
+    /// Gives the message back for redelivery after `delay` (zero: at once), noting
+    /// `reason` in its history.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleDelivery`] if this claim ran out or was settled meanwhile.
+    pub fn nack(&self, delay: Duration, reason: Option<&str>) -> Result<()> {
+        self.group
+            .settle(self.seq(), Some(self.attempt), Op::Nack, delay, reason)
+    }
+
+    /// Keeps the claim for `by` from now ("still working").
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleDelivery`] if this claim ran out or was settled meanwhile.
+    pub fn extend(&self, by: Duration) -> Result<()> {
+        self.group
+            .settle(self.seq(), Some(self.attempt), Op::Extend, by, None)
+    }
+
+    /// Gives up on the message for good: it is settled without being acked and is not
+    /// redelivered.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleDelivery`] if this claim ran out or was settled meanwhile.
+    pub fn term(&self, reason: Option<&str>) -> Result<()> {
+        self.group.settle(
+            self.seq(),
+            Some(self.attempt),
+            Op::Term,
+            Duration::ZERO,
+            reason,
+        )
+    }
+}
+
+/// Counters of one group, from [`Group::stats`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupStats {
+    /// The group.
+    pub group: String,
+    /// Messages delivered at least once ("read").
+    pub delivered: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Messages claimed right now, with a live claim.
+    pub in_flight: u64,
+    /// Messages waiting for a (re)delivery: never delivered, nacked, or with an
+    /// expired claim.
+    pub pending: u64,
+    /// Deliveries after the first.
+    pub redelivered: u64,
+    /// Messages moved to the dead-letter mailbox.
+    pub dead: u64,
+    /// Messages given up with `term`.
+    pub termed: u64,
+    /// Messages published but never delivered to this group.
+    pub lag: u64,
+    /// The first seq not yet delivered.
+    pub next_seq: u64,
+    /// Age of the oldest message not yet settled, in milliseconds.
+    pub oldest_unacked_ms: Option<u64>,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn datetime_ms(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn ts_ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn state_path(dir: &Path, gen: u64) -> PathBuf {
+    dir.join(format!("state.{gen}.jsonl"))
+}
+
+const SEQ0_PREFIX: &[u8] = b"{\"seq\":0,";
+
+fn encode(r: &Rec, out: &mut Vec<u8>) {
+    let mut tmp = r.clone();
+    tmp.seq = 0;
+    let json = serde_json::to_vec(&tmp).expect("state record serializes");
+    record::encode_line(r.seq, &json[SEQ0_PREFIX.len()..], out);
+}
+
+impl Mailbox {
+    /// Creates a consumer group with default [`GroupOptions`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::GroupExists`], [`Error::Io`].
+    pub fn create_group(&self, name: &str) -> Result<Group> {
+        self.create_group_with(name, GroupOptions::default())
+    }
+
+    /// Creates a consumer group, and its dead-letter mailbox if that does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] (for the group or the dead-letter mailbox),
+    /// [`Error::GroupExists`], [`Error::Io`].
+    pub fn create_group_with(&self, name: &str, opts: GroupOptions) -> Result<Group> {
+        validate_name("group", name)?;
+        let dead_letter = opts
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.name()));
+        validate_name("mailbox", &dead_letter)?;
+        let groups = self.path().join("groups");
+        let bus = self.bus();
+        fsutil::create_dir(&groups, bus.opts.dir_mode)?;
+        let dir = groups.join(name);
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            return Err(self.group_exists(name));
+        }
+        if dead_letter != self.name() {
+            crate::Bus { inner: bus.clone() }.create_or_open_mailbox(&dead_letter)?;
+        }
+        let start = match opts.start {
+            StartAt::Beginning => 1,
+            StartAt::End => self.last_seq()? + 1,
+        };
+        let sync = bus.opts.sync();
+        let tmp = groups.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
+        let built = (|| {
+            fsutil::create_dir(&tmp, bus.opts.dir_mode)?;
+            let meta = GroupMeta {
+                format: crate::FORMAT_VERSION,
+                max_deliveries: opts.max_deliveries,
+                visibility_ms: opts.visibility.as_millis() as u64,
+                dead_letter,
+            };
+            let write = |file: &str, value: &dyn erased::Json| {
+                fsutil::write_atomic(&tmp.join(file), &value.to_json(), bus.opts.file_mode, sync)
+            };
+            write("group.json", &meta)?;
+            let cp = Checkpoint {
+                format: crate::FORMAT_VERSION,
+                gen: 0,
+                offset: 0,
+                state: GroupState::new(start),
+            };
+            write("checkpoint.json", &cp)?;
+            fsutil::open_append(&state_path(&tmp, 0), bus.opts.file_mode)?;
+            fsutil::open_lock(&tmp.join("lock"), bus.opts.file_mode)?;
+            if sync {
+                fsutil::sync_dir(&tmp)?;
+            }
+            Ok(())
+        })();
+        let renamed = built.and_then(|()| match std::fs::rename(&tmp, &dir) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
+                Err(self.group_exists(name))
+            }
+            Err(e) => Err(Error::io("rename", &dir, e)),
+        });
+        if let Err(e) = renamed {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if sync {
+            fsutil::sync_dir(&groups)?;
+        }
+        self.group(name)
+    }
+
+    fn group_exists(&self, name: &str) -> Error {
+        Error::GroupExists {
+            mailbox: self.name().to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Opens an existing consumer group.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GroupNotFound`] (listing the groups that exist), [`Error::InvalidName`],
+    /// [`Error::Io`].
+    pub fn group(&self, name: &str) -> Result<Group> {
+        validate_name("group", name)?;
+        let dir = self.path().join("groups").join(name);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::io(
+                    "open group",
+                    &dir,
+                    io::Error::other("not a directory (symlinks are not followed)"),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::GroupNotFound {
+                    mailbox: self.name().to_owned(),
+                    name: name.to_owned(),
+                    existing: self.groups()?,
+                })
+            }
+            Err(e) => return Err(Error::io("open group", dir, e)),
+        }
+        let meta_path = dir.join("group.json");
+        let meta: GroupMeta = read_json(&meta_path)?;
+        if meta.format != crate::FORMAT_VERSION {
+            return Err(Error::UnsupportedFormat {
+                path: meta_path,
+                found: meta.format,
+                supported: crate::FORMAT_VERSION,
+            });
+        }
+        let lock_path = dir.join("lock");
+        let lock = fsutil::open_lock(&lock_path, self.bus().opts.file_mode)?;
+        Ok(Group {
+            inner: Arc::new(GroupInner {
+                mailbox: self.clone(),
+                name: name.to_owned(),
+                dir,
+                meta,
+                cache: Mutex::new(Cache {
+                    lock_path,
+                    lock,
+                    loaded: None,
+                }),
+            }),
+        })
+    }
+
+    /// The names of this mailbox's consumer groups, sorted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the groups directory cannot be listed.
+    pub fn groups(&self) -> Result<Vec<String>> {
+        let dir = self.path().join("groups");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.ctx("list", &dir)?;
+            let is_dir = entry.file_type().ctx("stat", &entry.path())?.is_dir();
+            match entry.file_name().to_str() {
+                Some(n) if is_dir && crate::name::is_valid(n) => names.push(n.to_owned()),
+                _ => {}
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// A tiny object-safe "serialize to JSON bytes", so one closure can write both files.
+mod erased {
+    pub(super) trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).expect("metadata serializes")
+        }
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let file = fsutil::open_read(path).ctx("open", path)?;
+    serde_json::from_reader(io::BufReader::new(file)).map_err(|e| Error::Corrupt {
+        path: path.to_owned(),
+        line: 1,
+        reason: format!("not valid JSON for this file: {e}"),
+    })
+}
+
+impl Group {
+    /// The group name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The mailbox the group consumes.
+    pub fn mailbox(&self) -> &Mailbox {
+        &self.inner.mailbox
+    }
+
+    /// How many deliveries a message gets before it is dead-lettered.
+    pub fn max_deliveries(&self) -> u32 {
+        self.inner.meta.max_deliveries
+    }
+
+    /// The default visibility timeout of a claim.
+    pub fn visibility(&self) -> Duration {
+        Duration::from_millis(self.inner.meta.visibility_ms)
+    }
+
+    /// The mailbox that receives this group's dead letters.
+    pub fn dead_letter_mailbox(&self) -> &str {
+        &self.inner.meta.dead_letter
+    }
+
+    /// Claims up to `max` messages for `consumer`, for the group's visibility timeout.
+    /// Redeliveries (expired claims, nacked messages whose delay is over) come first,
+    /// then new messages in seq order. Returns an empty vector when nothing is waiting;
+    /// it does not block.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for a bad consumer name, [`Error::Io`].
+    pub fn claim(&self, consumer: &str, max: usize) -> Result<Vec<Delivery>> {
+        self.claim_for(consumer, max, self.visibility())
+    }
+
+    /// Claims at most one message; see [`claim`](Self::claim).
+    ///
+    /// # Errors
+    ///
+    /// As [`claim`](Self::claim).
+    pub fn claim_one(&self, consumer: &str) -> Result<Option<Delivery>> {
+        Ok(self.claim(consumer, 1)?.pop())
+    }
+
+    /// Claims up to `max` messages with an explicit visibility timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`claim`](Self::claim).
+    pub fn claim_for(
+        &self,
+        consumer: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>> {
+        validate_name("consumer", consumer)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = self.inner.mailbox.bus().opts.max_record_bytes;
+        let log_dir = self.inner.mailbox.path().join("log");
+        self.locked(|g, loaded| {
+            let now = now_ms();
+            let until = now.saturating_add(ms(visibility));
+            let mut records = Vec::new();
+            let mut out = Vec::new();
+
+            // Redeliveries first, oldest seq first.
+            let due: Vec<(u64, Entry)> = loaded
+                .state
+                .entries
+                .iter()
+                .filter(|(_, e)| e.visible_at <= now)
+                .map(|(s, e)| (*s, e.clone()))
+                .collect();
+            for (seq, entry) in due {
+                if out.len() >= max {
+                    break;
+                }
+                let message = read_at(&log_dir, limit, entry.at, seq)?;
+                if entry.attempt >= g.inner.meta.max_deliveries {
+                    let reason = entry
+                        .history
+                        .last()
+                        .and_then(|n| n.reason.clone())
+                        .unwrap_or_else(|| "claim expired".into());
+                    g.dead_letter(&message, &entry, &reason, now)?;
+                    let mut r = Rec::new(seq, Op::Dead, now);
+                    r.reason = Some(format!(
+                        "max deliveries ({}) reached: {reason}",
+                        g.inner.meta.max_deliveries
+                    ));
+                    g.append(loaded, &[r])?;
+                    continue;
+                }
+                let mut r = Rec::new(seq, Op::Claim, now);
+                r.attempt = Some(entry.attempt + 1);
+                r.consumer = Some(consumer.to_owned());
+                r.until = Some(until);
+                records.push(r);
+                out.push((message, entry.attempt + 1));
+            }
+
+            // Then new messages from the cursor.
+            while out.len() < max {
+                let reader = g.reader(loaded);
+                let at = match reader.start_position() {
+                    Ok(Some(at)) => at,
+                    Ok(None) => break,
+                    Err(e) => return Err(e),
+                };
+                match reader.next() {
+                    None => break,
+                    Some(Ok(message)) => {
+                        let mut r = Rec::new(message.seq, Op::Claim, now);
+                        r.attempt = Some(1);
+                        r.consumer = Some(consumer.to_owned());
+                        r.until = Some(until);
+                        r.at = Some(at);
+                        r.next = reader.cursor();
+                        r.ts = Some(ts_ms(message.ts));
+                        loaded.state.apply(&r);
+                        records.push(r);
+                        out.push((message, 1));
+                    }
+                    Some(Err(Error::Corrupt { path, line, reason })) => {
+                        // Never silently skipped: recorded as dead with the reason (and
+                        // `doctor` reports the damage).
+                        let mut r = Rec::new(at.seq, Op::Dead, now);
+                        r.reason = Some(format!(
+                            "damaged record at {}:{line}: {reason}",
+                            path.display()
+                        ));
+                        r.next = reader.cursor();
+                        loaded.state.apply(&r);
+                        records.push(r);
+                    }
+                    Some(Err(e)) => return Err(e),
+                }
+            }
+            // New-message claims were applied as they were read (the reader moved on);
+            // apply the redelivery claims now, then write everything at once.
+            for r in &records {
+                if r.op == Op::Claim && r.attempt.unwrap_or(1) > 1 {
+                    loaded.state.apply(r);
+                }
+            }
+            g.write(loaded, &records)?;
+            Ok(out
+                .into_iter()
+                .map(|(message, attempt)| Delivery {
+                    message,
+                    attempt,
+                    consumer: consumer.to_owned(),
+                    deadline: datetime_ms(until),
+                    group: g.clone(),
+                })
+                .collect())
+        })
+    }
+
+    /// Acks one message. Returns `false` if it was already settled.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotDelivered`] if the seq was never delivered to this group;
+    /// [`Error::Io`].
+    pub fn ack(&self, seq: u64) -> Result<bool> {
+        self.locked(|g, loaded| {
+            if seq >= loaded.state.next {
+                return Err(g.not_delivered(seq));
+            }
+            if !loaded.state.entries.contains_key(&seq) {
+                return Ok(false);
+            }
+            g.append(loaded, &[Rec::new(seq, Op::Ack, now_ms())])?;
+            Ok(true)
+        })
+    }
+
+    /// Acks every delivered message up to and including `seq` (cumulative ack).
+    /// Returns how many were newly acked. Messages not yet delivered are not touched.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`].
+    pub fn ack_upto(&self, seq: u64) -> Result<u64> {
+        self.locked(|g, loaded| {
+            let n = loaded.state.entries.range(..=seq).count() as u64;
+            if n > 0 {
+                g.append(loaded, &[Rec::new(seq, Op::AckUpto, now_ms())])?;
+            }
+            Ok(n)
+        })
+    }
+
+    /// Gives a claimed message back for redelivery after `delay`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim.
+    pub fn nack(&self, seq: u64, delay: Duration, reason: Option<&str>) -> Result<()> {
+        self.settle(seq, None, Op::Nack, delay, reason)
+    }
+
+    /// Extends the claim on a message by `by` from now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim.
+    pub fn extend(&self, seq: u64, by: Duration) -> Result<()> {
+        self.settle(seq, None, Op::Extend, by, None)
+    }
+
+    /// Gives up on a claimed message for good.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim.
+    pub fn term(&self, seq: u64, reason: Option<&str>) -> Result<()> {
+        self.settle(seq, None, Op::Term, Duration::ZERO, reason)
+    }
+
+    fn settle(
+        &self,
+        seq: u64,
+        attempt: Option<u32>,
+        op: Op,
+        delay: Duration,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.locked(|g, loaded| {
+            let now = now_ms();
+            if seq >= loaded.state.next {
+                return Err(g.not_delivered(seq));
+            }
+            let stale = |why: &str| Error::StaleDelivery {
+                group: g.name().to_owned(),
+                seq,
+                reason: why.to_owned(),
+            };
+            let entry = loaded
+                .state
+                .entries
+                .get(&seq)
+                .ok_or_else(|| stale("already settled"))?;
+            if attempt.is_some_and(|a| a != entry.attempt) {
+                return Err(stale(&format!(
+                    "redelivered meanwhile (now attempt {})",
+                    entry.attempt
+                )));
+            }
+            if entry.consumer.is_none() || entry.visible_at <= now {
+                return Err(stale("the claim ran out or was given back"));
+            }
+            let mut r = Rec::new(seq, op, now);
+            r.attempt = Some(entry.attempt);
+            r.until = Some(now.saturating_add(ms(delay)));
+            r.reason = reason.map(str::to_owned);
+            g.append(loaded, &[r])
+        })
+    }
+
+    /// The group's counters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`].
+    pub fn stats(&self) -> Result<GroupStats> {
+        let published = self.inner.mailbox.last_seq()?;
+        let limit = self.inner.mailbox.bus().opts.max_record_bytes;
+        let log_dir = self.inner.mailbox.path().join("log");
+        self.locked(|g, loaded| {
+            let now = now_ms();
+            let st = &loaded.state;
+            let in_flight = st
+                .entries
+                .values()
+                .filter(|e| e.consumer.is_some() && e.visible_at > now)
+                .count() as u64;
+            let lag = (published + 1).saturating_sub(st.next);
+            let waiting = st.entries.len() as u64 - in_flight;
+            let oldest_ts = match st.entries.values().next() {
+                Some(e) => Some(e.ts),
+                None if lag > 0 => {
+                    let mut reader = match st.next_pos {
+                        Some(pos) if pos.seq == st.next => {
+                            Messages::at(log_dir.clone(), limit, pos)
+                        }
+                        _ => Messages::new(log_dir.clone(), limit).from_seq(st.next),
+                    };
+                    reader.find_map(|m| m.ok()).map(|m| ts_ms(m.ts))
+                }
+                None => None,
+            };
+            Ok(GroupStats {
+                group: g.name().to_owned(),
+                delivered: st.delivered,
+                acked: st.acked,
+                in_flight,
+                pending: lag + waiting,
+                redelivered: st.redelivered,
+                dead: st.dead,
+                termed: st.termed,
+                lag,
+                next_seq: st.next,
+                oldest_unacked_ms: oldest_ts.map(|ts| now.saturating_sub(ts).max(0) as u64),
+            })
+        })
+    }
+
+    /// Every seq below the returned one is settled in this group.
+    pub(crate) fn floor(&self) -> Result<u64> {
+        self.locked(|_, loaded| Ok(loaded.state.floor()))
+    }
+
+    fn not_delivered(&self, seq: u64) -> Error {
+        Error::NotDelivered {
+            group: self.name().to_owned(),
+            seq,
+        }
+    }
+
+    fn lock_cache(&self) -> MutexGuard<'_, Cache> {
+        self.inner.cache.lock().unwrap_or_else(|poisoned| {
+            let mut c = poisoned.into_inner();
+            c.loaded = None;
+            c
+        })
+    }
+
+    /// Runs `f` with the group lock held and the state brought up to date.
+    fn locked<R>(&self, f: impl FnOnce(&Group, &mut Loaded) -> Result<R>) -> Result<R> {
+        let mut guard = self.lock_cache();
+        let cache = &mut *guard;
+        cache.lock.lock().ctx("lock", &cache.lock_path)?;
+        let _unlock = crate::mailbox::Unlock(&cache.lock);
+        let result = self
+            .refresh(&mut cache.loaded)
+            .and_then(|loaded| f(self, loaded));
+        if result.is_err() {
+            // Whatever failed, re-read the state from disk next time.
+            cache.loaded = None;
+        }
+        result
+    }
+
+    /// Brings the cached state up to date with the state file (or loads it).
+    fn refresh<'c>(&self, cached: &'c mut Option<Loaded>) -> Result<&'c mut Loaded> {
+        let mut loaded = match cached.take() {
+            Some(l) => l,
+            None => self.load()?,
+        };
+        self.replay(&mut loaded)?;
+        if state_path(&self.inner.dir, loaded.gen + 1).exists() {
+            // Another process rotated (or died rotating): start again from the checkpoint.
+            loaded = self.load()?;
+            self.replay(&mut loaded)?;
+        }
+        Ok(cached.insert(loaded))
+    }
+
+    fn load(&self) -> Result<Loaded> {
+        let dir = &self.inner.dir;
+        let cp: Checkpoint = read_json(&dir.join("checkpoint.json"))?;
+        // Remove state files of other generations: older ones are covered by the
+        // checkpoint; a newer one is left over from a rotation that died before its
+        // checkpoint was written, and nothing was ever appended to it.
+        for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+            let entry = entry.ctx("list", dir)?;
+            let name = entry.file_name();
+            let gen = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("state."))
+                .and_then(|n| n.strip_suffix(".jsonl"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if gen.is_some_and(|g| g != cp.gen) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let path = state_path(dir, cp.gen);
+        let file = fsutil::open_append(&path, self.inner.mailbox.bus().opts.file_mode)?;
+        Ok(Loaded {
+            state: cp.state,
+            gen: cp.gen,
+            file,
+            path,
+            off: cp.offset,
+            reader: None,
+        })
+    }
+
+    /// Applies the records written since `loaded.off`, cutting a torn tail.
+    fn replay(&self, loaded: &mut Loaded) -> Result<()> {
+        let mut reader = log::LineReader::new(loaded.off, 64 * 1024);
+        loop {
+            match reader.next(&loaded.file).ctx("read", &loaded.path)? {
+                Line::Complete { start, end, .. } => {
+                    let r: Rec = log::decode(reader.bytes(start, end), &loaded.path, 0)?;
+                    loaded.state.apply(&r);
+                    loaded.off = reader.position();
+                }
+                Line::TooLong { offset, .. } => {
+                    return Err(Error::Corrupt {
+                        path: loaded.path.clone(),
+                        line: log::line_number_at(&loaded.file, offset).unwrap_or(0) + 1,
+                        reason: "state record too long".into(),
+                    })
+                }
+                Line::Partial { offset } => {
+                    // A group writer died mid-append; we hold the lock, so cut it.
+                    loaded
+                        .file
+                        .set_len(offset)
+                        .ctx("truncate torn tail", &loaded.path)?;
+                    return Ok(());
+                }
+                Line::Eof => return Ok(()),
+            }
+        }
+    }
+
+    /// The cached reader, positioned at `state.next`.
+    fn reader<'l>(&self, loaded: &'l mut Loaded) -> &'l mut Messages {
+        let next = loaded.state.next;
+        let stale = loaded.reader.as_ref().is_none_or(|r| r.next_seq() != next);
+        if stale {
+            let limit = self.inner.mailbox.bus().opts.max_record_bytes;
+            let log_dir = self.inner.mailbox.path().join("log");
+            loaded.reader = Some(match loaded.state.next_pos {
+                Some(pos) if pos.seq == next => Messages::at(log_dir, limit, pos),
+                _ => Messages::new(log_dir, limit).from_seq(next),
+            });
+        }
+        loaded.reader.as_mut().expect("reader just set")
+    }
+
+    /// Applies `records` and writes them.
+    fn append(&self, loaded: &mut Loaded, records: &[Rec]) -> Result<()> {
+        for r in records {
+            loaded.state.apply(r);
+        }
+        self.write(loaded, records)
+    }
+
+    /// Writes already-applied records with one `write()`, syncing when one of them
+    /// settles a message, then rotates the state file if it has grown too large.
+    fn write(&self, loaded: &mut Loaded, records: &[Rec]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(records.len() * 160);
+        for r in records {
+            encode(r, &mut buf);
+        }
+        let opts = &self.inner.mailbox.bus().opts;
+        if let Err(e) = (&loaded.file).write_all(&buf) {
+            let _ = loaded.file.set_len(loaded.off);
+            return Err(Error::io("append", &loaded.path, e));
+        }
+        if opts.sync() && records.iter().any(Rec::needs_sync) {
+            loaded.file.sync_data().ctx("fdatasync", &loaded.path)?;
+        }
+        loaded.off += buf.len() as u64;
+        if loaded.off > ROTATE_BYTES {
+            self.rotate(loaded)?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoints the state and starts the next generation of the state file. Each
+    /// step leaves a consistent group if the process dies after it: the new file is
+    /// empty until the checkpoint names it, and the old one is only removed after.
+    fn rotate(&self, loaded: &mut Loaded) -> Result<()> {
+        let dir = &self.inner.dir;
+        let opts = &self.inner.mailbox.bus().opts;
+        let gen = loaded.gen + 1;
+        let path = state_path(dir, gen);
+        let file = fsutil::open_append(&path, opts.file_mode)?;
+        let cp = Checkpoint {
+            format: crate::FORMAT_VERSION,
+            gen,
+            offset: 0,
+            state: loaded.state.clone(),
+        };
+        let bytes = serde_json::to_vec(&cp).expect("checkpoint serializes");
+        fsutil::write_atomic(
+            &dir.join("checkpoint.json"),
+            &bytes,
+            opts.file_mode,
+            opts.sync(),
+        )?;
+        let _ = std::fs::remove_file(&loaded.path);
+        loaded.gen = gen;
+        loaded.file = file;
+        loaded.path = path;
+        loaded.off = 0;
+        Ok(())
+    }
+
+    /// Copies a message that ran out of deliveries to the dead-letter mailbox. The
+    /// idempotency key makes this exactly-once even if we die before recording it.
+    fn dead_letter(&self, message: &Message, entry: &Entry, reason: &str, now: i64) -> Result<()> {
+        let bus = crate::Bus {
+            inner: self.inner.mailbox.bus().clone(),
+        };
+        let dlq = bus.create_or_open_mailbox(&self.inner.meta.dead_letter)?;
+        let mut history = entry.history.clone();
+        history.push(AttemptNote {
+            attempt: entry.attempt,
+            consumer: entry.consumer.clone(),
+            outcome: if entry.consumer.is_some() {
+                "expired".into()
+            } else {
+                "nacked".into()
+            },
+            reason: None,
+            at: now,
+        });
+        let info = serde_json::json!({
+            "mailbox": self.inner.mailbox.name(),
+            "group": self.name(),
+            "seq": message.seq,
+            "id": message.id,
+            "reason": reason,
+            "attempts": history,
+        });
+        let mut copy = NewMessage::replay_of(message)
+            .from(message.from.clone())
+            .causation_id(message.id.to_string())
+            .idempotency_key(format!(
+                "dead/{}/{}/{}",
+                self.inner.mailbox.name(),
+                self.name(),
+                message.id
+            ));
+        copy.headers
+            .insert(DEAD_LETTER_HEADER.into(), info.to_string());
+        dlq.send(copy)?;
+        Ok(())
+    }
+}
+
+/// The header a dead letter carries: JSON with the source mailbox, group, seq, id, the
+/// reason and every attempt.
+pub const DEAD_LETTER_HEADER: &str = "dead_letter";
+
+impl NewMessage {
+    /// A new message with the same content as `message` (type, from, subject, body,
+    /// payload, artifacts, correlation id, priority, headers other than
+    /// [`DEAD_LETTER_HEADER`]): for replaying a dead letter into its mailbox.
+    pub fn replay_of(message: &Message) -> NewMessage {
+        let mut m = NewMessage::new(message.kind.clone()).from(message.from.clone());
+        m.subject = message.subject.clone();
+        m.body = message.body.clone();
+        m.payload = message.payload.clone();
+        m.artifacts = message.artifacts.clone();
+        m.correlation_id = message.correlation_id.clone();
+        m.causation_id = message.causation_id.clone();
+        m.priority = message.priority;
+        m.headers = message.headers.clone();
+        m.headers.remove(DEAD_LETTER_HEADER);
+        m
+    }
+}
+
+/// Reads the message `seq`, starting the search at `at`.
+fn read_at(log_dir: &Path, limit: usize, at: Position, seq: u64) -> Result<Message> {
+    let mut reader = Messages::at(log_dir.to_owned(), limit, at);
+    for item in reader.by_ref() {
+        match item {
+            Ok(m) if m.seq == seq => return Ok(m),
+            Ok(m) if m.seq > seq => break,
+            _ => {}
+        }
+    }
+    Err(Error::Corrupt {
+        path: log_dir.join(log::segment_name(at.segment)),
+        line: at.line + 1,
+        reason: format!("delivered message seq {seq} is no longer readable"),
+    })
+}

@@ -1,0 +1,287 @@
+//! Reading a mailbox: the [`Messages`] iterator and byte-offset positions.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::IoContext;
+use crate::log::{self, Line, RecordHead, Segment};
+use crate::{Error, Message, Result};
+
+/// A place in a mailbox's log: the next record to read is `seq`, found in segment
+/// `segment` at byte `offset`, which is line `line + 1` of that file. Group cursors
+/// store positions so that claiming never rescans a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Position {
+    pub(crate) segment: u64,
+    pub(crate) offset: u64,
+    pub(crate) line: u64,
+    pub(crate) seq: u64,
+}
+
+/// An iterator over a mailbox's messages in `seq` order, from [`Mailbox::messages`].
+///
+/// Reading never changes state. A damaged record is yielded as an [`Error::Corrupt`]
+/// naming its file and line, and iteration continues after it; a final line still
+/// being written (or torn by a crash) is never yielded. After returning `None`, the
+/// iterator can be polled again and yields messages appended since.
+#[derive(Debug)]
+#[must_use = "iterators are lazy"]
+pub struct Messages {
+    log_dir: PathBuf,
+    limit: usize,
+    from_seq: u64,
+    kinds: Vec<String>,
+    sender: Option<String>,
+    correlation_id: Option<String>,
+    started: bool,
+    resume: Option<Position>,
+    segment: Option<Segment>,
+    /// The seq the next record must carry.
+    expected: u64,
+}
+
+impl Messages {
+    pub(crate) fn new(log_dir: PathBuf, limit: usize) -> Self {
+        Messages {
+            log_dir,
+            limit,
+            from_seq: 1,
+            kinds: Vec::new(),
+            sender: None,
+            correlation_id: None,
+            started: false,
+            resume: None,
+            segment: None,
+            expected: 1,
+        }
+    }
+
+    /// Starts at `seq` (inclusive) instead of the beginning.
+    pub fn from_seq(mut self, seq: u64) -> Self {
+        self.from_seq = seq.max(1);
+        self
+    }
+
+    /// Only messages of this type; call again to accept several types.
+    pub fn of_type(mut self, kind: impl Into<String>) -> Self {
+        self.kinds.push(kind.into());
+        self
+    }
+
+    /// Only messages from this agent.
+    pub fn sender(mut self, agent: impl Into<String>) -> Self {
+        self.sender = Some(agent.into());
+        self
+    }
+
+    /// Only messages with this correlation id.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    fn matches(&self, m: &Message) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&m.kind))
+            && self.sender.as_ref().is_none_or(|s| *s == m.from)
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|c| Some(c) == m.correlation_id.as_ref())
+    }
+
+    /// Starts reading at `pos` instead of searching for a seq. If compaction removed
+    /// that segment meanwhile, falls back to searching for `pos.seq`.
+    pub(crate) fn at(log_dir: PathBuf, limit: usize, pos: Position) -> Self {
+        let mut m = Messages::new(log_dir, limit).from_seq(pos.seq);
+        m.resume = Some(pos);
+        m
+    }
+
+    /// Where the next record will be read from, once reading has started.
+    pub(crate) fn cursor(&self) -> Option<Position> {
+        self.segment.as_ref().map(|s| Position {
+            segment: s.first,
+            offset: s.reader.position(),
+            line: s.line,
+            seq: self.expected,
+        })
+    }
+
+    /// Starts reading if needed and returns where the next record will be read from;
+    /// `None` if the mailbox has no segment at all.
+    pub(crate) fn start_position(&mut self) -> Result<Option<Position>> {
+        if !self.started {
+            self.start()?;
+        }
+        Ok(self.cursor())
+    }
+
+    /// The seq the next record read should carry.
+    pub(crate) fn next_seq(&self) -> u64 {
+        match (&self.resume, self.started) {
+            (_, true) => self.expected,
+            (Some(pos), false) => pos.seq,
+            (None, false) => self.from_seq,
+        }
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.started = true;
+        if let Some(pos) = self.resume.take() {
+            if let Some(mut seg) = Segment::open(&self.log_dir, pos.segment, self.limit)? {
+                seg.reader = log::LineReader::new(pos.offset, self.limit);
+                seg.line = pos.line;
+                self.segment = Some(seg);
+                self.expected = pos.seq;
+                return Ok(());
+            }
+        }
+        // Compaction may remove the oldest segment between listing and opening it.
+        for _ in 0..8 {
+            let segments = log::list_segments(&self.log_dir)?;
+            let Some(first) = segments
+                .iter()
+                .rev()
+                .find(|&&f| f <= self.from_seq)
+                .or(segments.first())
+                .copied()
+            else {
+                return Ok(());
+            };
+            if let Some(seg) = Segment::open(&self.log_dir, first, self.limit)? {
+                self.segment = Some(seg);
+                self.expected = first;
+                return Ok(());
+            }
+        }
+        Err(Error::io(
+            "open segment",
+            &self.log_dir,
+            std::io::Error::other("segments keep disappearing (concurrent compaction?)"),
+        ))
+    }
+
+    fn step(&mut self) -> Option<Result<Message>> {
+        if !self.started {
+            if let Err(e) = self.start() {
+                return Some(Err(e));
+            }
+        }
+        loop {
+            let seg = self.segment.as_mut()?;
+            let line = match seg.reader.next(&seg.file) {
+                Ok(line) => line,
+                Err(e) => return Some(Err(Error::io("read", &seg.path, e))),
+            };
+            match line {
+                Line::Complete { start, end, .. } => {
+                    seg.line += 1;
+                    let bytes = seg.reader.bytes(start, end);
+                    let (path, line) = (&seg.path, seg.line);
+                    if self.expected < self.from_seq {
+                        match log::decode::<RecordHead>(bytes, path, line) {
+                            Ok(head) if head.seq == self.expected => {
+                                self.expected += 1;
+                                if head.seq < self.from_seq {
+                                    continue;
+                                }
+                            }
+                            Ok(head) => return Some(Err(self.out_of_order(head.seq))),
+                            Err(e) => {
+                                // A damaged line still held one record.
+                                self.expected += 1;
+                                return Some(Err(e));
+                            }
+                        }
+                    }
+                    let message = match log::decode::<Message>(bytes, path, line) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.expected += 1;
+                            return Some(Err(e));
+                        }
+                    };
+                    if message.seq != self.expected {
+                        return Some(Err(self.out_of_order(message.seq)));
+                    }
+                    self.expected = message.seq + 1;
+                    if message.seq >= self.from_seq && self.matches(&message) {
+                        return Some(Ok(message));
+                    }
+                }
+                Line::TooLong { len, .. } => {
+                    seg.line += 1;
+                    self.expected += 1;
+                    return Some(Err(Error::Corrupt {
+                        path: seg.path.clone(),
+                        line: seg.line,
+                        reason: format!(
+                            "record of {} bytes exceeds the limit of {} bytes",
+                            len + 1,
+                            self.limit
+                        ),
+                    }));
+                }
+                Line::Partial { .. } | Line::Eof => {
+                    let partial = matches!(line, Line::Partial { .. });
+                    // The next segment is named after the next seq; a segment holding
+                    // no complete record yet has no successor.
+                    if self.expected <= seg.first {
+                        return None;
+                    }
+                    match Segment::open(&self.log_dir, self.expected, self.limit) {
+                        Ok(Some(next)) => {
+                            let old = std::mem::replace(seg, next);
+                            if partial {
+                                return Some(Err(Error::Corrupt {
+                                    path: old.path,
+                                    line: old.line + 1,
+                                    reason: "incomplete record in a sealed segment".into(),
+                                }));
+                            }
+                        }
+                        Ok(None) => return None,
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    fn out_of_order(&mut self, found: u64) -> Error {
+        let seg = self.segment.as_ref().expect("reading a segment");
+        let err = Error::Corrupt {
+            path: seg.path.clone(),
+            line: seg.line,
+            reason: format!("expected seq {}, found {found}", self.expected),
+        };
+        self.expected = found + 1;
+        err
+    }
+
+    /// The first seq of the segment being read, if any.
+    pub(crate) fn segment_first(&self) -> Option<u64> {
+        self.segment.as_ref().map(|s| s.first)
+    }
+
+    /// Where an incomplete final line sits, if the last `next()` stopped at one: the
+    /// segment path, its 1-based line number and byte offset. Used by `doctor`.
+    pub(crate) fn pending_partial(&mut self) -> Result<Option<(PathBuf, u64, u64)>> {
+        let Some(seg) = self.segment.as_mut() else {
+            return Ok(None);
+        };
+        match seg.reader.next(&seg.file).ctx("read", &seg.path)? {
+            Line::Partial { offset } => Ok(Some((seg.path.clone(), seg.line + 1, offset))),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Iterator for Messages {
+    type Item = Result<Message>;
+
+    fn next(&mut self) -> Option<Result<Message>> {
+        self.step()
+    }
+}
