@@ -126,7 +126,8 @@ impl BusBuilder {
         self
     }
 
-    /// Largest record accepted on write and on read, newline included; default 1 MiB.
+    /// Largest record, newline included, of mailboxes created through this handle;
+    /// default 1 MiB. Stored with the mailbox, so every writer and reader of it agrees.
     pub fn max_record_bytes(mut self, bytes: usize) -> Self {
         self.opts.max_record_bytes = bytes.max(256);
         self
@@ -312,6 +313,7 @@ impl Bus {
             let meta = MailboxMeta {
                 format: FORMAT_VERSION,
                 segment_bytes: opts.segment_bytes,
+                max_record_bytes: opts.max_record_bytes,
             };
             let bytes = serde_json::to_vec(&meta).expect("meta serializes");
             fsutil::write_atomic(&tmp.join("mailbox.json"), &bytes, opts.file_mode, false)?;

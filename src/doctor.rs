@@ -112,23 +112,29 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
             Err(e) => return Err(e),
         }
     }
-    if let Some((path, line, offset)) = messages.pending_partial()? {
-        let mut repaired = false;
-        if repair {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .ctx("open", &path)?;
-            file.set_len(offset).ctx("truncate torn tail", &path)?;
-            file.sync_data().ctx("fdatasync", &path)?;
-            repaired = true;
-        }
-        let detail = format!("incomplete final record at byte {offset}");
-        problem(path, line, ProblemKind::TornTail, detail, repaired);
-    }
     let log_dir = mailbox.path().join("log");
     let segments = log::list_segments(&log_dir)?;
     let reached = messages.segment_first();
+    let at_newest = reached.is_some() && reached == segments.last().copied();
+    if let Some((path, line, offset)) = messages.pending_partial()? {
+        if at_newest {
+            // A writer died mid-append: safe to cut, the record was never acknowledged.
+            if repair {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .ctx("open", &path)?;
+                file.set_len(offset).ctx("truncate torn tail", &path)?;
+                file.sync_data().ctx("fdatasync", &path)?;
+            }
+            let detail = format!("incomplete final record at byte {offset}");
+            problem(path, line, ProblemKind::TornTail, detail, repair);
+        } else {
+            // In a sealed segment the bytes may be a whole record that lost its newline.
+            let detail = format!("incomplete record at byte {offset} of a sealed segment");
+            problem(path, line, ProblemKind::Damaged, detail, false);
+        }
+    }
     // The scan follows segments by name (the next seq); any segment after the one it
     // ended in was never reached.
     for first in segments
@@ -144,5 +150,42 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
         );
     }
     report.records += records;
+    check_key_index(mailbox, &mut problem)?;
+    Ok(())
+}
+
+/// Every line of the idempotency index must decode; a damaged one is skipped by
+/// lookups (and may let a repeated key through), so it is worth a report.
+fn check_key_index(
+    mailbox: &crate::Mailbox,
+    problem: &mut impl FnMut(PathBuf, u64, ProblemKind, String, bool),
+) -> Result<()> {
+    let dir = mailbox.path().join("keys");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.ctx("list", &dir)?.path();
+        if path.extension().is_none_or(|e| e != "jsonl") {
+            continue;
+        }
+        let text = std::fs::read(&path).ctx("read", &path)?;
+        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            if let Err(Error::Corrupt { reason, .. }) =
+                log::decode::<serde_json::Value>(line, &path, i as u64 + 1)
+            {
+                problem(
+                    path.clone(),
+                    i as u64 + 1,
+                    ProblemKind::Damaged,
+                    reason,
+                    false,
+                );
+            }
+        }
+    }
     Ok(())
 }

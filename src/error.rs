@@ -142,6 +142,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// A batch was only partly written (for example, the disk filled up): the records
+    /// in `committed` are stored, the rest are not.
+    #[error("append {}: only {} message(s) of the batch were stored: {source}", path.display(), committed.len())]
+    BatchIncomplete {
+        /// The segment file.
+        path: PathBuf,
+        /// Receipts of the messages that were stored.
+        committed: Vec<crate::Receipt>,
+        /// Why the rest was not.
+        #[source]
+        source: io::Error,
+    },
+
     /// The message (or another input) is not valid; nothing was written.
     #[error("invalid message: {0}")]
     InvalidMessage(String),
@@ -209,6 +222,7 @@ impl Error {
             Error::RecordTooLarge { .. } => "record_too_large",
             Error::Corrupt { .. } => "corrupt",
             Error::InvalidMessage(_) => "invalid_message",
+            Error::BatchIncomplete { .. } => "batch_incomplete",
             Error::ArtifactMissing { .. } => "artifact_missing",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
             Error::ArtifactDigestMismatch { .. } => "artifact_digest_mismatch",
@@ -219,6 +233,7 @@ impl Error {
     pub fn path(&self) -> Option<&Path> {
         match self {
             Error::Io { path, .. }
+            | Error::BatchIncomplete { path, .. }
             | Error::NotABus { path }
             | Error::UnsupportedFormat { path, .. }
             | Error::Corrupt { path, .. }
@@ -250,7 +265,7 @@ impl Error {
     /// The underlying I/O error, if this is an I/O failure.
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
-            Error::Io { source, .. } => Some(source),
+            Error::Io { source, .. } | Error::BatchIncomplete { source, .. } => Some(source),
             _ => None,
         }
     }

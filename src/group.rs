@@ -770,8 +770,7 @@ impl Group {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let limit = self.inner.mailbox.bus().opts.max_record_bytes;
-        let log_dir = self.inner.mailbox.path().join("log");
+        let spec = self.inner.mailbox.log_spec();
         self.locked(|g, loaded| {
             let now = now_ms();
             let until = now.saturating_add(ms(visibility));
@@ -790,7 +789,7 @@ impl Group {
                 if out.len() >= max {
                     break;
                 }
-                let message = read_at(&log_dir, limit, entry.at, seq)?;
+                let message = read_at(&spec, entry.at, seq)?;
                 if entry.attempt >= g.inner.meta.max_deliveries {
                     let reason = entry
                         .history
@@ -981,8 +980,7 @@ impl Group {
     /// [`Error::Io`].
     pub fn stats(&self) -> Result<GroupStats> {
         let published = self.inner.mailbox.last_seq()?;
-        let limit = self.inner.mailbox.bus().opts.max_record_bytes;
-        let log_dir = self.inner.mailbox.path().join("log");
+        let spec = self.inner.mailbox.log_spec();
         self.locked(|g, loaded| {
             let now = now_ms();
             let st = &loaded.state;
@@ -997,10 +995,8 @@ impl Group {
                 Some(e) => Some(e.ts),
                 None if lag > 0 => {
                     let mut reader = match st.next_pos {
-                        Some(pos) if pos.seq == st.next => {
-                            Messages::at(log_dir.clone(), limit, pos)
-                        }
-                        _ => Messages::new(log_dir.clone(), limit).from_seq(st.next),
+                        Some(pos) if pos.seq == st.next => Messages::at(spec.clone(), pos),
+                        _ => Messages::new(spec.clone()).from_seq(st.next),
                     };
                     reader.find_map(|m| m.ok()).map(|m| ts_ms(m.ts))
                 }
@@ -1138,11 +1134,10 @@ impl Group {
         let next = loaded.state.next;
         let stale = loaded.reader.as_ref().is_none_or(|r| r.next_seq() != next);
         if stale {
-            let limit = self.inner.mailbox.bus().opts.max_record_bytes;
-            let log_dir = self.inner.mailbox.path().join("log");
+            let spec = self.inner.mailbox.log_spec();
             loaded.reader = Some(match loaded.state.next_pos {
-                Some(pos) if pos.seq == next => Messages::at(log_dir, limit, pos),
-                _ => Messages::new(log_dir, limit).from_seq(next),
+                Some(pos) if pos.seq == next => Messages::at(spec, pos),
+                _ => Messages::new(spec).from_seq(next),
             });
         }
         loaded.reader.as_mut().expect("reader just set")
@@ -1278,8 +1273,8 @@ impl NewMessage {
 }
 
 /// Reads the message `seq`, starting the search at `at`.
-fn read_at(log_dir: &Path, limit: usize, at: Position, seq: u64) -> Result<Message> {
-    let mut reader = Messages::at(log_dir.to_owned(), limit, at);
+fn read_at(spec: &crate::mailbox::LogSpec, at: Position, seq: u64) -> Result<Message> {
+    let mut reader = Messages::at(spec.clone(), at);
     for item in reader.by_ref() {
         match item {
             Ok(m) if m.seq == seq => return Ok(m),
@@ -1288,7 +1283,7 @@ fn read_at(log_dir: &Path, limit: usize, at: Position, seq: u64) -> Result<Messa
         }
     }
     Err(Error::Corrupt {
-        path: log_dir.join(log::segment_name(at.segment)),
+        path: spec.dir.join(log::segment_name(at.segment)),
         line: at.line + 1,
         reason: format!("delivered message seq {seq} is no longer readable"),
     })

@@ -6,7 +6,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use uuid::Uuid;
 
 use crate::error::IoContext;
 use crate::{record, Error, Result};
@@ -37,14 +36,10 @@ pub(crate) fn list_segments(log_dir: &Path) -> Result<Vec<u64>> {
     Ok(firsts)
 }
 
-/// The few fields a writer needs from the last record.
+/// The one field a writer (or a reader skipping ahead) needs from a record.
 #[derive(Debug, Deserialize)]
 pub(crate) struct RecordHead {
     pub(crate) seq: u64,
-    #[serde(default)]
-    pub(crate) id: Option<Uuid>,
-    #[serde(default)]
-    pub(crate) idempotency_key: Option<String>,
 }
 
 /// Checks a line's checksum and decodes it.
@@ -152,12 +147,14 @@ impl LineReader {
                 self.buf_off + self.end as u64,
             )?;
             if n == 0 {
-                return Ok(if self.end > self.start {
-                    Line::Partial {
-                        offset: self.position(),
-                    }
-                } else {
-                    Line::Eof
+                if self.end == self.start {
+                    return Ok(Line::Eof);
+                }
+                // Forget the partial bytes: a writer may yet cut them (torn-tail repair)
+                // and write a different record there, so the next call reads afresh.
+                self.end = self.start;
+                return Ok(Line::Partial {
+                    offset: self.position(),
                 });
             }
             self.end += n;
@@ -223,11 +220,11 @@ pub(crate) fn read_tail(file: &File, path: &Path, size: u64, limit: usize) -> Re
             if w >= max_window {
                 Err(Error::Corrupt {
                     path: path.to_owned(),
-                    line: line_number_at(file, size).unwrap_or(0),
+                    line: line_number_at(file, size).unwrap_or(0) + 1,
                     reason: format!("no complete record within the last {w} bytes"),
                 })
             } else {
-                Ok((w * 2).min(size))
+                Ok((w * 2).min(size).min(max_window))
             }
         };
         let Some(nl) = memchr::memrchr(b'\n', &buf) else {
@@ -359,6 +356,33 @@ mod tests {
     }
 
     #[test]
+    fn line_reader_rereads_a_partial_line_that_was_cut_and_rewritten() {
+        let (tmp, file) = file_with(
+            b"one
+torn-record-bytes",
+        );
+        let mut r = LineReader::new(0, 100);
+        assert!(matches!(r.next(&file).unwrap(), Line::Complete { .. }));
+        assert_eq!(r.next(&file).unwrap(), Line::Partial { offset: 4 });
+        // A writer repairs the torn tail and appends a shorter, different record.
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path())
+            .unwrap();
+        f.set_len(4).unwrap();
+        (&f).write_all(
+            b"two
+",
+        )
+        .unwrap();
+        let Line::Complete { start, end, .. } = r.next(&file).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.bytes(start, end), b"two");
+        assert_eq!(r.next(&file).unwrap(), Line::Eof);
+    }
+
+    #[test]
     fn line_reader_skips_overlong_lines_without_buffering_them() {
         let mut data = vec![b'x'; 300_000];
         data.push(b'\n');
@@ -381,14 +405,11 @@ mod tests {
 
     #[test]
     fn read_tail_finds_last_record_and_torn_bytes() {
-        let (_tmp, file) =
-            file_with(b"{\"seq\":1}\n{\"seq\":2,\"idempotency_key\":\"k\"}\n{\"seq\":3,\"to");
+        let (_tmp, file) = file_with(b"{\"seq\":1}\n{\"seq\":2,\"type\":\"k\"}\n{\"seq\":3,\"to");
         let size = file.metadata().unwrap().len();
         let t = read_tail(&file, Path::new("x"), size, 1000).unwrap();
         assert_eq!(t.complete_len, size - br#"{"seq":3,"to"#.len() as u64);
-        let last = t.last.unwrap();
-        assert_eq!(last.seq, 2);
-        assert_eq!(last.idempotency_key.as_deref(), Some("k"));
+        assert_eq!(t.last.unwrap().seq, 2);
 
         let (_tmp, file) = file_with(b"{\"seq\":3,\"to");
         let t = read_tail(&file, Path::new("x"), 12, 1000).unwrap();

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::bus::{BusInner, FORMAT_VERSION};
 use crate::error::IoContext;
-use crate::log::{self, Line, RecordHead};
+use crate::log::{self, Line};
 use crate::read::Messages;
 use crate::{fsutil, record, Error, NewMessage, Receipt, Result};
 
@@ -19,6 +19,20 @@ use crate::{fsutil, record, Error, NewMessage, Receipt, Result};
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct MailboxMeta {
     pub(crate) format: u64,
+    pub(crate) segment_bytes: u64,
+    #[serde(default = "default_max_record")]
+    pub(crate) max_record_bytes: usize,
+}
+
+fn default_max_record() -> usize {
+    crate::DEFAULT_MAX_RECORD_BYTES
+}
+
+/// What a reader needs to know about a mailbox's log.
+#[derive(Debug, Clone)]
+pub(crate) struct LogSpec {
+    pub(crate) dir: PathBuf,
+    pub(crate) limit: usize,
     pub(crate) segment_bytes: u64,
 }
 
@@ -58,6 +72,7 @@ struct MailboxInner {
     log_dir: PathBuf,
     keys_dir: PathBuf,
     segment_bytes: u64,
+    max_record_bytes: usize,
     writer: Mutex<Writer>,
 }
 
@@ -69,6 +84,9 @@ struct Writer {
     lock: File,
     tail: Option<Tail>,
     buf: Vec<u8>,
+    /// Every keyed record up to this seq is in the key index (`None`: unknown, read
+    /// `keys/scanned`).
+    indexed: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -139,11 +157,13 @@ impl Mailbox {
                 keys_dir: dir.join("keys"),
                 dir,
                 segment_bytes: meta.segment_bytes.max(1),
+                max_record_bytes: meta.max_record_bytes.max(256),
                 writer: Mutex::new(Writer {
                     lock_path,
                     lock,
                     tail: None,
                     buf: Vec::new(),
+                    indexed: None,
                 }),
                 bus,
             }),
@@ -152,6 +172,20 @@ impl Mailbox {
 
     pub(crate) fn bus(&self) -> &Arc<BusInner> {
         &self.inner.bus
+    }
+
+    pub(crate) fn log_spec(&self) -> LogSpec {
+        LogSpec {
+            dir: self.inner.log_dir.clone(),
+            limit: self.inner.max_record_bytes,
+            segment_bytes: self.inner.segment_bytes,
+        }
+    }
+
+    /// The largest record this mailbox accepts, newline included (fixed when it was
+    /// created).
+    pub fn max_record_bytes(&self) -> usize {
+        self.inner.max_record_bytes
     }
 
     /// The seq of the newest complete message, 0 for an empty mailbox. Reads only the
@@ -170,7 +204,7 @@ impl Mailbox {
                 Err(e) => return Err(Error::io("open", path, e)),
             };
             let size = file.metadata().ctx("stat", &path)?.len();
-            let limit = self.inner.bus.opts.max_record_bytes;
+            let limit = self.inner.max_record_bytes;
             let tail = log::read_tail(&file, &path, size, limit)?;
             return Ok(tail.last.map_or(first.saturating_sub(1), |r| r.seq));
         }
@@ -241,10 +275,7 @@ impl Mailbox {
     /// Reads the mailbox from the start, without changing any state. Narrow it with the
     /// methods of [`Messages`].
     pub fn messages(&self) -> Messages {
-        Messages::new(
-            self.inner.log_dir.clone(),
-            self.inner.bus.opts.max_record_bytes,
-        )
+        Messages::new(self.log_spec())
     }
 
     /// Runs `f` while holding this mailbox's append lock (in-process mutex and `flock`),
@@ -266,7 +297,7 @@ impl Mailbox {
         let json = serde_json::to_vec(&message)
             .map_err(|e| Error::InvalidMessage(format!("cannot serialize: {e}")))?;
         debug_assert!(json.starts_with(SEQ0_PREFIX));
-        let limit = self.inner.bus.opts.max_record_bytes;
+        let limit = self.inner.max_record_bytes;
         let size = record::encoded_len(u64::MAX, json.len() - SEQ0_PREFIX.len());
         if size > limit {
             return Err(Error::RecordTooLarge {
@@ -304,6 +335,17 @@ impl Mailbox {
             mode: opts.file_mode,
             sync: opts.sync(),
         };
+        let last = tail.next_seq - 1;
+        let keyed = batch.iter().any(|p| p.key.is_some());
+        if keyed {
+            // Keys of records that another writer appended but did not index (it died
+            // in between, or it does not index: an outside writer) are added first.
+            let from = w.indexed.unwrap_or_else(|| keys.scanned());
+            if from < last {
+                keys.catch_up(&self.log_spec(), from, last)?;
+            }
+            w.indexed = Some(last);
+        }
 
         w.buf.clear();
         let mut receipts: Vec<Receipt> = Vec::with_capacity(batch.len());
@@ -333,36 +375,80 @@ impl Mailbox {
             return Ok(receipts);
         }
 
-        let written = (&tail.file).write_all(&w.buf);
-        if let Err(e) = written {
-            // Remove whatever part of the batch reached the file, so no torn record is
-            // left behind; if even that fails, the next writer repairs it.
-            let err = Error::io("append", &tail.path, e);
-            if tail.file.set_len(tail.len).is_err() {
-                w.tail = None;
+        // One write() in the normal case; more only if the kernel takes part of it
+        // (which happens on errors such as a full disk).
+        let mut written = 0;
+        let failure = loop {
+            match (&tail.file).write(&w.buf[written..]) {
+                Ok(0) => break Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) if written + n == w.buf.len() => break None,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
             }
-            return Err(err);
-        }
-        if opts.sync() {
-            if let Err(e) = tail.file.sync_data() {
-                let err = Error::io("fdatasync", &tail.path, e);
+        };
+        let mut committed = w.buf.len();
+        if let Some(e) = &failure {
+            // Keep the records that reached the file whole (a reader may have seen them
+            // already); cut only the incomplete one.
+            committed = memchr::memrchr(b'\n', &w.buf[..written]).map_or(0, |i| i + 1);
+            if tail.file.set_len(tail.len + committed as u64).is_err() {
+                let err = Error::io("append", &tail.path, clone_io(e));
                 w.tail = None;
+                w.indexed = None;
                 return Err(err);
             }
         }
-        tail.len += w.buf.len() as u64;
-        tail.next_seq = seq;
-
-        // The messages are in the log. Index their keys; should that fail, the messages
-        // still stand (reporting an error would invite a duplicate retry), and dropping
-        // the cached tail makes the next writer re-check and re-index the last record.
-        for (key, &i) in &new_keys {
-            if keys.insert(key, receipts[i].seq, receipts[i].id).is_err() {
+        if committed > 0 && opts.sync() {
+            if let Err(e) = tail.file.sync_data() {
+                let err = Error::io("fdatasync", &tail.path, e);
                 w.tail = None;
+                w.indexed = None;
+                return Err(err);
+            }
+        }
+        let count = memchr::memchr_iter(b'\n', &w.buf[..committed]).count() as u64;
+        tail.len += committed as u64;
+        tail.next_seq += count;
+        let new_last = tail.next_seq - 1;
+        let tail_path = tail.path.clone();
+        let stored = |r: &Receipt| !r.duplicate && r.seq <= new_last;
+
+        // The messages are in the log; index their keys. Should that fail, the messages
+        // still stand (an error would invite a duplicating retry): the watermark stays
+        // behind, and the next keyed send indexes them from the log.
+        let mut indexed = true;
+        for (key, &i) in &new_keys {
+            let r = &receipts[i];
+            if stored(r) && keys.insert(key, r.seq, r.id).is_err() {
+                indexed = false;
                 break;
             }
         }
-        Ok(receipts)
+        if w.indexed == Some(last) && indexed {
+            w.indexed = Some(new_last);
+            if keyed {
+                keys.set_scanned(new_last);
+            }
+        } else {
+            w.indexed = None;
+        }
+
+        match failure {
+            None => Ok(receipts),
+            Some(source) => {
+                let committed: Vec<Receipt> = receipts.into_iter().filter(stored).collect();
+                if committed.is_empty() {
+                    Err(Error::io("append", tail_path, source))
+                } else {
+                    Err(Error::BatchIncomplete {
+                        path: tail_path,
+                        committed,
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     fn receipt(&self, id: Uuid, seq: u64, duplicate: bool) -> Receipt {
@@ -403,29 +489,26 @@ impl Mailbox {
                 }
                 tail.len = info.complete_len;
                 tail.next_seq = info.last.as_ref().map_or(tail.first, |r| r.seq + 1);
-                if let Some(last) = info.last {
-                    self.reindex(&last)?;
-                }
             }
             if tail.len < inner.segment_bytes {
                 return Ok(cached.insert(tail));
             }
             // Full: move on to the segment named after the next seq (another writer may
             // have created it and written to it already).
-            let created = !inner
-                .log_dir
-                .join(log::segment_name(tail.next_seq))
-                .exists();
             tail = self.open_segment(tail.next_seq, u64::MAX)?;
-            if created && opts.sync() {
-                fsutil::sync_dir(&inner.log_dir)?;
-            }
         }
     }
 
+    /// Opens a segment for appending. Under `Sync`, also fsyncs the log directory: the
+    /// segment may have been created by a writer that died before doing so, and records
+    /// in a file whose directory entry is not durable are not durable either. This
+    /// happens once per segment per handle.
     fn open_segment(&self, first: u64, len: u64) -> Result<Tail> {
         let path = self.inner.log_dir.join(log::segment_name(first));
         let file = fsutil::open_append(&path, self.inner.bus.opts.file_mode)?;
+        if self.inner.bus.opts.sync() {
+            fsutil::sync_dir(&self.inner.log_dir)?;
+        }
         Ok(Tail {
             first,
             path,
@@ -433,23 +516,6 @@ impl Mailbox {
             len,
             next_seq: first,
         })
-    }
-
-    /// Makes sure the key of the last record (written by a writer that may have died
-    /// before indexing it) is in the index.
-    fn reindex(&self, last: &RecordHead) -> Result<()> {
-        let (Some(key), Some(id)) = (last.idempotency_key.as_deref(), last.id) else {
-            return Ok(());
-        };
-        let keys = KeyIndex {
-            dir: &self.inner.keys_dir,
-            mode: self.inner.bus.opts.file_mode,
-            sync: self.inner.bus.opts.sync(),
-        };
-        if keys.lookup(key)?.is_none() {
-            keys.insert(key, last.seq, id)?;
-        }
-        Ok(())
     }
 }
 
@@ -477,7 +543,57 @@ struct KeyEntry<'a> {
     id: Uuid,
 }
 
+fn clone_io(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), e.to_string())
+}
+
 impl KeyIndex<'_> {
+    fn scanned_path(&self) -> PathBuf {
+        self.dir.join("scanned")
+    }
+
+    /// The watermark: every keyed record up to this seq is indexed. 0 when unknown,
+    /// which only costs a longer scan.
+    fn scanned(&self) -> u64 {
+        let mut buf = [0u8; 21];
+        fsutil::open_read(&self.scanned_path())
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0))
+            .ok()
+            .and_then(|()| std::str::from_utf8(&buf[..20]).ok()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Moves the watermark. Not synced: a watermark lost to a power cut only makes the
+    /// next keyed send scan a little more.
+    fn set_scanned(&self, seq: u64) {
+        let path = self.scanned_path();
+        if let Ok(f) = fsutil::open_lock(&path, self.mode) {
+            let line = format!("{seq:020}\n");
+            let _ = std::os::unix::fs::FileExt::write_all_at(&f, line.as_bytes(), 0);
+        }
+    }
+
+    /// Indexes the keyed records with seqs in `(from, to]` that are not indexed yet.
+    fn catch_up(&self, spec: &LogSpec, from: u64, to: u64) -> Result<()> {
+        for item in Messages::new(spec.clone()).from_seq(from + 1) {
+            match item {
+                Ok(m) if m.seq > to => break,
+                Ok(m) => {
+                    if let Some(key) = m.idempotency_key.as_deref() {
+                        if self.lookup(key)?.is_none() {
+                            self.insert(key, m.seq, m.id)?;
+                        }
+                    }
+                }
+                // Damage is reported by readers and `doctor`; a damaged record's key
+                // cannot be known.
+                Err(Error::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn bucket(&self, key: &str) -> PathBuf {
         self.dir.join(format!(
             "{:02x}.jsonl",
@@ -498,10 +614,13 @@ impl KeyIndex<'_> {
             match reader.next(&file).ctx("read", &path)? {
                 Line::Complete { start, end, .. } => {
                     line_no += 1;
-                    let entry: KeyEntry<'_> =
-                        log::decode(reader.bytes(start, end), &path, line_no)?;
-                    if entry.key == key {
-                        return Ok(Some((entry.seq, entry.id)));
+                    // The index is derived data: a damaged entry is skipped here (and
+                    // reported by `doctor`) rather than stopping every keyed send.
+                    let bytes = reader.bytes(start, end);
+                    if let Ok(entry) = log::decode::<KeyEntry<'_>>(bytes, &path, line_no) {
+                        if entry.key == key {
+                            return Ok(Some((entry.seq, entry.id)));
+                        }
                     }
                 }
                 Line::TooLong { .. } => line_no += 1,

@@ -275,6 +275,8 @@ enum Failure {
     Bus(Error),
     Usage(String),
     Unclean,
+    /// Already reported on stderr; exit 1.
+    Reported,
 }
 
 impl From<Error> for Failure {
@@ -309,18 +311,9 @@ fn report(failure: Failure) -> ExitCode {
             json!({"error": "unclean", "message": "doctor found problems it did not repair"}),
             4,
         ),
+        Failure::Reported => return ExitCode::FAILURE,
         Failure::Bus(e) => {
-            let mut v = json!({"error": e.code(), "message": e.to_string()});
-            if let Some(path) = e.path() {
-                v["path"] = json!(path);
-            }
-            match &e {
-                Error::MailboxNotFound { existing, .. } | Error::GroupNotFound { existing, .. } => {
-                    v["existing"] = json!(existing)
-                }
-                Error::Corrupt { line, .. } => v["line"] = json!(line),
-                _ => {}
-            }
+            let v = error_json(&e);
             let code = match e {
                 Error::StaleDelivery { .. } => 5,
                 _ if e.is_invalid_input() => 2,
@@ -331,6 +324,22 @@ fn report(failure: Failure) -> ExitCode {
     };
     eprintln!("{value}");
     ExitCode::from(code)
+}
+
+fn error_json(e: &Error) -> Value {
+    let mut v = json!({"error": e.code(), "message": e.to_string()});
+    if let Some(path) = e.path() {
+        v["path"] = json!(path);
+    }
+    match e {
+        Error::MailboxNotFound { existing, .. } | Error::GroupNotFound { existing, .. } => {
+            v["existing"] = json!(existing)
+        }
+        Error::Corrupt { line, .. } => v["line"] = json!(line),
+        Error::BatchIncomplete { committed, .. } => v["committed"] = json!(committed),
+        _ => {}
+    }
+    v
 }
 
 fn open_bus(cli: &Cli) -> Result<Bus, Failure> {
@@ -400,10 +409,24 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             if let Some(id) = &args.correlation_id {
                 messages = messages.correlation_id(id);
             }
+            // Damaged records are reported on stderr as they come, and reading goes on;
+            // the exit status says whether there were any.
+            let mut damaged = None;
             for message in messages.take(args.max.unwrap_or(usize::MAX)) {
-                emit(out, &message?)?;
+                match message {
+                    Ok(m) => emit(out, &m)?,
+                    Err(e @ Error::Corrupt { .. }) => {
+                        let _ = out.flush();
+                        eprintln!("{}", error_json(&e));
+                        damaged = Some(e);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            Ok(())
+            match damaged {
+                Some(_) => Err(Failure::Reported),
+                None => Ok(()),
+            }
         }
         Command::Ack(args) => {
             let group = open_bus(&cli)?.mailbox(&args.mailbox)?.group(&args.group)?;

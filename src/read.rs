@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::IoContext;
 use crate::log::{self, Line, RecordHead, Segment};
+use crate::mailbox::LogSpec;
 use crate::{Error, Message, Result};
 
 /// A place in a mailbox's log: the next record to read is `seq`, found in segment
@@ -28,8 +29,7 @@ pub(crate) struct Position {
 #[derive(Debug)]
 #[must_use = "iterators are lazy"]
 pub struct Messages {
-    log_dir: PathBuf,
-    limit: usize,
+    spec: LogSpec,
     from_seq: u64,
     kinds: Vec<String>,
     sender: Option<String>,
@@ -39,13 +39,14 @@ pub struct Messages {
     segment: Option<Segment>,
     /// The seq the next record must carry.
     expected: u64,
+    /// A valid message found after a seq gap: yielded right after the gap's error.
+    stashed: Option<Message>,
 }
 
 impl Messages {
-    pub(crate) fn new(log_dir: PathBuf, limit: usize) -> Self {
+    pub(crate) fn new(spec: LogSpec) -> Self {
         Messages {
-            log_dir,
-            limit,
+            spec,
             from_seq: 1,
             kinds: Vec::new(),
             sender: None,
@@ -54,6 +55,7 @@ impl Messages {
             resume: None,
             segment: None,
             expected: 1,
+            stashed: None,
         }
     }
 
@@ -92,8 +94,8 @@ impl Messages {
 
     /// Starts reading at `pos` instead of searching for a seq. If compaction removed
     /// that segment meanwhile, falls back to searching for `pos.seq`.
-    pub(crate) fn at(log_dir: PathBuf, limit: usize, pos: Position) -> Self {
-        let mut m = Messages::new(log_dir, limit).from_seq(pos.seq);
+    pub(crate) fn at(spec: LogSpec, pos: Position) -> Self {
+        let mut m = Messages::new(spec).from_seq(pos.seq);
         m.resume = Some(pos);
         m
     }
@@ -129,8 +131,8 @@ impl Messages {
     fn start(&mut self) -> Result<()> {
         self.started = true;
         if let Some(pos) = self.resume.take() {
-            if let Some(mut seg) = Segment::open(&self.log_dir, pos.segment, self.limit)? {
-                seg.reader = log::LineReader::new(pos.offset, self.limit);
+            if let Some(mut seg) = Segment::open(&self.spec.dir, pos.segment, self.spec.limit)? {
+                seg.reader = log::LineReader::new(pos.offset, self.spec.limit);
                 seg.line = pos.line;
                 self.segment = Some(seg);
                 self.expected = pos.seq;
@@ -139,7 +141,7 @@ impl Messages {
         }
         // Compaction may remove the oldest segment between listing and opening it.
         for _ in 0..8 {
-            let segments = log::list_segments(&self.log_dir)?;
+            let segments = log::list_segments(&self.spec.dir)?;
             let Some(first) = segments
                 .iter()
                 .rev()
@@ -149,7 +151,7 @@ impl Messages {
             else {
                 return Ok(());
             };
-            if let Some(seg) = Segment::open(&self.log_dir, first, self.limit)? {
+            if let Some(seg) = Segment::open(&self.spec.dir, first, self.spec.limit)? {
                 self.segment = Some(seg);
                 self.expected = first;
                 return Ok(());
@@ -157,12 +159,15 @@ impl Messages {
         }
         Err(Error::io(
             "open segment",
-            &self.log_dir,
+            &self.spec.dir,
             std::io::Error::other("segments keep disappearing (concurrent compaction?)"),
         ))
     }
 
     fn step(&mut self) -> Option<Result<Message>> {
+        if let Some(m) = self.stashed.take() {
+            return Some(Ok(m));
+        }
         if !self.started {
             if let Err(e) = self.start() {
                 return Some(Err(e));
@@ -180,30 +185,34 @@ impl Messages {
                     let bytes = seg.reader.bytes(start, end);
                     let (path, line) = (&seg.path, seg.line);
                     if self.expected < self.from_seq {
+                        // Skipping ahead to `from_seq`: only the seq matters here, and
+                        // damage before the start is `doctor`'s to report.
                         match log::decode::<RecordHead>(bytes, path, line) {
-                            Ok(head) if head.seq == self.expected => {
-                                self.expected += 1;
-                                if head.seq < self.from_seq {
-                                    continue;
-                                }
-                            }
-                            Ok(head) => return Some(Err(self.out_of_order(head.seq))),
-                            Err(e) => {
-                                // A damaged line still held one record.
-                                self.expected += 1;
-                                return Some(Err(e));
-                            }
+                            Ok(head) => self.expected = head.seq + 1,
+                            Err(_) => self.expected += 1,
                         }
+                        if self.expected <= self.from_seq {
+                            continue;
+                        }
+                        // That record was the first wanted one: decode it in full.
+                        self.expected -= 1;
                     }
                     let message = match log::decode::<Message>(bytes, path, line) {
                         Ok(m) => m,
                         Err(e) => {
+                            // A damaged line still held one record.
                             self.expected += 1;
                             return Some(Err(e));
                         }
                     };
                     if message.seq != self.expected {
-                        return Some(Err(self.out_of_order(message.seq)));
+                        let err = self.out_of_order(message.seq);
+                        if message.seq + 1 == self.expected && self.matches(&message) {
+                            // A gap before a valid message: report the gap, then
+                            // deliver the message.
+                            self.stashed = Some(message);
+                        }
+                        return Some(Err(err));
                     }
                     self.expected = message.seq + 1;
                     if message.seq >= self.from_seq && self.matches(&message) {
@@ -219,7 +228,7 @@ impl Messages {
                         reason: format!(
                             "record of {} bytes exceeds the limit of {} bytes",
                             len + 1,
-                            self.limit
+                            self.spec.limit
                         ),
                     }));
                 }
@@ -230,23 +239,64 @@ impl Messages {
                     if self.expected <= seg.first {
                         return None;
                     }
-                    match Segment::open(&self.log_dir, self.expected, self.limit) {
-                        Ok(Some(next)) => {
-                            let old = std::mem::replace(seg, next);
-                            if partial {
-                                return Some(Err(Error::Corrupt {
-                                    path: old.path,
-                                    line: old.line + 1,
-                                    reason: "incomplete record in a sealed segment".into(),
-                                }));
-                            }
-                        }
-                        Ok(None) => return None,
+                    let next = match Segment::open(&self.spec.dir, self.expected, self.spec.limit) {
+                        Ok(next) => next,
                         Err(e) => return Some(Err(e)),
+                    };
+                    if let Some(next) = next {
+                        let old = std::mem::replace(seg, next);
+                        if partial {
+                            return Some(Err(Error::Corrupt {
+                                path: old.path,
+                                line: old.line + 1,
+                                reason: "incomplete record in a sealed segment".into(),
+                            }));
+                        }
+                        continue;
                     }
+                    return match self.skip_gap() {
+                        Ok(Some(err)) => Some(Err(err)),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(e)),
+                    };
                 }
             }
         }
+    }
+
+    /// At the end of a segment with no successor named after the next seq: if the
+    /// segment is full and a later one exists, the log has a gap (lost or damaged
+    /// records). Moves to the later segment and returns the gap as an error, so that
+    /// nothing after a gap becomes silently invisible. Only a full segment can have a
+    /// successor, so readers at the tail do not list the directory.
+    fn skip_gap(&mut self) -> Result<Option<Error>> {
+        let seg = self.segment.as_mut().expect("reading a segment");
+        let size = seg.file.metadata().ctx("stat", &seg.path)?.len();
+        if size < self.spec.segment_bytes {
+            return Ok(None);
+        }
+        let current = seg.first;
+        let later = log::list_segments(&self.spec.dir)?
+            .into_iter()
+            .find(|&f| f > current);
+        let Some(first) = later else {
+            return Ok(None);
+        };
+        let Some(next) = Segment::open(&self.spec.dir, first, self.spec.limit)? else {
+            return Ok(None);
+        };
+        let old = std::mem::replace(seg, next);
+        let err = Error::Corrupt {
+            path: old.path,
+            line: old.line + 1,
+            reason: format!(
+                "seqs {} to {} are missing: the next segment starts at {first}",
+                self.expected,
+                first - 1
+            ),
+        };
+        self.expected = first;
+        Ok(Some(err))
     }
 
     fn out_of_order(&mut self, found: u64) -> Error {

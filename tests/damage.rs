@@ -220,3 +220,110 @@ fn records_with_wrong_field_types_are_reported() {
         }
     }
 }
+
+#[test]
+fn a_follower_that_saw_a_torn_tail_reads_the_repaired_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").body("one")).unwrap();
+    let mut follower = mb.messages();
+    assert_eq!(
+        follower.next().unwrap().unwrap().body.as_deref(),
+        Some("one")
+    );
+    let seg = common::first_segment(dir.path(), "main");
+    append_raw(
+        &seg,
+        br#"{"crc":"00000000","seq":2,"body":"torn torn torn torn"#,
+    );
+    assert!(follower.next().is_none(), "a torn tail is never delivered");
+
+    // A writer repairs the tail and writes a different (shorter) record there.
+    let fresh = Bus::open(dir.path()).unwrap().mailbox("main").unwrap();
+    fresh.send(NewMessage::new("t").body("two")).unwrap();
+    let m = follower.next().unwrap().unwrap();
+    assert_eq!((m.seq, m.body.as_deref()), (2, Some("two")));
+    assert!(follower.next().is_none());
+}
+
+#[test]
+fn a_gap_between_segments_is_reported_and_reading_continues_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::builder()
+        .durability(Durability::Flush)
+        .segment_bytes(600)
+        .init(dir.path())
+        .unwrap();
+    let mb = bus.create_mailbox("main").unwrap();
+    for i in 0..30 {
+        mb.send(NewMessage::new("t").body(format!("{i:0>100}")))
+            .unwrap();
+    }
+    let log = mb.path().join("log");
+    let mut segments: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 4);
+    let lost: u64 = segments[1].file_name().unwrap().to_str().unwrap()[..20]
+        .parse()
+        .unwrap();
+    let after: u64 = segments[2].file_name().unwrap().to_str().unwrap()[..20]
+        .parse()
+        .unwrap();
+    std::fs::remove_file(&segments[1]).unwrap();
+
+    let items: Vec<_> = mb.messages().collect();
+    let errors: Vec<_> = items.iter().filter_map(|i| i.as_ref().err()).collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0]
+        .to_string()
+        .contains(&format!("seqs {lost} to {} are missing", after - 1)));
+    let seqs: Vec<u64> = items
+        .iter()
+        .filter_map(|i| i.as_ref().ok())
+        .map(|m| m.seq)
+        .collect();
+    let expected: Vec<u64> = (1..lost).chain(after..=30).collect();
+    assert_eq!(
+        seqs, expected,
+        "everything after the gap is still delivered"
+    );
+    let report = bus.doctor(false).unwrap();
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.kind == ProblemKind::Damaged));
+}
+
+#[test]
+fn a_record_after_a_seq_gap_is_reported_then_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").body("one")).unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    // An outside writer skipped seq 2 and 3.
+    append_raw(
+        &seg,
+        format!(
+            "{{\"seq\":4,\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"x\",\"type\":\"t\",\"body\":\"four\"}}\n",
+            uuid::Uuid::nil()
+        )
+        .as_bytes(),
+    );
+    let items: Vec<_> = mb.messages().collect();
+    assert_eq!(items.len(), 3);
+    assert!(items[0].is_ok());
+    match &items[1] {
+        Err(Error::Corrupt { line, reason, .. }) => {
+            assert_eq!(*line, 2);
+            assert!(reason.contains("expected seq 2, found 4"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(items[2].as_ref().unwrap().body.as_deref(), Some("four"));
+    assert_eq!(mb.send(NewMessage::new("t")).unwrap().seq, 5);
+}

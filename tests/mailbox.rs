@@ -402,3 +402,62 @@ fn symlinks_inside_the_bus_are_not_followed() {
     assert!(bus.mailbox("evil").is_err());
     assert!(!bus.mailboxes().unwrap().contains(&"evil".to_owned()));
 }
+
+#[test]
+fn keys_of_a_whole_batch_are_recovered_when_indexing_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    let receipts = mb
+        .send_batch([
+            NewMessage::new("t").idempotency_key("k1"),
+            NewMessage::new("t"),
+            NewMessage::new("t").idempotency_key("k2"),
+        ])
+        .unwrap();
+    // As if the writer died after its append and before indexing.
+    std::fs::remove_dir_all(mb.path().join("keys")).unwrap();
+    std::fs::create_dir(mb.path().join("keys")).unwrap();
+    // Others append meanwhile, so the keyed records are not the last ones.
+    mb.send(NewMessage::new("t")).unwrap();
+
+    let fresh = Bus::open(dir.path()).unwrap().mailbox("main").unwrap();
+    for (key, original) in [("k1", &receipts[0]), ("k2", &receipts[2])] {
+        let again = fresh
+            .send(NewMessage::new("t").idempotency_key(key))
+            .unwrap();
+        assert!(again.duplicate, "{key} was sent twice");
+        assert_eq!(again.seq, original.seq);
+    }
+    assert_eq!(mb.messages().count(), 4);
+}
+
+#[test]
+fn keys_written_by_outside_writers_are_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").idempotency_key("first"))
+        .unwrap();
+    let seg = mb.path().join("log/00000000000000000001.jsonl");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        format!(
+            "{{\"seq\":2,\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"py\",\"type\":\"t\",\"idempotency_key\":\"outside\"}}\n",
+            uuid::Uuid::now_v7()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let again = mb
+        .send(NewMessage::new("t").idempotency_key("outside"))
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.seq, 2);
+    assert!(
+        mb.send(NewMessage::new("t").idempotency_key("first"))
+            .unwrap()
+            .duplicate
+    );
+}

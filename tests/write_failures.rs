@@ -1,0 +1,90 @@
+//! Writes that fail part-way (here: a file-size limit, so `write()` stops mid-record
+//! with EFBIG): a typed error, no partial record ever delivered, complete records of a
+//! batch kept and reported, and sending works again without the limit.
+
+mod common;
+
+use agentbus::{Bus, Durability, Error, NewMessage};
+
+#[test]
+fn a_write_cut_short_by_a_file_size_limit_leaves_a_clean_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("bus");
+    let bus = Bus::builder()
+        .durability(Durability::Flush)
+        .init(&root)
+        .unwrap();
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("before")).unwrap();
+
+    let out = common::child("limited_writer")
+        .env("BUS", &root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("SINGLE io EFBIG"), "{stdout}");
+    assert!(stdout.contains("BATCH committed 1"), "{stdout}");
+
+    // Readers see only whole records: `before` and the committed part of the batch.
+    let kinds: Vec<String> = mb.messages().map(|m| m.unwrap().kind).collect();
+    assert_eq!(kinds, ["before", "batch"]);
+    assert!(bus.doctor(false).unwrap().problems.is_empty());
+    // Without the limit, sending continues where the log ends.
+    assert_eq!(mb.send(NewMessage::new("after")).unwrap().seq, 3);
+}
+
+#[test]
+#[ignore = "runs only as a child process of another test"]
+fn limited_writer() {
+    if !common::is_child() {
+        return;
+    }
+    let bus = Bus::builder()
+        .durability(Durability::Flush)
+        .open(common::env("BUS"))
+        .unwrap();
+    let mb = bus.mailbox("main").unwrap();
+    let seg = mb.path().join("log/00000000000000000001.jsonl");
+    let size = std::fs::metadata(&seg).unwrap().len();
+    // Room for one 1,000-byte record and a bit, not two.
+    let limit = size + 1_500;
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let rl = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rl), 0);
+    }
+    let big = || NewMessage::new("batch").body("x".repeat(1_000));
+
+    match mb.send(NewMessage::new("single").body("y".repeat(2_000))) {
+        Err(e @ Error::Io { .. }) => {
+            assert_eq!(
+                e.io_error().unwrap().raw_os_error(),
+                Some(libc::EFBIG),
+                "{e}"
+            );
+            println!("SINGLE io EFBIG");
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        size,
+        "nothing left behind"
+    );
+
+    match mb.send_batch([big(), big(), big()]) {
+        Err(Error::BatchIncomplete { committed, .. }) => {
+            assert_eq!(committed[0].seq, 2);
+            println!("BATCH committed {}", committed.len());
+        }
+        other => panic!("expected BatchIncomplete, got {other:?}"),
+    }
+}
