@@ -26,8 +26,10 @@ use crate::log::{self, Line};
 use crate::read::Position;
 use crate::{fsutil, record, validate_name, Error, Mailbox, Message, Messages, NewMessage, Result};
 
-/// State files larger than this are checkpointed and rotated.
-pub(crate) const ROTATE_BYTES: u64 = 1024 * 1024;
+/// State files larger than this are checkpointed and rotated. Opening a group replays
+/// at most this much (a few hundred records, well under a millisecond), and a rotation
+/// (one small checkpoint write) happens every few hundred records.
+pub(crate) const ROTATE_BYTES: u64 = 64 * 1024;
 
 /// Where a new group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -791,18 +793,21 @@ impl Group {
                 }
                 let message = read_at(&spec, entry.at, seq)?;
                 if entry.attempt >= g.inner.meta.max_deliveries {
-                    let reason = entry
-                        .history
+                    let mut history = entry.history.clone();
+                    if entry.consumer.is_some() {
+                        history.push(AttemptNote {
+                            attempt: entry.attempt,
+                            consumer: entry.consumer.clone(),
+                            outcome: "expired".into(),
+                            reason: None,
+                            at: entry.visible_at,
+                        });
+                    }
+                    let reason = history
                         .last()
                         .and_then(|n| n.reason.clone())
                         .unwrap_or_else(|| "claim expired".into());
-                    g.dead_letter(&message, &entry, &reason, now)?;
-                    let mut r = Rec::new(seq, Op::Dead, now);
-                    r.reason = Some(format!(
-                        "max deliveries ({}) reached: {reason}",
-                        g.inner.meta.max_deliveries
-                    ));
-                    g.append(loaded, &[r])?;
+                    g.bury(loaded, &message, &history, &reason, now)?;
                     continue;
                 }
                 let mut r = Rec::new(seq, Op::Claim, now);
@@ -965,6 +970,20 @@ impl Group {
             if entry.consumer.is_none() || entry.visible_at <= now {
                 return Err(stale("the claim ran out or was given back"));
             }
+            if op == Op::Nack && entry.attempt >= g.inner.meta.max_deliveries {
+                // That was the last delivery it gets: dead-letter it now.
+                let reason = reason.unwrap_or("nacked");
+                let mut last = entry.clone();
+                last.history.push(AttemptNote {
+                    attempt: entry.attempt,
+                    consumer: entry.consumer.clone(),
+                    outcome: "nacked".into(),
+                    reason: Some(reason.to_owned()),
+                    at: now,
+                });
+                let message = read_at(&g.inner.mailbox.log_spec(), entry.at, seq)?;
+                return g.bury(loaded, &message, &last.history, reason, now);
+            }
             let mut r = Rec::new(seq, op, now);
             r.attempt = Some(entry.attempt);
             r.until = Some(now.saturating_add(ms(delay)));
@@ -1061,8 +1080,11 @@ impl Group {
             None => self.load()?,
         };
         self.replay(&mut loaded)?;
-        if state_path(&self.inner.dir, loaded.gen + 1).exists() {
-            // Another process rotated (or died rotating): start again from the checkpoint.
+        // Another process rotated if our file is gone (one or more rotations completed)
+        // or a next generation exists (a rotation completed, or died, before removing
+        // our file): start again from the checkpoint.
+        let dir = &self.inner.dir;
+        if !loaded.path.exists() || state_path(dir, loaded.gen + 1).exists() {
             loaded = self.load()?;
             self.replay(&mut loaded)?;
         }
@@ -1206,25 +1228,25 @@ impl Group {
         Ok(())
     }
 
-    /// Copies a message that ran out of deliveries to the dead-letter mailbox. The
-    /// idempotency key makes this exactly-once even if we die before recording it.
-    fn dead_letter(&self, message: &Message, entry: &Entry, reason: &str, now: i64) -> Result<()> {
+    /// Moves a message that ran out of deliveries to the dead-letter mailbox, then
+    /// records it as dead. The idempotency key makes the copy exactly-once even if we
+    /// die between the two steps.
+    fn bury(
+        &self,
+        loaded: &mut Loaded,
+        message: &Message,
+        history: &[AttemptNote],
+        reason: &str,
+        now: i64,
+    ) -> Result<()> {
         let bus = crate::Bus {
             inner: self.inner.mailbox.bus().clone(),
         };
         let dlq = bus.create_or_open_mailbox(&self.inner.meta.dead_letter)?;
-        let mut history = entry.history.clone();
-        history.push(AttemptNote {
-            attempt: entry.attempt,
-            consumer: entry.consumer.clone(),
-            outcome: if entry.consumer.is_some() {
-                "expired".into()
-            } else {
-                "nacked".into()
-            },
-            reason: None,
-            at: now,
-        });
+        let reason = format!(
+            "max deliveries ({}) reached: {reason}",
+            self.inner.meta.max_deliveries
+        );
         let info = serde_json::json!({
             "mailbox": self.inner.mailbox.name(),
             "group": self.name(),
@@ -1234,7 +1256,6 @@ impl Group {
             "attempts": history,
         });
         let mut copy = NewMessage::replay_of(message)
-            .from(message.from.clone())
             .causation_id(message.id.to_string())
             .idempotency_key(format!(
                 "dead/{}/{}/{}",
@@ -1245,7 +1266,9 @@ impl Group {
         copy.headers
             .insert(DEAD_LETTER_HEADER.into(), info.to_string());
         dlq.send(copy)?;
-        Ok(())
+        let mut r = Rec::new(message.seq, Op::Dead, now);
+        r.reason = Some(reason);
+        self.append(loaded, &[r])
     }
 }
 

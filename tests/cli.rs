@@ -338,3 +338,156 @@ fn doctor_reports_and_repairs_with_exit_codes() {
     let again = ok(common::cli(dir.path()).arg("doctor").output().unwrap());
     assert_eq!(again[0]["problems"], 0);
 }
+
+#[test]
+fn group_verbs_claim_ack_nack_dead_letter_replay_stats_compact() {
+    let dir = setup();
+    let cli = || common::cli(dir.path());
+    let created = ok(cli()
+        .args([
+            "group",
+            "create",
+            "main",
+            "workers",
+            "--max-deliveries",
+            "2",
+        ])
+        .output()
+        .unwrap());
+    assert_eq!(created[0]["created"], true);
+    let groups = ok(cli().args(["group", "list", "main"]).output().unwrap());
+    assert_eq!(groups[0]["dead_letter"], "main.dlq");
+
+    // Nothing to deliver: no output, exit 0 (also after waiting).
+    assert!(ok(cli()
+        .args(["recv", "main", "--group", "workers"])
+        .output()
+        .unwrap())
+    .is_empty());
+    assert!(ok(cli()
+        .args(["recv", "main", "--group", "workers", "--wait", "0.2"])
+        .output()
+        .unwrap())
+    .is_empty());
+
+    for body in ["a", "b", "c"] {
+        ok(cli()
+            .args(["send", "main", "--type", "job", "--body", body])
+            .output()
+            .unwrap());
+    }
+    let claimed = ok(cli()
+        .args([
+            "recv",
+            "main",
+            "--group",
+            "workers",
+            "--consumer",
+            "w1",
+            "--max",
+            "2",
+        ])
+        .output()
+        .unwrap());
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(claimed[0]["seq"], 1);
+    assert_eq!(claimed[0]["body"], "a");
+    assert_eq!(claimed[0]["delivery"]["group"], "workers");
+    assert_eq!(claimed[0]["delivery"]["consumer"], "w1");
+    assert_eq!(claimed[0]["delivery"]["attempt"], 1);
+
+    let acked = ok(cli()
+        .args(["ack", "main", "--group", "workers", "1"])
+        .output()
+        .unwrap());
+    assert_eq!(acked[0], serde_json::json!({"seq": 1, "acked": true}));
+    ok(cli()
+        .args([
+            "nack",
+            "main",
+            "--group",
+            "workers",
+            "2",
+            "--reason",
+            "bad input",
+        ])
+        .output()
+        .unwrap());
+    let again = ok(cli()
+        .args(["recv", "main", "--group", "workers"])
+        .output()
+        .unwrap());
+    assert_eq!(
+        (
+            again[0]["seq"].as_u64(),
+            again[0]["delivery"]["attempt"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    // The second failure is the last allowed delivery: dead-lettered.
+    ok(cli()
+        .args([
+            "nack",
+            "main",
+            "--group",
+            "workers",
+            "2",
+            "--reason",
+            "still bad",
+        ])
+        .output()
+        .unwrap());
+    let e = fails(
+        cli()
+            .args(["nack", "main", "--group", "workers", "2"])
+            .output()
+            .unwrap(),
+        5,
+    );
+    assert_eq!(e["error"], "stale_delivery");
+    let e = fails(
+        cli()
+            .args(["ack", "main", "--group", "workers", "9"])
+            .output()
+            .unwrap(),
+        2,
+    );
+    assert_eq!(e["error"], "not_delivered");
+
+    let stats = ok(cli().args(["stats", "main"]).output().unwrap());
+    let g = &stats[0]["groups"][0];
+    assert_eq!(stats[0]["published"], 3);
+    assert_eq!(
+        (
+            g["acked"].as_u64(),
+            g["dead"].as_u64(),
+            g["in_flight"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0))
+    );
+    assert_eq!(
+        (g["lag"].as_u64(), g["pending"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    let dead = ok(cli().args(["recv", "main.dlq"]).output().unwrap());
+    assert_eq!(dead[0]["body"], "b");
+    let replayed = ok(cli().args(["replay", "main.dlq", "1"]).output().unwrap());
+    assert_eq!(replayed[0]["receipt"]["seq"], 4);
+    assert_eq!(replayed[0]["receipt"]["mailbox"], "main");
+
+    let rest = ok(cli()
+        .args(["recv", "main", "--group", "workers", "--max", "10"])
+        .output()
+        .unwrap());
+    let seqs: Vec<_> = rest.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [3, 4]);
+    let upto = ok(cli()
+        .args(["ack", "main", "--group", "workers", "--upto", "4"])
+        .output()
+        .unwrap());
+    assert_eq!(upto[0]["acked"], 2);
+
+    let compacted = ok(cli().args(["compact"]).output().unwrap());
+    assert!(compacted.iter().any(|c| c["mailbox"] == "main"));
+}
