@@ -3,11 +3,13 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::IoContext;
 use crate::mailbox::{Mailbox, MailboxMeta};
+use crate::watch::WatchMode;
 use crate::{fsutil, log, validate_name, Error, Result};
 
 /// The on-disk format major version this build reads and writes.
@@ -18,6 +20,9 @@ pub const MARKER_FILE: &str = "agentbus.json";
 
 /// Default record limit: 1 MiB per record, newline included.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// Default interval of the polling fallback.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Default size at which a mailbox's log rolls over to a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -43,6 +48,8 @@ pub(crate) struct Options {
     pub(crate) max_record_bytes: usize,
     pub(crate) segment_bytes: u64,
     pub(crate) agent: String,
+    pub(crate) watch_mode: WatchMode,
+    pub(crate) poll_interval: Duration,
 }
 
 impl Options {
@@ -101,6 +108,8 @@ impl Default for BusBuilder {
                 max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
                 segment_bytes: DEFAULT_SEGMENT_BYTES,
                 agent: "anonymous".to_owned(),
+                watch_mode: WatchMode::Auto,
+                poll_interval: DEFAULT_POLL_INTERVAL,
             },
         }
     }
@@ -144,6 +153,21 @@ impl BusBuilder {
     /// `"anonymous"`. Checked when the bus is opened.
     pub fn agent(mut self, name: impl Into<String>) -> Self {
         self.opts.agent = name.into();
+        self
+    }
+
+    /// How waiting receivers and lease contenders learn about changes; default
+    /// [`WatchMode::Auto`] (`notify`, plus the timer). Choose [`WatchMode::PollOnly`] on
+    /// network file systems.
+    pub fn watch_mode(mut self, mode: WatchMode) -> Self {
+        self.opts.watch_mode = mode;
+        self
+    }
+
+    /// How often waiters re-check even without an event: the upper bound on the delay a
+    /// lost event can cause; default 100 ms.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.opts.poll_interval = interval.max(Duration::from_millis(1));
         self
     }
 

@@ -96,6 +96,33 @@ pub enum Error {
         reason: String,
     },
 
+    /// The lease is held by someone else.
+    #[error("lease {name:?} is held by {holder:?} (token {token}) until {expires_at}")]
+    LeaseHeld {
+        /// The lease.
+        name: String,
+        /// Its holder.
+        holder: String,
+        /// The holder's fencing token.
+        token: u64,
+        /// When the holder's grant expires unless renewed.
+        expires_at: time::OffsetDateTime,
+    },
+
+    /// A renew, release or transfer named a grant that is not the current one (it
+    /// expired, was released, or someone else holds the lease now).
+    #[error("lease {name:?}: {reason} (held by {}, token {token})", holder.as_deref().unwrap_or("nobody"))]
+    StaleLease {
+        /// The lease.
+        name: String,
+        /// The real holder now, if any.
+        holder: Option<String>,
+        /// The current token.
+        token: u64,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// `create_mailbox` was asked for a name that is taken.
     #[error("mailbox {name:?} already exists")]
     MailboxExists {
@@ -213,6 +240,8 @@ impl Error {
             Error::InvalidName { .. } => "invalid_name",
             Error::MailboxNotFound { .. } => "mailbox_not_found",
             Error::MailboxExists { .. } => "mailbox_exists",
+            Error::LeaseHeld { .. } => "lease_held",
+            Error::StaleLease { .. } => "stale_lease",
             Error::GroupNotFound { .. } => "group_not_found",
             Error::GroupExists { .. } => "group_exists",
             Error::NotDelivered { .. } => "not_delivered",

@@ -75,25 +75,29 @@ mod doctor;
 mod error;
 mod fsutil;
 mod group;
+mod lease;
 mod log;
 mod mailbox;
 mod message;
 mod name;
 mod read;
 mod record;
+mod watch;
 
 pub use bus::{
-    Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_SEGMENT_BYTES, FORMAT_VERSION,
-    MARKER_FILE,
+    Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_POLL_INTERVAL,
+    DEFAULT_SEGMENT_BYTES, FORMAT_VERSION, MARKER_FILE,
 };
 pub use compact::{CompactReport, MailboxStats};
 pub use doctor::{DoctorReport, Problem, ProblemKind};
 pub use error::{Error, Result};
 pub use group::{Delivery, Group, GroupOptions, GroupStats, StartAt, DEAD_LETTER_HEADER};
+pub use lease::{Lease, LeaseInfo, LeaseRequest, CLOCK_GRACE};
 pub use mailbox::Mailbox;
 pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use read::Messages;
+pub use watch::WatchMode;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -10,7 +10,8 @@
 //! | 1 | the operation failed (I/O error, damaged data); see the error object |
 //! | 2 | the request was invalid (usage, bad name, bad JSON, unknown mailbox); nothing was written |
 //! | 4 | `doctor` found problems it did not repair |
-//! | 5 | `ack`, `nack`, `extend` or `term` on a delivery that is no longer yours (stale) |
+//! | 3 | `lease acquire`: the lease is held by someone else |
+//! | 5 | a stale delivery (`nack`, `extend`, `term`) or lease grant (`lease renew`, `release`) |
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -115,6 +116,10 @@ enum Command {
         #[arg(required = true)]
         seqs: Vec<u64>,
     },
+    /// Take, renew, release or inspect leases (exclusive, expiring ownership with a
+    /// fencing token).
+    #[command(subcommand)]
+    Lease(LeaseCommand),
     /// Verify every record of every mailbox; `--repair` truncates torn tails.
     Doctor {
         /// Truncate torn final lines (left by crashed writers).
@@ -167,6 +172,56 @@ enum GroupCommand {
         /// The mailbox.
         mailbox: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCommand {
+    /// Take a lease; prints {"name","holder","token","expires_at"}. Exit 3 if held.
+    Acquire {
+        /// The lease (resource) name.
+        name: String,
+        /// Who takes it.
+        #[arg(long, env = "AGENTBUS_AGENT")]
+        holder: String,
+        /// Seconds until it expires unless renewed.
+        #[arg(long)]
+        ttl: f64,
+        /// Wait up to SECS for it to be released or to expire.
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+    },
+    /// Extend a lease you hold.
+    Renew {
+        /// The lease.
+        name: String,
+        /// The holder.
+        #[arg(long, env = "AGENTBUS_AGENT")]
+        holder: String,
+        /// The fencing token of your grant.
+        #[arg(long)]
+        token: u64,
+        /// New TTL from now, in seconds.
+        #[arg(long)]
+        ttl: f64,
+    },
+    /// Release a lease you hold.
+    Release {
+        /// The lease.
+        name: String,
+        /// The holder.
+        #[arg(long, env = "AGENTBUS_AGENT")]
+        holder: String,
+        /// The fencing token of your grant.
+        #[arg(long)]
+        token: u64,
+    },
+    /// Show one lease.
+    Show {
+        /// The lease.
+        name: String,
+    },
+    /// List all leases.
+    List,
 }
 
 #[derive(Args, Debug)]
@@ -315,7 +370,8 @@ fn report(failure: Failure) -> ExitCode {
         Failure::Bus(e) => {
             let v = error_json(&e);
             let code = match e {
-                Error::StaleDelivery { .. } => 5,
+                Error::LeaseHeld { .. } => 3,
+                Error::StaleDelivery { .. } | Error::StaleLease { .. } => 5,
                 _ if e.is_invalid_input() => 2,
                 _ => 1,
             };
@@ -337,6 +393,20 @@ fn error_json(e: &Error) -> Value {
         }
         Error::Corrupt { line, .. } => v["line"] = json!(line),
         Error::BatchIncomplete { committed, .. } => v["committed"] = json!(committed),
+        Error::LeaseHeld {
+            holder,
+            token,
+            expires_at,
+            ..
+        } => {
+            v["holder"] = json!(holder);
+            v["token"] = json!(token);
+            v["expires_at"] = json!(rfc3339(*expires_at));
+        }
+        Error::StaleLease { holder, token, .. } => {
+            v["holder"] = json!(holder);
+            v["token"] = json!(token);
+        }
         _ => {}
     }
     v
@@ -544,6 +614,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Lease(cmd) => lease(&cli, cmd, out),
         Command::Doctor { repair } => {
             let report = open_bus(&cli)?.doctor(*repair)?;
             for p in &report.problems {
@@ -569,6 +640,64 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             } else {
                 Err(Failure::Unclean)
             }
+        }
+    }
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn lease(cli: &Cli, cmd: &LeaseCommand, out: &mut impl Write) -> Result<(), Failure> {
+    let bus = open_bus(cli)?;
+    let grant = |name: &str, holder: &str, token: u64, expires_at| json!({"name": name, "holder": holder, "token": token, "expires_at": rfc3339(expires_at)});
+    match cmd {
+        LeaseCommand::Acquire {
+            name,
+            holder,
+            ttl,
+            wait,
+        } => {
+            let request = bus.lease(name).holder(holder).ttl(secs(*ttl)?);
+            let lease = if *wait > 0.0 {
+                request.acquire(secs(*wait)?)?
+            } else {
+                request.try_acquire()?
+            };
+            // This process ends now: keep the lease for its TTL (renew or release by token).
+            let info = lease.keep();
+            emit(out, &grant(name, holder, info.token, info.expires_at))
+        }
+        LeaseCommand::Renew {
+            name,
+            holder,
+            token,
+            ttl,
+        } => {
+            let info = bus.renew_lease(name, holder, *token, secs(*ttl)?)?;
+            emit(out, &grant(name, holder, info.token, info.expires_at))
+        }
+        LeaseCommand::Release {
+            name,
+            holder,
+            token,
+        } => {
+            bus.release_lease(name, holder, *token)?;
+            emit(
+                out,
+                &json!({"name": name, "released": true, "token": token}),
+            )
+        }
+        LeaseCommand::Show { name } => match bus.lease_info(name)? {
+            Some(info) => emit(out, &info),
+            None => emit(out, &json!({"name": name, "holder": null, "token": 0})),
+        },
+        LeaseCommand::List => {
+            for info in bus.leases()? {
+                emit(out, &info)?;
+            }
+            Ok(())
         }
     }
 }

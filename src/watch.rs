@@ -1,0 +1,127 @@
+//! Wake-ups: hints from a `notify` watcher on directories, with a timer fallback.
+//!
+//! Every wake-up is only a hint: whoever waits re-reads durable state (a file from its
+//! stored offset, a lease file) after waking, so an event that never arrives (dropped,
+//! queue overflow, a file system without events) can only delay a wake-up by at most
+//! the poll interval, never lose one. Directories are watched, not files, because a
+//! file replaced by rename would orphan a file watch.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use notify::{RecursiveMode, Watcher};
+
+/// How a waiter learns that something changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WatchMode {
+    /// Watch with `notify` (inotify on Linux) and also re-check on a timer; falls back to
+    /// polling alone, with a logged warning, when the watcher cannot start (for example
+    /// when the inotify watch limit is reached). The default.
+    #[default]
+    Auto,
+    /// Re-check on a timer only: for network file systems, which deliver no events.
+    PollOnly,
+}
+
+/// A counter bumped on every hint, with a condvar to wait for the next bump.
+#[derive(Debug, Default)]
+pub(crate) struct Hints {
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Hints {
+    pub(crate) fn bump(&self) {
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        *g += 1;
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the generation differs from `seen` or `until` passes.
+    fn wait(&self, seen: u64, until: Instant) -> u64 {
+        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        while *g == seen {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *g
+    }
+}
+
+/// Watches some directories; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    hints: Arc<Hints>,
+    /// Kept alive for its events; `None` in poll-only mode.
+    _watcher: Option<notify::RecommendedWatcher>,
+    poll: Duration,
+}
+
+impl Watch {
+    pub(crate) fn new(dirs: &[PathBuf], mode: WatchMode, poll: Duration) -> Watch {
+        let hints = Arc::new(Hints::default());
+        let watcher = match mode {
+            WatchMode::PollOnly => None,
+            WatchMode::Auto => match start_watcher(dirs, hints.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    log::warn!(
+                        "agentbus: cannot watch {dirs:?} ({e}); polling every {poll:?} instead"
+                    );
+                    None
+                }
+            },
+        };
+        Watch {
+            hints,
+            _watcher: watcher,
+            poll,
+        }
+    }
+
+    pub(crate) fn hints(&self) -> &Arc<Hints> {
+        &self.hints
+    }
+
+    /// The current hint generation; read it *before* checking state, then pass it to
+    /// [`wait`](Self::wait), so a change between the check and the wait is not missed.
+    pub(crate) fn generation(&self) -> u64 {
+        self.hints.generation()
+    }
+
+    /// Sleeps until a hint newer than `seen` arrives, the poll interval passes, or
+    /// `deadline` passes, whichever is first. The caller then re-checks.
+    pub(crate) fn wait(&self, seen: u64, deadline: Option<Instant>) {
+        let poll_until = Instant::now() + self.poll;
+        let until = deadline.map_or(poll_until, |d| d.min(poll_until));
+        self.hints.wait(seen, until);
+    }
+}
+
+fn start_watcher(
+    dirs: &[PathBuf],
+    hints: Arc<Hints>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Any event, a rescan request (queue overflow) or an error: all are hints.
+        let _ = event;
+        hints.bump();
+    })?;
+    for dir in dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
+}
