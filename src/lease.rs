@@ -381,7 +381,7 @@ impl LeaseRequest<'_> {
     pub fn try_acquire(self) -> Result<Lease> {
         validate_name("lease", &self.name)?;
         validate_name("agent", &self.holder)?;
-        self.attempt().map_err(|(e, _)| e)
+        self.attempt()?.map_err(|held| self.held(&held))
     }
 
     /// Takes the lease, waiting up to `timeout` for it to be released or to expire.
@@ -403,13 +403,12 @@ impl LeaseRequest<'_> {
         let mut watching_token = 0;
         loop {
             let seen = watch.generation();
-            match self.attempt() {
+            match self.attempt()? {
                 Ok(lease) => return Ok(lease),
-                Err((e, held)) => {
-                    let Some(held) = held else { return Err(e) };
+                Err(held) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        return Err(e);
+                        return Err(self.held(&held));
                     }
                     if held.process_bound && held.token != watching_token {
                         watching_token = held.token;
@@ -430,11 +429,20 @@ impl LeaseRequest<'_> {
         }
     }
 
-    /// One attempt; on `LeaseHeld`, also returns the state that blocked it.
-    fn attempt(&self) -> std::result::Result<Lease, (Error, Option<State>)> {
+    fn held(&self, state: &State) -> Error {
+        Error::LeaseHeld {
+            name: self.name.clone(),
+            holder: state.holder.clone().unwrap_or_default(),
+            token: state.token,
+            expires_at: ms_to_datetime(state.expires_at),
+        }
+    }
+
+    /// One attempt: the lease, or (inner `Err`) the state of the holder that has it.
+    fn attempt(&self) -> Result<std::result::Result<Lease, State>> {
         let bus = self.bus;
         let files = LeaseFiles::new(bus, &self.name);
-        let inner = || -> Result<std::result::Result<Lease, State>> {
+        {
             let _guard = files.lock()?;
             let mut state = files.load(bus)?;
             let now = now_ms();
@@ -475,19 +483,6 @@ impl LeaseRequest<'_> {
                 alive,
                 done: false,
             }))
-        };
-        match inner() {
-            Ok(Ok(lease)) => Ok(lease),
-            Ok(Err(state)) => Err((
-                Error::LeaseHeld {
-                    name: self.name.clone(),
-                    holder: state.holder.clone().unwrap_or_default(),
-                    token: state.token,
-                    expires_at: ms_to_datetime(state.expires_at),
-                },
-                Some(state),
-            )),
-            Err(e) => Err((e, None)),
         }
     }
 }
