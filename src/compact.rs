@@ -73,6 +73,8 @@ impl Mailbox {
     ///
     /// [`Error::Io`](crate::Error::Io).
     pub fn compact(&self, retention: Option<Duration>) -> Result<CompactReport> {
+        // No group may be created while we decide what to remove.
+        let _no_new_groups = self.groups_lock(false)?;
         let mut floor: Option<u64> = None;
         for name in self.groups()? {
             let f = self.group(&name)?.floor()?;
@@ -143,7 +145,7 @@ impl Mailbox {
         Ok(MailboxStats {
             mailbox: self.name().to_owned(),
             published: self.last_seq()?,
-            first_seq: segments.first().copied().unwrap_or(1),
+            first_seq: self.first_seq()?,
             segments: segments.len() as u64,
             bytes,
             groups,

@@ -178,6 +178,25 @@ pub(crate) struct Rec {
     pub(crate) ts: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) reason: Option<String>,
+    /// For a `dead` record at the cursor (damaged records): the first seq of the range
+    /// that ends at `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) first: Option<u64>,
+}
+
+/// Reasons are kept short so that a state record always stays far below the state
+/// file's line limit and a dead letter below the record limit.
+pub(crate) const MAX_REASON_BYTES: usize = 1024;
+
+fn cap_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REASON_BYTES - 3;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &reason[..end])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +224,7 @@ impl Rec {
             next: None,
             ts: None,
             reason: None,
+            first: None,
         }
     }
 
@@ -277,7 +297,10 @@ impl GroupState {
                 }
             }
             Op::AckUpto => {
-                let keep = self.entries.split_off(&(r.seq + 1));
+                let keep = match r.seq.checked_add(1) {
+                    Some(above) => self.entries.split_off(&above),
+                    None => BTreeMap::new(),
+                };
                 self.acked += self.entries.len() as u64;
                 self.entries = keep;
             }
@@ -304,16 +327,22 @@ impl GroupState {
                     self.termed += 1;
                 }
             }
-            Op::Dead => {
-                // A damaged record is dead-lettered straight from the cursor.
-                if r.seq >= self.next {
-                    self.next = r.seq + 1;
-                    self.next_pos = r.next;
-                    self.dead += 1;
-                } else if self.entries.remove(&r.seq).is_some() {
-                    self.dead += 1;
+            Op::Dead => match r.first {
+                // Damaged records at the cursor: skipped with the reason, never delivered.
+                Some(first) => {
+                    if r.seq >= self.next {
+                        self.dead += r.seq + 1 - first.max(self.next);
+                        self.next = r.seq + 1;
+                        self.next_pos = r.next;
+                    }
                 }
-            }
+                // A delivered message moved to the dead-letter mailbox.
+                None => {
+                    if self.entries.remove(&r.seq).is_some() {
+                        self.dead += 1;
+                    }
+                }
+            },
         }
     }
 }
@@ -551,11 +580,14 @@ impl Mailbox {
         if std::fs::symlink_metadata(&dir).is_ok() {
             return Err(self.group_exists(name));
         }
+        // Compaction holds this lock shared while it decides what to remove: a group
+        // created meanwhile would otherwise lose the segments it starts in.
+        let _creating = self.groups_lock(true)?;
         if dead_letter != self.name() {
             crate::Bus { inner: bus.clone() }.create_or_open_mailbox(&dead_letter)?;
         }
         let start = match opts.start {
-            StartAt::Beginning => 1,
+            StartAt::Beginning => self.first_seq()?,
             StartAt::End => self.last_seq()? + 1,
         };
         let sync = bus.opts.sync();
@@ -601,6 +633,20 @@ impl Mailbox {
             fsutil::sync_dir(&groups)?;
         }
         self.group(name)
+    }
+
+    /// Takes `groups/.lock` (exclusive when creating a group, shared when compacting).
+    pub(crate) fn groups_lock(&self, exclusive: bool) -> Result<crate::mailbox::LockGuard> {
+        let groups = self.path().join("groups");
+        fsutil::create_dir(&groups, self.bus().opts.dir_mode)?;
+        let path = groups.join(".lock");
+        let file = fsutil::open_lock(&path, self.bus().opts.file_mode)?;
+        if exclusive {
+            file.lock().ctx("lock", &path)?;
+        } else {
+            file.lock_shared().ctx("lock", &path)?;
+        }
+        Ok(crate::mailbox::LockGuard(file))
     }
 
     fn group_exists(&self, name: &str) -> Error {
@@ -821,11 +867,6 @@ impl Group {
             // Then new messages from the cursor.
             while out.len() < max {
                 let reader = g.reader(loaded);
-                let at = match reader.start_position() {
-                    Ok(Some(at)) => at,
-                    Ok(None) => break,
-                    Err(e) => return Err(e),
-                };
                 match reader.next() {
                     None => break,
                     Some(Ok(message)) => {
@@ -833,7 +874,7 @@ impl Group {
                         r.attempt = Some(1);
                         r.consumer = Some(consumer.to_owned());
                         r.until = Some(until);
-                        r.at = Some(at);
+                        r.at = reader.last_start();
                         r.next = reader.cursor();
                         r.ts = Some(ts_ms(message.ts));
                         loaded.state.apply(&r);
@@ -841,13 +882,18 @@ impl Group {
                         out.push((message, 1));
                     }
                     Some(Err(Error::Corrupt { path, line, reason })) => {
-                        // Never silently skipped: recorded as dead with the reason (and
-                        // `doctor` reports the damage).
-                        let mut r = Rec::new(at.seq, Op::Dead, now);
-                        r.reason = Some(format!(
+                        // Never silently skipped: the seqs the damage covers are recorded
+                        // as dead with the reason (and `doctor` reports the damage). A
+                        // duplicate hides no seq and needs no record.
+                        let Some((first, last)) = reader.last_gap() else {
+                            continue;
+                        };
+                        let mut r = Rec::new(last, Op::Dead, now);
+                        r.first = Some(first);
+                        r.reason = Some(cap_reason(&format!(
                             "damaged record at {}:{line}: {reason}",
                             path.display()
-                        ));
+                        )));
                         r.next = reader.cursor();
                         loaded.state.apply(&r);
                         records.push(r);
@@ -873,6 +919,51 @@ impl Group {
                     group: g.clone(),
                 })
                 .collect())
+        })
+    }
+
+    /// The live delivery of `seq` as `attempt`, for settling it in another process or
+    /// after a restart (the CLI's `--attempt`): it checks that this claim is still the
+    /// current one, so a consumer whose claim ran out cannot nack or extend the claim
+    /// of whoever got the message next.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if that claim ran out, was
+    /// settled, or the message was redelivered since.
+    pub fn delivery(&self, seq: u64, attempt: u32) -> Result<Delivery> {
+        let spec = self.inner.mailbox.log_spec();
+        self.locked(|g, loaded| {
+            if seq >= loaded.state.next {
+                return Err(g.not_delivered(seq));
+            }
+            let stale = |why: String| Error::StaleDelivery {
+                group: g.name().to_owned(),
+                seq,
+                reason: why,
+            };
+            let entry = loaded
+                .state
+                .entries
+                .get(&seq)
+                .ok_or_else(|| stale("already settled".into()))?;
+            if entry.attempt != attempt {
+                return Err(stale(format!(
+                    "the current delivery is attempt {}",
+                    entry.attempt
+                )));
+            }
+            let consumer = match &entry.consumer {
+                Some(c) if entry.visible_at > now_ms() => c.clone(),
+                _ => return Err(stale("the claim ran out or was given back".into())),
+            };
+            Ok(Delivery {
+                message: read_at(&spec, entry.at, seq)?,
+                attempt,
+                consumer,
+                deadline: datetime_ms(entry.visible_at),
+                group: g.clone(),
+            })
         })
     }
 
@@ -970,6 +1061,8 @@ impl Group {
             if entry.consumer.is_none() || entry.visible_at <= now {
                 return Err(stale("the claim ran out or was given back"));
             }
+            let reason = reason.map(cap_reason);
+            let reason = reason.as_deref();
             if op == Op::Nack && entry.attempt >= g.inner.meta.max_deliveries {
                 // That was the last delivery it gets: dead-letter it now.
                 let reason = reason.unwrap_or("nacked");
@@ -1193,7 +1286,14 @@ impl Group {
         }
         loaded.off += buf.len() as u64;
         if loaded.off > ROTATE_BYTES {
-            self.rotate(loaded)?;
+            // The records are written; a failed rotation only postpones compaction of
+            // the state file (the next write tries again), so it is not this call's error.
+            if let Err(e) = self.rotate(loaded) {
+                ::log::warn!(
+                    "agentbus: group {}: cannot rotate the state file: {e}",
+                    self.name()
+                );
+            }
         }
         Ok(())
     }
@@ -1243,10 +1343,10 @@ impl Group {
             inner: self.inner.mailbox.bus().clone(),
         };
         let dlq = bus.create_or_open_mailbox(&self.inner.meta.dead_letter)?;
-        let reason = format!(
+        let reason = cap_reason(&format!(
             "max deliveries ({}) reached: {reason}",
             self.inner.meta.max_deliveries
-        );
+        ));
         let info = serde_json::json!({
             "mailbox": self.inner.mailbox.name(),
             "group": self.name(),

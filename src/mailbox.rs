@@ -188,6 +188,18 @@ impl Mailbox {
         self.inner.max_record_bytes
     }
 
+    /// The seq of the oldest message still stored (compaction removes older ones).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`].
+    pub fn first_seq(&self) -> Result<u64> {
+        Ok(log::list_segments(&self.inner.log_dir)?
+            .first()
+            .copied()
+            .unwrap_or(1))
+    }
+
     /// The seq of the newest complete message, 0 for an empty mailbox. Reads only the
     /// end of the newest segment.
     ///
@@ -516,6 +528,16 @@ impl Mailbox {
             len,
             next_seq: first,
         })
+    }
+}
+
+/// An owned, locked file, unlocked on drop.
+#[derive(Debug)]
+pub(crate) struct LockGuard(pub(crate) File);
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
     }
 }
 

@@ -233,6 +233,11 @@ struct Target {
     group: String,
     /// The message's seq.
     seq: u64,
+    /// The attempt your claim was (from `recv`'s `delivery.attempt`): refuse with exit 5
+    /// if the message has been redelivered since, instead of acting on someone else's
+    /// claim.
+    #[arg(long)]
+    attempt: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -515,18 +520,26 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             delay,
             reason,
         } => {
-            let group = open_target(&cli, target)?;
-            group.nack(target.seq, secs(*delay)?, reason.as_deref())?;
+            let (delay, reason) = (secs(*delay)?, reason.as_deref());
+            match target_delivery(&cli, target)? {
+                (_, Some(d)) => d.nack(delay, reason)?,
+                (group, None) => group.nack(target.seq, delay, reason)?,
+            }
             emit(out, &json!({"seq": target.seq, "nacked": true}))
         }
         Command::Extend { target, by } => {
-            let group = open_target(&cli, target)?;
-            group.extend(target.seq, secs(*by)?)?;
+            let by = secs(*by)?;
+            match target_delivery(&cli, target)? {
+                (_, Some(d)) => d.extend(by)?,
+                (group, None) => group.extend(target.seq, by)?,
+            }
             emit(out, &json!({"seq": target.seq, "extended": true}))
         }
         Command::Term { target, reason } => {
-            let group = open_target(&cli, target)?;
-            group.term(target.seq, reason.as_deref())?;
+            match target_delivery(&cli, target)? {
+                (_, Some(d)) => d.term(reason.as_deref())?,
+                (group, None) => group.term(target.seq, reason.as_deref())?,
+            }
             emit(out, &json!({"seq": target.seq, "terminated": true}))
         }
         Command::Group(GroupCommand::Create {
@@ -707,8 +720,14 @@ fn secs(s: f64) -> Result<Duration, Failure> {
         .map_err(|_| Failure::Usage(format!("{s} is not a number of seconds")))
 }
 
-fn open_target(cli: &Cli, t: &Target) -> Result<agentbus::Group, Failure> {
-    Ok(open_bus(cli)?.mailbox(&t.mailbox)?.group(&t.group)?)
+/// The group, and with `--attempt` the exact delivery (checked to be current).
+fn target_delivery(
+    cli: &Cli,
+    t: &Target,
+) -> Result<(agentbus::Group, Option<agentbus::Delivery>), Failure> {
+    let group = open_bus(cli)?.mailbox(&t.mailbox)?.group(&t.group)?;
+    let delivery = t.attempt.map(|a| group.delivery(t.seq, a)).transpose()?;
+    Ok((group, delivery))
 }
 
 fn mailboxes(bus: &Bus, only: Option<&str>) -> Result<Vec<Mailbox>, Failure> {

@@ -40,7 +40,11 @@ pub struct Messages {
     /// The seq the next record must carry.
     expected: u64,
     /// A valid message found after a seq gap: yielded right after the gap's error.
-    stashed: Option<Message>,
+    stashed: Option<(Message, Position)>,
+    /// Where the line of the last message yielded starts.
+    last_start: Option<Position>,
+    /// The seqs the last error covered (no message will ever be read for them).
+    last_gap: Option<(u64, u64)>,
 }
 
 impl Messages {
@@ -56,6 +60,8 @@ impl Messages {
             segment: None,
             expected: 1,
             stashed: None,
+            last_start: None,
+            last_gap: None,
         }
     }
 
@@ -102,6 +108,9 @@ impl Messages {
 
     /// Where the next record will be read from, once reading has started.
     pub(crate) fn cursor(&self) -> Option<Position> {
+        if let Some((_, pos)) = &self.stashed {
+            return Some(*pos);
+        }
         self.segment.as_ref().map(|s| Position {
             segment: s.first,
             offset: s.reader.position(),
@@ -110,17 +119,11 @@ impl Messages {
         })
     }
 
-    /// Starts reading if needed and returns where the next record will be read from;
-    /// `None` if the mailbox has no segment at all.
-    pub(crate) fn start_position(&mut self) -> Result<Option<Position>> {
-        if !self.started {
-            self.start()?;
-        }
-        Ok(self.cursor())
-    }
-
     /// The seq the next record read should carry.
     pub(crate) fn next_seq(&self) -> u64 {
+        if let Some((m, _)) = &self.stashed {
+            return m.seq;
+        }
         match (&self.resume, self.started) {
             (_, true) => self.expected,
             (Some(pos), false) => pos.seq,
@@ -165,7 +168,9 @@ impl Messages {
     }
 
     fn step(&mut self) -> Option<Result<Message>> {
-        if let Some(m) = self.stashed.take() {
+        self.last_gap = None;
+        if let Some((m, pos)) = self.stashed.take() {
+            self.last_start = Some(pos);
             return Some(Ok(m));
         }
         if !self.started {
@@ -180,7 +185,13 @@ impl Messages {
                 Err(e) => return Some(Err(Error::io("read", &seg.path, e))),
             };
             match line {
-                Line::Complete { start, end, .. } => {
+                Line::Complete { start, end, offset } => {
+                    let here = Position {
+                        segment: seg.first,
+                        offset,
+                        line: seg.line,
+                        seq: self.expected,
+                    };
                     seg.line += 1;
                     let bytes = seg.reader.bytes(start, end);
                     let (path, line) = (&seg.path, seg.line);
@@ -201,26 +212,34 @@ impl Messages {
                         Ok(m) => m,
                         Err(e) => {
                             // A damaged line still held one record.
+                            self.last_gap = Some((self.expected, self.expected));
                             self.expected += 1;
                             return Some(Err(e));
                         }
                     };
                     if message.seq != self.expected {
+                        let forward = message.seq > self.expected;
                         let err = self.out_of_order(message.seq);
-                        if message.seq + 1 == self.expected && self.matches(&message) {
+                        if forward && message.seq >= self.from_seq && self.matches(&message) {
                             // A gap before a valid message: report the gap, then
                             // deliver the message.
-                            self.stashed = Some(message);
+                            let pos = Position {
+                                seq: message.seq,
+                                ..here
+                            };
+                            self.stashed = Some((message, pos));
                         }
                         return Some(Err(err));
                     }
                     self.expected = message.seq + 1;
                     if message.seq >= self.from_seq && self.matches(&message) {
+                        self.last_start = Some(here);
                         return Some(Ok(message));
                     }
                 }
                 Line::TooLong { len, .. } => {
                     seg.line += 1;
+                    self.last_gap = Some((self.expected, self.expected));
                     self.expected += 1;
                     return Some(Err(Error::Corrupt {
                         path: seg.path.clone(),
@@ -295,10 +314,14 @@ impl Messages {
                 first - 1
             ),
         };
+        self.last_gap = Some((self.expected, first - 1));
         self.expected = first;
         Ok(Some(err))
     }
 
+    /// A record whose seq is not the expected one. A forward jump means the seqs in
+    /// between are missing; a backward one (a duplicate) is reported and skipped, and
+    /// never moves the expected seq back.
     fn out_of_order(&mut self, found: u64) -> Error {
         let seg = self.segment.as_ref().expect("reading a segment");
         let err = Error::Corrupt {
@@ -306,8 +329,22 @@ impl Messages {
             line: seg.line,
             reason: format!("expected seq {}, found {found}", self.expected),
         };
-        self.expected = found + 1;
+        if found > self.expected {
+            self.last_gap = Some((self.expected, found - 1));
+        }
+        self.expected = self.expected.max(found + 1);
         err
+    }
+
+    /// The seqs the error just returned covered: no message will be read for them.
+    /// `None` after a message, or after an error that hides no seq (a duplicate).
+    pub(crate) fn last_gap(&self) -> Option<(u64, u64)> {
+        self.last_gap
+    }
+
+    /// Where the line of the message just returned starts.
+    pub(crate) fn last_start(&self) -> Option<Position> {
+        self.last_start
     }
 
     /// The first seq of the segment being read, if any.

@@ -491,3 +491,65 @@ fn group_verbs_claim_ack_nack_dead_letter_replay_stats_compact() {
     let compacted = ok(cli().args(["compact"]).output().unwrap());
     assert!(compacted.iter().any(|c| c["mailbox"] == "main"));
 }
+
+#[test]
+fn nack_with_attempt_refuses_a_claim_that_is_no_longer_yours() {
+    let dir = setup();
+    let cli = || common::cli(dir.path());
+    ok(cli()
+        .args(["group", "create", "main", "g"])
+        .output()
+        .unwrap());
+    ok(cli()
+        .args(["send", "main", "--type", "job"])
+        .output()
+        .unwrap());
+    let first = ok(cli()
+        .args([
+            "recv",
+            "main",
+            "--group",
+            "g",
+            "--consumer",
+            "bob",
+            "--visibility",
+            "0.01",
+        ])
+        .output()
+        .unwrap());
+    assert_eq!(first[0]["delivery"]["attempt"], 1);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let second = ok(cli()
+        .args(["recv", "main", "--group", "g", "--consumer", "alice"])
+        .output()
+        .unwrap());
+    assert_eq!(second[0]["delivery"]["attempt"], 2);
+    // Bob comes back late: his attempt is stale, exit 5, Alice's claim stands.
+    let e = fails(
+        cli()
+            .args(["nack", "main", "--group", "g", "1", "--attempt", "1"])
+            .output()
+            .unwrap(),
+        5,
+    );
+    assert_eq!(e["error"], "stale_delivery");
+    ok(cli()
+        .args([
+            "extend",
+            "main",
+            "--group",
+            "g",
+            "1",
+            "--attempt",
+            "2",
+            "--by",
+            "60",
+        ])
+        .output()
+        .unwrap());
+    assert!(ok(cli()
+        .args(["recv", "main", "--group", "g"])
+        .output()
+        .unwrap())
+    .is_empty());
+}

@@ -648,3 +648,221 @@ fn a_handle_that_slept_through_several_rotations_catches_up() {
     );
     assert_eq!(sleeper.claim_one("sleeper").unwrap().unwrap().seq(), 2_002);
 }
+
+fn raw_record(seq: u64, body: &str) -> String {
+    format!(
+        "{{\"seq\":{seq},\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"x\",\"type\":\"job\",\"body\":\"{body}\"}}\n",
+        uuid::Uuid::now_v7()
+    )
+}
+
+fn append_raw(path: &std::path::Path, text: &str) {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+fn claim_all(group: &agentbus::Group) -> Vec<u64> {
+    let seqs: Vec<u64> = group
+        .claim("w", 10_000)
+        .unwrap()
+        .iter()
+        .map(|d| d.seq())
+        .collect();
+    group.ack_upto(u64::MAX).unwrap();
+    seqs
+}
+
+#[test]
+fn damaged_records_under_a_group_are_counted_dead_and_never_block_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group("g").unwrap();
+    send_n(&mb, 5);
+    let seg = mb.path().join("log/00000000000000000001.jsonl");
+    let text = std::fs::read_to_string(&seg).unwrap();
+    let third = text.lines().nth(2).unwrap().to_owned();
+    std::fs::write(&seg, text.replace(&third, &third.replace("\"2\"", "\"X\""))).unwrap();
+
+    assert_eq!(claim_all(&group), [1, 2, 4, 5]);
+    let stats = group.stats().unwrap();
+    assert_eq!(
+        (stats.dead, stats.acked, stats.pending, stats.next_seq),
+        (1, 4, 0, 6)
+    );
+}
+
+#[test]
+fn a_duplicate_or_skipped_seq_loses_no_valid_message_in_a_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group("g").unwrap();
+    send_n(&mb, 3);
+    let seg = mb.path().join("log/00000000000000000001.jsonl");
+    // A duplicate of 3, then 4, then a jump to 7 (5 and 6 missing), then 8.
+    append_raw(&seg, &raw_record(3, "dup"));
+    append_raw(&seg, &raw_record(4, "four"));
+    append_raw(&seg, &raw_record(7, "seven"));
+    append_raw(&seg, &raw_record(8, "eight"));
+    let delivered = group.claim("w", 100).unwrap();
+    let seqs: Vec<u64> = delivered.iter().map(|d| d.seq()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 7, 8]);
+    assert_eq!(
+        delivered[2].message.body.as_deref(),
+        Some("2"),
+        "the original 3, not the duplicate"
+    );
+    let stats = group.stats().unwrap();
+    assert_eq!((stats.dead, stats.next_seq), (2, 9));
+    // A fresh handle (another process) agrees and finds nothing more.
+    let fresh = Bus::open(dir.path())
+        .unwrap()
+        .mailbox("jobs")
+        .unwrap()
+        .group("g")
+        .unwrap();
+    assert!(fresh.claim("w", 100).unwrap().is_empty());
+}
+
+#[test]
+fn a_gap_between_segments_under_a_group_skips_exactly_the_missing_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::builder()
+        .durability(Durability::Flush)
+        .segment_bytes(1024)
+        .init(dir.path())
+        .unwrap();
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group("g").unwrap();
+    for i in 0..60 {
+        mb.send(NewMessage::new("job").body(format!("{i:0>60}")))
+            .unwrap();
+    }
+    let mut segs: Vec<u64> = std::fs::read_dir(mb.path().join("log"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap().file_name().to_str().unwrap()[..20]
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 4);
+    std::fs::remove_file(mb.path().join(format!("log/{:020}.jsonl", segs[1]))).unwrap();
+    let got = claim_all(&group);
+    let expected: Vec<u64> = (1..segs[1]).chain(segs[2]..=60).collect();
+    assert_eq!(got, expected);
+    assert_eq!(group.stats().unwrap().dead, segs[2] - segs[1]);
+}
+
+#[test]
+fn a_group_started_at_the_end_gets_past_a_damaged_first_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    send_n(&mb, 3);
+    let late = mb
+        .create_group_with("late", GroupOptions::new().start(StartAt::End))
+        .unwrap();
+    let seg = mb.path().join("log/00000000000000000001.jsonl");
+    append_raw(&seg, "{\"seq\":4,\"this is not json\n");
+    append_raw(&seg, &raw_record(5, "five"));
+    assert_eq!(claim_all(&late), [5]);
+    assert_eq!(late.stats().unwrap().dead, 1);
+}
+
+#[test]
+fn a_huge_nack_reason_is_capped_and_does_not_wedge_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb
+        .create_group_with("g", GroupOptions::new().max_deliveries(2))
+        .unwrap();
+    send_n(&mb, 1);
+    let reason = "x".repeat(2_000_000);
+    group
+        .claim_one("w")
+        .unwrap()
+        .unwrap()
+        .nack(Duration::ZERO, Some(&reason))
+        .unwrap();
+    group
+        .claim_one("w")
+        .unwrap()
+        .unwrap()
+        .nack(Duration::ZERO, Some(&reason))
+        .unwrap();
+    // Another process can still read the state, and the dead letter was written.
+    let fresh = Bus::open(dir.path())
+        .unwrap()
+        .mailbox("jobs")
+        .unwrap()
+        .group("g")
+        .unwrap();
+    assert_eq!(fresh.stats().unwrap().dead, 1);
+    let dead = bus
+        .mailbox("jobs.dlq")
+        .unwrap()
+        .messages()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert!(dead.headers[DEAD_LETTER_HEADER].len() < 8_000);
+}
+
+#[test]
+fn a_delivery_can_be_resumed_by_seq_and_attempt_only_while_it_is_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group("g").unwrap();
+    send_n(&mb, 1);
+    group.claim_for("bob", 1, Duration::from_millis(1)).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let alice = group.claim_one("alice").unwrap().unwrap();
+    assert_eq!(alice.attempt, 2);
+    // Bob's claim ran out: he cannot act on attempt 1 any more.
+    assert!(matches!(
+        group.delivery(1, 1),
+        Err(Error::StaleDelivery { .. })
+    ));
+    let resumed = group.delivery(1, 2).unwrap();
+    assert_eq!(resumed.consumer, "alice");
+    resumed.extend(Duration::from_secs(60)).unwrap();
+    resumed.ack().unwrap();
+    assert!(matches!(
+        group.delivery(1, 2),
+        Err(Error::StaleDelivery { .. })
+    ));
+}
+
+#[test]
+fn a_group_created_after_compaction_starts_at_the_oldest_stored_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::builder()
+        .durability(Durability::Flush)
+        .segment_bytes(1024)
+        .init(dir.path())
+        .unwrap();
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let first = mb.create_group("first").unwrap();
+    for i in 0..60 {
+        mb.send(NewMessage::new("job").body(format!("{i:0>60}")))
+            .unwrap();
+    }
+    first.claim("w", 100).unwrap();
+    first.ack_upto(60).unwrap();
+    assert!(!mb.compact(None).unwrap().removed.is_empty());
+    let oldest = mb.first_seq().unwrap();
+    assert!(oldest > 1);
+    let late = mb.create_group("late").unwrap();
+    let stats = late.stats().unwrap();
+    assert_eq!((stats.next_seq, stats.lag), (oldest, 60 - oldest + 1));
+    assert_eq!(claim_all(&late), (oldest..=60).collect::<Vec<_>>());
+}
