@@ -24,7 +24,9 @@ use time::OffsetDateTime;
 use crate::error::IoContext;
 use crate::log::{self, Line};
 use crate::read::Position;
-use crate::{fsutil, record, validate_name, Error, Mailbox, Message, Messages, NewMessage, Result};
+use crate::{
+    fsutil, record, validate_name, Error, Filter, Mailbox, Message, Messages, NewMessage, Result,
+};
 
 /// State files larger than this are checkpointed and rotated. Opening a group replays
 /// at most this much (a few hundred records, well under a millisecond), and a rotation
@@ -57,6 +59,7 @@ pub struct GroupOptions {
     visibility: Duration,
     dead_letter: Option<String>,
     start: StartAt,
+    filter: Filter,
 }
 
 impl Default for GroupOptions {
@@ -66,6 +69,7 @@ impl Default for GroupOptions {
             visibility: Duration::from_secs(30),
             dead_letter: None,
             start: StartAt::Beginning,
+            filter: Filter::new(),
         }
     }
 }
@@ -102,6 +106,14 @@ impl GroupOptions {
         self.start = start;
         self
     }
+
+    /// Only messages passing `filter` are delivered to this group; the others are
+    /// skipped (counted in [`GroupStats::skipped`]) as the cursor passes them, for every
+    /// consumer of the group. Like a JetStream consumer's filter subject.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = filter;
+        self
+    }
 }
 
 /// `group.json`.
@@ -111,6 +123,8 @@ struct GroupMeta {
     max_deliveries: u32,
     visibility_ms: u64,
     dead_letter: String,
+    #[serde(default, skip_serializing_if = "Filter::is_empty")]
+    filter: Filter,
 }
 
 /// One delivered, unsettled message.
@@ -155,6 +169,8 @@ pub(crate) struct GroupState {
     pub(crate) nacked: u64,
     pub(crate) termed: u64,
     pub(crate) dead: u64,
+    #[serde(default)]
+    pub(crate) skipped: u64,
 }
 
 /// One state record. Flat, with optional fields, to keep lines short.
@@ -209,6 +225,8 @@ pub(crate) enum Op {
     Extend,
     Term,
     Dead,
+    /// Passed over by the group's filter.
+    Skip,
 }
 
 impl Rec {
@@ -325,6 +343,13 @@ impl GroupState {
             Op::Term => {
                 if self.entries.remove(&r.seq).is_some() {
                     self.termed += 1;
+                }
+            }
+            Op::Skip => {
+                if r.seq >= self.next {
+                    self.next = r.seq + 1;
+                    self.next_pos = r.next;
+                    self.skipped += 1;
                 }
             }
             Op::Dead => match r.first {
@@ -510,6 +535,8 @@ pub struct GroupStats {
     pub dead: u64,
     /// Messages given up with `term`.
     pub termed: u64,
+    /// Messages the group's filter passed over.
+    pub skipped: u64,
     /// Messages published but never delivered to this group.
     pub lag: u64,
     /// The first seq not yet delivered.
@@ -599,6 +626,7 @@ impl Mailbox {
                 max_deliveries: opts.max_deliveries,
                 visibility_ms: opts.visibility.as_millis() as u64,
                 dead_letter,
+                filter: opts.filter.clone(),
             };
             let write = |file: &str, value: &dyn erased::Json| {
                 fsutil::write_atomic(&tmp.join(file), &value.to_json(), bus.opts.file_mode, sync)
@@ -777,6 +805,11 @@ impl Group {
         Duration::from_millis(self.inner.meta.visibility_ms)
     }
 
+    /// The group's filter (empty: every message).
+    pub fn filter(&self) -> &Filter {
+        &self.inner.meta.filter
+    }
+
     /// The mailbox that receives this group's dead letters.
     pub fn dead_letter_mailbox(&self) -> &str {
         &self.inner.meta.dead_letter
@@ -869,6 +902,12 @@ impl Group {
                 let reader = g.reader(loaded);
                 match reader.next() {
                     None => break,
+                    Some(Ok(message)) if !g.inner.meta.filter.matches(&message) => {
+                        let mut r = Rec::new(message.seq, Op::Skip, now);
+                        r.next = reader.cursor();
+                        loaded.state.apply(&r);
+                        records.push(r);
+                    }
                     Some(Ok(message)) => {
                         let mut r = Rec::new(message.seq, Op::Claim, now);
                         r.attempt = Some(1);
@@ -1123,11 +1162,22 @@ impl Group {
                 redelivered: st.redelivered,
                 dead: st.dead,
                 termed: st.termed,
+                skipped: st.skipped,
                 lag,
                 next_seq: st.next,
                 oldest_unacked_ms: oldest_ts.map(|ts| now.saturating_sub(ts).max(0) as u64),
             })
         })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The earliest time (ms) an unsettled message becomes deliverable again: a claim
+    /// running out, or a nack's delay ending.
+    pub(crate) fn next_due_ms(&self) -> Result<Option<i64>> {
+        self.locked(|_, loaded| Ok(loaded.state.entries.values().map(|e| e.visible_at).min()))
     }
 
     /// Every seq below the returned one is settled in this group.

@@ -73,6 +73,7 @@ mod bus;
 mod compact;
 mod doctor;
 mod error;
+mod filter;
 mod fsutil;
 mod group;
 mod lease;
@@ -81,6 +82,7 @@ mod mailbox;
 mod message;
 mod name;
 mod read;
+mod receiver;
 mod record;
 mod watch;
 
@@ -91,13 +93,17 @@ pub use bus::{
 pub use compact::{CompactReport, MailboxStats};
 pub use doctor::{DoctorReport, Problem, ProblemKind};
 pub use error::{Error, Result};
+pub use filter::Filter;
 pub use group::{Delivery, Group, GroupOptions, GroupStats, StartAt, DEAD_LETTER_HEADER};
 pub use lease::{Lease, LeaseInfo, LeaseRequest, CLOCK_GRACE};
 pub use mailbox::Mailbox;
 pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use read::Messages;
-pub use watch::WatchMode;
+#[cfg(feature = "tokio")]
+pub use receiver::RecvStream;
+pub use receiver::{Consumer, Envelope, Follower, RecvTimeoutError, TryRecvError};
+pub use watch::{Waker, WatchMode};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

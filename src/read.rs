@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::IoContext;
 use crate::log::{self, Line, RecordHead, Segment};
 use crate::mailbox::LogSpec;
-use crate::{Error, Message, Result};
+use crate::{Error, Filter, Message, Result};
 
 /// A place in a mailbox's log: the next record to read is `seq`, found in segment
 /// `segment` at byte `offset`, which is line `line + 1` of that file. Group cursors
@@ -31,9 +31,7 @@ pub(crate) struct Position {
 pub struct Messages {
     spec: LogSpec,
     from_seq: u64,
-    kinds: Vec<String>,
-    sender: Option<String>,
-    correlation_id: Option<String>,
+    filter: Filter,
     started: bool,
     resume: Option<Position>,
     segment: Option<Segment>,
@@ -52,9 +50,7 @@ impl Messages {
         Messages {
             spec,
             from_seq: 1,
-            kinds: Vec::new(),
-            sender: None,
-            correlation_id: None,
+            filter: Filter::new(),
             started: false,
             resume: None,
             segment: None,
@@ -73,29 +69,30 @@ impl Messages {
 
     /// Only messages of this type; call again to accept several types.
     pub fn of_type(mut self, kind: impl Into<String>) -> Self {
-        self.kinds.push(kind.into());
+        self.filter = self.filter.of_type(kind);
         self
     }
 
-    /// Only messages from this agent.
+    /// Only messages from this agent; call again to accept several senders.
     pub fn sender(mut self, agent: impl Into<String>) -> Self {
-        self.sender = Some(agent.into());
+        self.filter = self.filter.sender(agent);
         self
     }
 
     /// Only messages with this correlation id.
     pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
-        self.correlation_id = Some(id.into());
+        self.filter = self.filter.correlation_id(id);
+        self
+    }
+
+    /// Only messages that pass `filter` (replacing any filter set so far).
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = filter;
         self
     }
 
     fn matches(&self, m: &Message) -> bool {
-        (self.kinds.is_empty() || self.kinds.contains(&m.kind))
-            && self.sender.as_ref().is_none_or(|s| *s == m.from)
-            && self
-                .correlation_id
-                .as_ref()
-                .is_none_or(|c| Some(c) == m.correlation_id.as_ref())
+        self.filter.matches(m)
     }
 
     /// Starts reading at `pos` instead of searching for a seq. If compaction removed

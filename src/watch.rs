@@ -23,6 +23,21 @@ pub enum WatchMode {
     Auto,
     /// Re-check on a timer only: for network file systems, which deliver no events.
     PollOnly,
+    /// No events and no timer: waiters wake only when told to, through a [`Waker`].
+    /// For tests that need to control exactly when a receiver looks.
+    Manual,
+}
+
+/// Wakes a waiting receiver by hand (any mode; the only way in [`WatchMode::Manual`]).
+/// Cheap to clone, `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct Waker(pub(crate) Arc<Hints>);
+
+impl Waker {
+    /// Makes the receiver look again now.
+    pub fn wake(&self) {
+        self.0.bump();
+    }
 }
 
 /// A counter bumped on every hint, with a condvar to wait for the next bump.
@@ -30,6 +45,8 @@ pub enum WatchMode {
 pub(crate) struct Hints {
     generation: Mutex<u64>,
     changed: Condvar,
+    #[cfg(feature = "tokio")]
+    async_changed: tokio::sync::Notify,
 }
 
 impl Hints {
@@ -37,6 +54,8 @@ impl Hints {
         let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
         *g += 1;
         self.changed.notify_all();
+        #[cfg(feature = "tokio")]
+        self.async_changed.notify_waiters();
     }
 
     pub(crate) fn generation(&self) -> u64 {
@@ -73,15 +92,16 @@ pub(crate) struct Watch {
 impl Watch {
     pub(crate) fn new(dirs: &[PathBuf], mode: WatchMode, poll: Duration) -> Watch {
         let hints = Arc::new(Hints::default());
-        let watcher = match mode {
-            WatchMode::PollOnly => None,
+        let (watcher, poll) = match mode {
+            WatchMode::Manual => (None, Duration::from_secs(86_400 * 365)),
+            WatchMode::PollOnly => (None, poll),
             WatchMode::Auto => match start_watcher(dirs, hints.clone()) {
-                Ok(w) => Some(w),
+                Ok(w) => (Some(w), poll),
                 Err(e) => {
                     log::warn!(
                         "agentbus: cannot watch {dirs:?} ({e}); polling every {poll:?} instead"
                     );
-                    None
+                    (None, poll)
                 }
             },
         };
@@ -96,10 +116,31 @@ impl Watch {
         &self.hints
     }
 
+    /// Whether `notify` events are arriving (false when polling or manual).
+    pub(crate) fn has_events(&self) -> bool {
+        self._watcher.is_some()
+    }
+
     /// The current hint generation; read it *before* checking state, then pass it to
     /// [`wait`](Self::wait), so a change between the check and the wait is not missed.
     pub(crate) fn generation(&self) -> u64 {
         self.hints.generation()
+    }
+
+    /// The async [`wait`](Self::wait): parks the task, not the thread.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait_async(&self, seen: u64, deadline: Option<Instant>) {
+        let poll_until = Instant::now() + self.poll;
+        let until = deadline.map_or(poll_until, |d| d.min(poll_until));
+        let notified = self.hints.async_changed.notified();
+        tokio::pin!(notified);
+        // Register before re-checking, so a bump in between is not missed.
+        notified.as_mut().enable();
+        if self.hints.generation() != seen {
+            return;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(left, notified).await;
     }
 
     /// Sleeps until a hint newer than `seen` arrives, the poll interval passes, or

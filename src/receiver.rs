@@ -1,0 +1,448 @@
+//! Blocking receivers shaped like `crossbeam-channel`: [`Follower`] reads mailboxes,
+//! [`Consumer`] claims from a consumer group.
+//!
+//! # When events are lost, and why nothing is
+//!
+//! Receivers sleep until a `notify` event on the directories they read (a new record,
+//! a state change) or a timer, whichever comes first, and every wake-up re-reads from
+//! the receiver's durable position to the end of the file. Events are only hints. An
+//! event can be missed: inotify's queue overflows under load (notify reports a
+//! *rescan*), the watch limit is reached, the watcher cannot start, or the file system
+//! sends none (NFS and other network file systems). None of these loses a message: the
+//! timer (the poll interval, 100 ms by default) makes the receiver look again anyway,
+//! so a lost event costs at most one poll interval of delay. [`WatchMode::PollOnly`]
+//! drops the watcher altogether.
+
+use std::time::{Duration, Instant};
+
+use crate::watch::{Watch, WatchMode};
+use crate::{Bus, Delivery, Error, Filter, Group, Mailbox, Message, Messages, Result, Waker};
+
+/// Why [`try_recv`](Follower::try_recv) returned nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TryRecvError {
+    /// Nothing is waiting right now.
+    #[error("no message is waiting")]
+    Empty,
+    /// Reading failed.
+    #[error(transparent)]
+    Bus(#[from] Error),
+}
+
+impl TryRecvError {
+    /// True when nothing was waiting.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, TryRecvError::Empty)
+    }
+
+    /// True when reading failed.
+    pub fn is_bus(&self) -> bool {
+        matches!(self, TryRecvError::Bus(_))
+    }
+}
+
+/// Why [`recv_timeout`](Follower::recv_timeout) returned nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvTimeoutError {
+    /// Nothing arrived in time.
+    #[error("timed out waiting for a message")]
+    Timeout,
+    /// Reading failed.
+    #[error(transparent)]
+    Bus(#[from] Error),
+}
+
+impl RecvTimeoutError {
+    /// True when nothing arrived in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, RecvTimeoutError::Timeout)
+    }
+
+    /// True when reading failed.
+    pub fn is_bus(&self) -> bool {
+        matches!(self, RecvTimeoutError::Bus(_))
+    }
+}
+
+/// A `Stream` of a receiver's items, from `into_stream` (feature `tokio`).
+#[cfg(feature = "tokio")]
+pub struct RecvStream<R, T> {
+    next: std::pin::Pin<Box<dyn std::future::Future<Output = (R, Result<T>)> + Send>>,
+}
+
+#[cfg(feature = "tokio")]
+impl<R, T> std::fmt::Debug for RecvStream<R, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecvStream")
+    }
+}
+
+#[cfg(feature = "tokio")]
+macro_rules! stream_impl {
+    ($receiver:ty, $item:ty) => {
+        impl $receiver {
+            /// Turns the receiver into a `Stream` of items (it never ends on its own).
+            pub fn into_stream(self) -> RecvStream<$receiver, $item> {
+                RecvStream {
+                    next: Box::pin(Self::recv_owned(self)),
+                }
+            }
+
+            async fn recv_owned(mut self) -> ($receiver, Result<$item>) {
+                let item = self.recv_async().await;
+                (self, item)
+            }
+        }
+
+        impl futures_core::Stream for RecvStream<$receiver, $item> {
+            type Item = Result<$item>;
+
+            fn poll_next(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Self::Item>> {
+                match self.next.as_mut().poll(cx) {
+                    std::task::Poll::Ready((rx, item)) => {
+                        self.next = Box::pin(<$receiver>::recv_owned(rx));
+                        std::task::Poll::Ready(Some(item))
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            }
+        }
+    };
+}
+
+#[cfg(feature = "tokio")]
+stream_impl!(Follower, Envelope);
+#[cfg(feature = "tokio")]
+stream_impl!(Consumer, Delivery);
+
+/// A message read by a [`Follower`], with the mailbox it came from.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Envelope {
+    /// The mailbox.
+    pub mailbox: String,
+    /// The message.
+    pub message: Message,
+}
+
+/// The receiving methods, the same on both receivers.
+macro_rules! receiver_methods {
+    ($item:ty) => {
+        /// Takes the next item if one is waiting; never blocks (except briefly on a
+        /// file lock).
+        ///
+        /// # Errors
+        ///
+        /// [`TryRecvError::Empty`] when nothing is waiting; [`TryRecvError::Bus`] when
+        /// reading failed.
+        pub fn try_recv(&mut self) -> std::result::Result<$item, TryRecvError> {
+            self.poll()?.ok_or(TryRecvError::Empty)
+        }
+
+        /// Blocks until an item arrives.
+        ///
+        /// # Errors
+        ///
+        /// The crate error when reading fails.
+        pub fn recv(&mut self) -> Result<$item> {
+            loop {
+                match self.recv_deadline(Instant::now() + Duration::from_secs(3600)) {
+                    Ok(item) => return Ok(item),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Bus(e)) => return Err(e),
+                }
+            }
+        }
+
+        /// Blocks until an item arrives or `timeout` passes.
+        ///
+        /// # Errors
+        ///
+        /// [`RecvTimeoutError::Timeout`], or [`RecvTimeoutError::Bus`].
+        pub fn recv_timeout(
+            &mut self,
+            timeout: Duration,
+        ) -> std::result::Result<$item, RecvTimeoutError> {
+            self.recv_deadline(Instant::now() + timeout)
+        }
+
+        /// Blocks until an item arrives or `deadline` passes.
+        ///
+        /// # Errors
+        ///
+        /// [`RecvTimeoutError::Timeout`], or [`RecvTimeoutError::Bus`].
+        pub fn recv_deadline(
+            &mut self,
+            deadline: Instant,
+        ) -> std::result::Result<$item, RecvTimeoutError> {
+            loop {
+                // Read the hint generation before looking, so a change that lands
+                // between the look and the wait still wakes us.
+                let seen = self.watch.generation();
+                if let Some(item) = self.poll()? {
+                    return Ok(item);
+                }
+                if Instant::now() >= deadline {
+                    return Err(RecvTimeoutError::Timeout);
+                }
+                let until = self.due().map_or(deadline, |d| d.min(deadline));
+                self.watch.wait(seen, Some(until));
+            }
+        }
+
+        /// A blocking iterator: each `next()` is a [`recv`](Self::recv).
+        pub fn iter(&mut self) -> impl Iterator<Item = Result<$item>> + '_ {
+            std::iter::from_fn(move || Some(self.recv()))
+        }
+
+        /// A non-blocking iterator over what is waiting now; ends when nothing is (or
+        /// after an error, which it yields).
+        pub fn try_iter(&mut self) -> impl Iterator<Item = Result<$item>> + '_ {
+            let mut failed = false;
+            std::iter::from_fn(move || {
+                if failed {
+                    return None;
+                }
+                match self.poll() {
+                    Ok(item) => item.map(Ok),
+                    Err(e) => {
+                        failed = true;
+                        Some(Err(e))
+                    }
+                }
+            })
+        }
+
+        /// Waits for the next item without blocking the thread: the task sleeps until
+        /// an event, the poll interval or a due redelivery. The look itself (a few
+        /// syscalls; for a consumer, a brief wait on the group's file lock) runs inline.
+        ///
+        /// # Errors
+        ///
+        /// The crate error when reading fails.
+        #[cfg(feature = "tokio")]
+        pub async fn recv_async(&mut self) -> Result<$item> {
+            loop {
+                let seen = self.watch.generation();
+                if let Some(item) = self.poll()? {
+                    return Ok(item);
+                }
+                self.watch.wait_async(seen, self.due()).await;
+            }
+        }
+
+        /// A handle that wakes this receiver by hand (see [`WatchMode::Manual`]).
+        pub fn waker(&self) -> Waker {
+            Waker(self.watch.hints().clone())
+        }
+
+        /// Whether file-system events are arriving (false when polling or manual).
+        pub fn has_events(&self) -> bool {
+            self.watch.has_events()
+        }
+    };
+}
+
+/// Follows one or more mailboxes, in seq order per mailbox, without changing any
+/// state: from [`Bus::follow`].
+///
+/// ```
+/// # fn main() -> agentbus::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// use std::time::Duration;
+/// use agentbus::{Bus, NewMessage};
+/// let bus = Bus::init(dir.path())?;
+/// let main = bus.create_mailbox("main")?;
+/// let mut rx = bus.follow(&["main"])?.of_type("draft.ready");
+///
+/// let writer = std::thread::spawn(move || {
+///     main.send(NewMessage::new("draft.ready").body("chapter 1")).unwrap();
+/// });
+/// let got = rx.recv_timeout(Duration::from_secs(10)).expect("woken by the send");
+/// assert_eq!(got.message.body.as_deref(), Some("chapter 1"));
+/// writer.join().unwrap();
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Follower {
+    sources: Vec<(Mailbox, Messages)>,
+    filter: Filter,
+    turn: usize,
+    watch: Watch,
+}
+
+impl Bus {
+    /// Follows `mailboxes` from their current end: only messages sent from now on.
+    /// Use [`Follower::from_seq`] to start earlier.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MailboxNotFound`], [`Error::InvalidName`], [`Error::Io`].
+    pub fn follow(&self, mailboxes: &[&str]) -> Result<Follower> {
+        let opts = &self.inner.opts;
+        let mut sources = Vec::new();
+        let mut dirs = Vec::new();
+        for name in mailboxes {
+            let mb = self.mailbox(name)?;
+            let next = mb.last_seq()? + 1;
+            dirs.push(mb.path().join("log"));
+            let messages = mb.messages().from_seq(next);
+            sources.push((mb, messages));
+        }
+        Ok(Follower {
+            sources,
+            filter: Filter::new(),
+            turn: 0,
+            watch: Watch::new(&dirs, opts.watch_mode, opts.poll_interval),
+        })
+    }
+
+    /// Like [`follow`](Self::follow) with an explicit [`WatchMode`] (for example
+    /// [`WatchMode::Manual`] in tests).
+    ///
+    /// # Errors
+    ///
+    /// As [`follow`](Self::follow).
+    pub fn follow_with(&self, mailboxes: &[&str], mode: WatchMode) -> Result<Follower> {
+        let mut f = self.follow(mailboxes)?;
+        let dirs: Vec<_> = mailboxes
+            .iter()
+            .map(|n| self.inner.mailboxes_dir().join(n).join("log"))
+            .collect();
+        f.watch = Watch::new(&dirs, mode, self.inner.opts.poll_interval);
+        Ok(f)
+    }
+}
+
+impl Follower {
+    /// Starts every followed mailbox at `seq` instead of its end.
+    pub fn from_seq(mut self, seq: u64) -> Self {
+        for (mb, m) in &mut self.sources {
+            *m = mb.messages().from_seq(seq);
+        }
+        self
+    }
+
+    /// Only messages of this type (call again for several).
+    pub fn of_type(mut self, kind: impl Into<String>) -> Self {
+        self.filter = self.filter.of_type(kind);
+        self
+    }
+
+    /// Only messages passing `filter` (replacing the filter so far).
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    fn poll(&mut self) -> Result<Option<Envelope>> {
+        let n = self.sources.len();
+        for i in 0..n {
+            let k = (self.turn + i) % n;
+            let (mailbox, messages) = &mut self.sources[k];
+            for item in messages.by_ref() {
+                let message = item?;
+                if self.filter.matches(&message) {
+                    self.turn = (k + 1) % n;
+                    return Ok(Some(Envelope {
+                        mailbox: mailbox.name().to_owned(),
+                        message,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn due(&self) -> Option<Instant> {
+        None
+    }
+
+    receiver_methods!(Envelope);
+}
+
+/// Claims messages of a consumer group as they arrive: from [`Group::consumer`].
+///
+/// ```
+/// # fn main() -> agentbus::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// use std::time::Duration;
+/// use agentbus::{Bus, NewMessage};
+/// let bus = Bus::init(dir.path())?;
+/// let jobs = bus.create_mailbox("jobs")?;
+/// let mut worker = jobs.create_group("workers")?.consumer("worker-1")?;
+/// jobs.send(NewMessage::new("job").body("resize"))?;
+/// let job = worker.recv_timeout(Duration::from_secs(10)).expect("a job");
+/// job.ack()?;
+/// assert!(worker.try_recv().unwrap_err().is_empty());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Consumer {
+    group: Group,
+    name: String,
+    visibility: Duration,
+    watch: Watch,
+}
+
+impl Group {
+    /// A receiver that claims for `consumer` with the group's visibility timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for a bad consumer name.
+    pub fn consumer(&self, consumer: &str) -> Result<Consumer> {
+        let opts = &self.mailbox().bus().opts;
+        self.consumer_with(consumer, opts.watch_mode)
+    }
+
+    /// Like [`consumer`](Self::consumer) with an explicit [`WatchMode`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for a bad consumer name.
+    pub fn consumer_with(&self, consumer: &str, mode: WatchMode) -> Result<Consumer> {
+        crate::validate_name("consumer", consumer)?;
+        let opts = &self.mailbox().bus().opts;
+        let dirs = [self.mailbox().path().join("log"), self.dir().to_owned()];
+        Ok(Consumer {
+            group: self.clone(),
+            name: consumer.to_owned(),
+            visibility: self.visibility(),
+            watch: Watch::new(&dirs, mode, opts.poll_interval),
+        })
+    }
+}
+
+impl Consumer {
+    /// Claims with this visibility timeout instead of the group's.
+    #[must_use]
+    pub fn visibility(mut self, timeout: Duration) -> Self {
+        self.visibility = timeout;
+        self
+    }
+
+    /// The group.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    fn poll(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.group.claim_for(&self.name, 1, self.visibility)?.pop())
+    }
+
+    /// When a nacked or expired message becomes due again, if that is the next thing
+    /// to wake for (redeliveries produce no file-system event).
+    fn due(&self) -> Option<Instant> {
+        let due_ms = self.group.next_due_ms().ok().flatten()?;
+        let wait = due_ms.saturating_sub(crate::group::now_ms()).max(0) as u64;
+        Some(Instant::now() + Duration::from_millis(wait))
+    }
+
+    receiver_methods!(Delivery);
+}
