@@ -1006,6 +1006,31 @@ impl Group {
         })
     }
 
+    /// The live delivery of `seq`, whoever holds it; `None` if it is not claimed right
+    /// now (not delivered yet, waiting for redelivery, or settled).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`].
+    pub fn in_flight(&self, seq: u64) -> Result<Option<Delivery>> {
+        let attempt = self.locked(|_, loaded| {
+            Ok(loaded
+                .state
+                .entries
+                .get(&seq)
+                .filter(|e| e.consumer.is_some() && e.visible_at > now_ms())
+                .map(|e| e.attempt))
+        })?;
+        match attempt {
+            None => Ok(None),
+            Some(a) => match self.delivery(seq, a) {
+                Ok(d) => Ok(Some(d)),
+                Err(Error::StaleDelivery { .. }) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
     /// Acks one message. Returns `false` if it was already settled.
     ///
     /// # Errors

@@ -76,6 +76,7 @@ mod error;
 mod filter;
 mod fsutil;
 mod group;
+mod handoff;
 mod lease;
 mod log;
 mod mailbox;
@@ -95,6 +96,10 @@ pub use doctor::{DoctorReport, Problem, ProblemKind};
 pub use error::{Error, Result};
 pub use filter::Filter;
 pub use group::{Delivery, Group, GroupOptions, GroupStats, StartAt, DEAD_LETTER_HEADER};
+pub use handoff::{
+    Answer, Handoff, HandoffBuilder, HandoffInbox, LeaseRef, ReceivedHandoff, SentHandoff,
+    ACCEPTED_TYPE, HANDOFF_GROUP, HANDOFF_TYPE, REJECTED_TYPE,
+};
 pub use lease::{Lease, LeaseInfo, LeaseRequest, CLOCK_GRACE};
 pub use mailbox::Mailbox;
 pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};

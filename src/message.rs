@@ -79,6 +79,10 @@ pub struct Artifact {
 impl Artifact {
     /// Reads the file at `path` and records its absolute path, size and SHA-256.
     ///
+    /// An empty file is refused, and so is a file that changes while it is read (its
+    /// size or modification time differ before and after): an artifact still being
+    /// written is never pinned half-way.
+    ///
     /// ```
     /// # fn main() -> agentbus::Result<()> {
     /// let dir = tempfile::tempdir().unwrap();
@@ -93,11 +97,30 @@ impl Artifact {
     /// # Errors
     ///
     /// [`Error::ArtifactMissing`] when the file does not exist or is not a regular file;
+    /// [`Error::InvalidMessage`] when it is empty or changed while being read;
     /// [`Error::Io`] when it cannot be read.
     pub fn capture(path: impl AsRef<Path>) -> Result<Artifact> {
         let path = path.as_ref();
         let abs = std::fs::canonicalize(path).map_err(|e| missing_or_io(path, e))?;
+        let stamp = |p: &Path| -> Result<(u64, Option<std::time::SystemTime>)> {
+            let m = std::fs::metadata(p).map_err(|e| missing_or_io(p, e))?;
+            Ok((m.len(), m.modified().ok()))
+        };
+        let before = stamp(&abs)?;
         let (size, sha256) = digest_file(&abs)?;
+        let after = stamp(&abs)?;
+        if before != after || size != after.0 {
+            return Err(Error::InvalidMessage(format!(
+                "artifact {} changed while it was being read (still being written?)",
+                abs.display()
+            )));
+        }
+        if size == 0 {
+            return Err(Error::InvalidMessage(format!(
+                "artifact {} is empty",
+                abs.display()
+            )));
+        }
         Ok(Artifact {
             path: abs,
             size,

@@ -262,7 +262,7 @@ fn invalid_input_exits_2_with_a_typed_error_and_writes_nothing() {
             ])
             .output()
             .unwrap(),
-        1,
+        6,
     );
     assert_eq!(e["error"], "artifact_missing");
 

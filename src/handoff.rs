@@ -1,0 +1,601 @@
+//! Handoffs: a verified baton from one agent to another.
+//!
+//! A handoff is a message of type [`HANDOFF_TYPE`] whose payload is a [`Handoff`] (what
+//! the successor needs to resume without reprocessing) and whose artifacts are pinned
+//! by size and SHA-256 when it is sent. The receiving mailbox has a consumer group
+//! named [`HANDOFF_GROUP`] that only sees handoffs: a handoff nobody answered is
+//! *pending* in that group's stats, and one whose receiver crashed is redelivered. The
+//! receiver answers with `handoff.accepted` or `handoff.rejected` in the sender's reply
+//! mailbox, so the sender always learns the outcome and why.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{
+    Artifact, Bus, Delivery, Error, Filter, GroupOptions, LeaseInfo, Mailbox, Message, NewMessage,
+    Receipt, RecvTimeoutError, Result,
+};
+
+/// The message type of a handoff.
+pub const HANDOFF_TYPE: &str = "handoff";
+/// The message type of an accepted handoff's answer.
+pub const ACCEPTED_TYPE: &str = "handoff.accepted";
+/// The message type of a rejected handoff's answer.
+pub const REJECTED_TYPE: &str = "handoff.rejected";
+/// The consumer group that tracks the handoffs of a mailbox.
+pub const HANDOFF_GROUP: &str = "handoffs";
+
+/// A lease passed along with a handoff: the sender holds it with `token`; accepting
+/// the handoff transfers it to the receiver with a new, higher token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRef {
+    /// The lease name.
+    pub name: String,
+    /// Its holder when the handoff was sent.
+    pub holder: String,
+    /// The holder's token.
+    pub token: u64,
+}
+
+/// The baton: everything a successor needs to continue. Stored as the payload of the
+/// handoff message (artifacts travel as the message's artifacts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Handoff {
+    /// One line: what this handoff is.
+    pub summary: String,
+    /// Machine state to resume from (any JSON), so the successor does not redo work.
+    #[serde(default)]
+    pub state: Value,
+    /// What changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+    /// What remains to be done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remaining: Vec<String>,
+    /// The next step to take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_step: Option<String>,
+    /// Blockers and assumptions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blockers: Vec<String>,
+    /// A lease that goes with the work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseRef>,
+    /// The mailbox that receives the answer.
+    pub reply_to: String,
+}
+
+/// Builds and sends a handoff: [`Bus::handoff`].
+#[derive(Debug)]
+#[must_use]
+pub struct HandoffBuilder<'a> {
+    bus: &'a Bus,
+    to: String,
+    from: Option<String>,
+    handoff: Handoff,
+    artifacts: Vec<PathBuf>,
+    correlation_id: Option<String>,
+}
+
+impl Bus {
+    /// Starts a handoff to the mailbox `to`. The answer goes to the mailbox named after
+    /// the sender agent unless [`reply_to`](HandoffBuilder::reply_to) says otherwise.
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::time::Duration;
+    /// let bus = agentbus::Bus::builder().agent("drafter").init(dir.path().join("bus"))?;
+    /// bus.create_mailbox("main")?;
+    /// let draft = dir.path().join("draft.md");
+    /// std::fs::write(&draft, "# Draft\n").unwrap();
+    ///
+    /// let sent = bus
+    ///     .handoff("main")
+    ///     .summary("chapter 1 drafted")
+    ///     .state(serde_json::json!({"chapter": 1, "words": 2}))
+    ///     .remaining("review tone")
+    ///     .next_step("review chapter 1")
+    ///     .artifact(&draft)
+    ///     .send()?;
+    ///
+    /// // The main agent (usually another process) takes it, verifies, accepts.
+    /// let mut inbox = bus.handoff_inbox("main")?;
+    /// let received = inbox.recv_timeout(Duration::from_secs(5)).expect("a handoff");
+    /// assert_eq!(received.handoff.next_step.as_deref(), Some("review chapter 1"));
+    /// received.accept("main-agent")?;
+    ///
+    /// let answer = sent.wait_answer(Duration::from_secs(5))?.expect("answered");
+    /// assert!(answer.is_accepted());
+    /// # Ok(()) }
+    /// ```
+    pub fn handoff(&self, to: &str) -> HandoffBuilder<'_> {
+        HandoffBuilder {
+            bus: self,
+            to: to.to_owned(),
+            from: None,
+            handoff: Handoff {
+                summary: String::new(),
+                state: Value::Null,
+                changed: Vec::new(),
+                remaining: Vec::new(),
+                next_step: None,
+                blockers: Vec::new(),
+                lease: None,
+                reply_to: String::new(),
+            },
+            artifacts: Vec::new(),
+            correlation_id: None,
+        }
+    }
+
+    /// The handoffs waiting in `mailbox`, as a receiver (creating its
+    /// [`HANDOFF_GROUP`] if needed).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MailboxNotFound`], [`Error::Io`].
+    pub fn handoff_inbox(&self, mailbox: &str) -> Result<HandoffInbox> {
+        let mb = self.mailbox(mailbox)?;
+        let group = handoff_group(&mb)?;
+        Ok(HandoffInbox {
+            bus: self.clone(),
+            consumer: group.consumer(&self.inner.opts.agent)?,
+        })
+    }
+}
+
+fn handoff_group(mb: &Mailbox) -> Result<crate::Group> {
+    match mb.group(HANDOFF_GROUP) {
+        Err(Error::GroupNotFound { .. }) => {
+            match mb.create_group_with(
+                HANDOFF_GROUP,
+                GroupOptions::new().filter(Filter::new().of_type(HANDOFF_TYPE)),
+            ) {
+                Err(Error::GroupExists { .. }) => mb.group(HANDOFF_GROUP),
+                other => other,
+            }
+        }
+        other => other,
+    }
+}
+
+impl HandoffBuilder<'_> {
+    /// The sending agent; default: the bus's agent name.
+    pub fn from(mut self, agent: impl Into<String>) -> Self {
+        self.from = Some(agent.into());
+        self
+    }
+
+    /// One line: what this handoff is (required).
+    pub fn summary(mut self, summary: impl Into<String>) -> Self {
+        self.handoff.summary = summary.into();
+        self
+    }
+
+    /// State to resume from.
+    pub fn state(mut self, state: Value) -> Self {
+        self.handoff.state = state;
+        self
+    }
+
+    /// Something that changed (repeatable).
+    pub fn changed(mut self, item: impl Into<String>) -> Self {
+        self.handoff.changed.push(item.into());
+        self
+    }
+
+    /// Something that remains to be done (repeatable).
+    pub fn remaining(mut self, item: impl Into<String>) -> Self {
+        self.handoff.remaining.push(item.into());
+        self
+    }
+
+    /// The next step.
+    pub fn next_step(mut self, step: impl Into<String>) -> Self {
+        self.handoff.next_step = Some(step.into());
+        self
+    }
+
+    /// A blocker or assumption (repeatable).
+    pub fn blocker(mut self, item: impl Into<String>) -> Self {
+        self.handoff.blockers.push(item.into());
+        self
+    }
+
+    /// A file to hand over; its size and SHA-256 are captured when the handoff is sent.
+    pub fn artifact(mut self, path: impl Into<PathBuf>) -> Self {
+        self.artifacts.push(path.into());
+        self
+    }
+
+    /// Passes a lease the sender holds; accepting the handoff moves it to the receiver.
+    pub fn lease(mut self, name: &str, holder: &str, token: u64) -> Self {
+        self.handoff.lease = Some(LeaseRef {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            token,
+        });
+        self
+    }
+
+    /// The mailbox for the answer (created if missing); default: the sender's name.
+    pub fn reply_to(mut self, mailbox: impl Into<String>) -> Self {
+        self.handoff.reply_to = mailbox.into();
+        self
+    }
+
+    /// Groups the handoff and its answer with the rest of the task.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Captures the artifacts and sends the handoff.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidMessage`] without a summary, or for an empty or still-changing
+    /// artifact; [`Error::ArtifactMissing`]; [`Error::MailboxNotFound`] for `to`;
+    /// [`Error::StaleLease`] if the lease is not held with the given token.
+    pub fn send(mut self) -> Result<SentHandoff> {
+        if self.handoff.summary.trim().is_empty() {
+            return Err(Error::InvalidMessage("a handoff needs a summary".into()));
+        }
+        let from = self
+            .from
+            .clone()
+            .unwrap_or_else(|| self.bus.inner.opts.agent.clone());
+        if self.handoff.reply_to.is_empty() {
+            self.handoff.reply_to = from.clone();
+        }
+        let to = self.bus.mailbox(&self.to)?;
+        let reply = self.bus.create_or_open_mailbox(&self.handoff.reply_to)?;
+        if let Some(lease) = &self.handoff.lease {
+            let held = self.bus.lease_info(&lease.name)?;
+            let current = held.as_ref().is_some_and(|i| {
+                i.token == lease.token && i.holder.as_deref() == Some(&lease.holder)
+            });
+            if !current {
+                return Err(Error::StaleLease {
+                    name: lease.name.clone(),
+                    holder: held.as_ref().and_then(|i| i.holder.clone()),
+                    token: held.map_or(0, |i| i.token),
+                    reason: format!(
+                        "token {} of {:?} is not the current grant",
+                        lease.token, lease.holder
+                    ),
+                });
+            }
+        }
+        handoff_group(&to)?;
+        let mut message = NewMessage::new(HANDOFF_TYPE)
+            .from(from)
+            .subject(self.handoff.summary.clone())
+            .payload(serde_json::to_value(&self.handoff).expect("handoff serializes"));
+        for path in &self.artifacts {
+            message = message.artifact(Artifact::capture(path)?);
+        }
+        if let Some(id) = &self.correlation_id {
+            message = message.correlation_id(id);
+        }
+        let receipt = to.send(message)?;
+        Ok(SentHandoff { receipt, reply })
+    }
+}
+
+/// A sent handoff: its receipt, and a way to wait for the answer.
+#[derive(Debug)]
+pub struct SentHandoff {
+    /// Where the handoff landed.
+    pub receipt: Receipt,
+    reply: Mailbox,
+}
+
+/// The receiver's answer to a handoff.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Answer {
+    /// Accepted; with the lease's new grant when one was passed along.
+    Accepted {
+        /// The lease, now held by the receiver.
+        lease: Option<LeaseInfo>,
+        /// The answer message.
+        message: Message,
+    },
+    /// Rejected, and why.
+    Rejected {
+        /// The receiver's reason (for a failed verification, which artifact and how).
+        reason: String,
+        /// The answer message.
+        message: Message,
+    },
+}
+
+impl Answer {
+    /// True for [`Answer::Accepted`].
+    pub fn is_accepted(&self) -> bool {
+        matches!(self, Answer::Accepted { .. })
+    }
+
+    /// Reads an answer message (of type [`ACCEPTED_TYPE`] or [`REJECTED_TYPE`]).
+    pub fn from_message(message: Message) -> Option<Answer> {
+        let payload = message.payload.clone().unwrap_or(Value::Null);
+        match message.kind.as_str() {
+            ACCEPTED_TYPE => Some(Answer::Accepted {
+                lease: payload
+                    .get("lease")
+                    .and_then(|l| serde_json::from_value::<LeaseAnswer>(l.clone()).ok())
+                    .map(LeaseAnswer::into_info),
+                message,
+            }),
+            REJECTED_TYPE => Some(Answer::Rejected {
+                reason: payload["reason"].as_str().unwrap_or_default().to_owned(),
+                message,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The lease part of an accepted answer.
+#[derive(Debug, Serialize, Deserialize)]
+struct LeaseAnswer {
+    name: String,
+    holder: String,
+    token: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: time::OffsetDateTime,
+}
+
+impl LeaseAnswer {
+    fn into_info(self) -> LeaseInfo {
+        LeaseInfo {
+            name: self.name,
+            holder: Some(self.holder),
+            token: self.token,
+            acquired_at: time::OffsetDateTime::now_utc(),
+            expires_at: self.expires_at,
+            renewals: 0,
+            process_bound: false,
+        }
+    }
+}
+
+impl SentHandoff {
+    /// Waits up to `timeout` for the receiver's answer in the reply mailbox; `None`
+    /// when none came in time (the handoff stays pending in the receiver's stats).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] and other read errors.
+    pub fn wait_answer(&self, timeout: Duration) -> Result<Option<Answer>> {
+        let deadline = Instant::now() + timeout;
+        let bus = Bus {
+            inner: self.reply.bus().clone(),
+        };
+        let mut rx = bus.follow(&[self.reply.name()])?.from_seq(1);
+        let id = self.receipt.id.to_string();
+        loop {
+            match rx.recv_deadline(deadline) {
+                Ok(env) if env.message.causation_id.as_deref() == Some(id.as_str()) => {
+                    if let Some(answer) = Answer::from_message(env.message) {
+                        return Ok(Some(answer));
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Bus(e)) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Receives handoffs: [`Bus::handoff_inbox`].
+#[derive(Debug)]
+pub struct HandoffInbox {
+    bus: Bus,
+    consumer: crate::Consumer,
+}
+
+/// A handoff taken from an inbox: verify it, then accept or reject it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ReceivedHandoff {
+    /// The baton.
+    pub handoff: Handoff,
+    /// The handoff message (sender, artifacts, correlation id, ...).
+    pub message: Message,
+    delivery: Delivery,
+    bus: Bus,
+}
+
+impl HandoffInbox {
+    /// The next handoff, waiting up to `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvTimeoutError::Timeout`]; [`RecvTimeoutError::Bus`], also for a handoff
+    /// whose payload is not a handoff ([`Error::InvalidMessage`]; it is rejected).
+    pub fn recv_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> std::result::Result<ReceivedHandoff, RecvTimeoutError> {
+        let delivery = self.consumer.recv_timeout(timeout)?;
+        Ok(ReceivedHandoff::from_delivery(&self.bus, delivery)?)
+    }
+
+    /// Takes the next handoff if one is waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_timeout`](Self::recv_timeout), with `Ok(None)` when none is waiting.
+    pub fn try_recv(&mut self) -> Result<Option<ReceivedHandoff>> {
+        match self.consumer.try_recv() {
+            Ok(d) => Ok(Some(ReceivedHandoff::from_delivery(&self.bus, d)?)),
+            Err(crate::TryRecvError::Empty) => Ok(None),
+            Err(crate::TryRecvError::Bus(e)) => Err(e),
+        }
+    }
+
+    /// The handoff `seq` of this inbox, for answering by seq (the CLI's `handoff
+    /// accept`): the delivery this agent already holds, or a fresh claim if it is the
+    /// next handoff waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleDelivery`] if another agent is handling it or it was answered;
+    /// [`Error::NotDelivered`] if other handoffs are ahead of it.
+    pub fn take(&mut self, seq: u64) -> Result<ReceivedHandoff> {
+        let group = self.consumer.group().clone();
+        let me = &self.bus.inner.opts.agent;
+        if let Some(d) = group.in_flight(seq)? {
+            if &d.consumer != me {
+                return Err(Error::StaleDelivery {
+                    group: group.name().to_owned(),
+                    seq,
+                    reason: format!("{} is handling it", d.consumer),
+                });
+            }
+            return ReceivedHandoff::from_delivery(&self.bus, d);
+        }
+        match group.claim_for(me, 1, group.visibility())?.pop() {
+            Some(d) if d.seq() == seq => ReceivedHandoff::from_delivery(&self.bus, d),
+            Some(other) => {
+                // Not ours to take: give it back untouched.
+                other.nack(Duration::ZERO, None)?;
+                Err(Error::NotDelivered {
+                    group: group.name().to_owned(),
+                    seq,
+                })
+            }
+            None => Err(Error::StaleDelivery {
+                group: group.name().to_owned(),
+                seq,
+                reason: "it was already answered".into(),
+            }),
+        }
+    }
+}
+
+impl ReceivedHandoff {
+    fn from_delivery(bus: &Bus, delivery: Delivery) -> Result<ReceivedHandoff> {
+        let message = delivery.message.clone();
+        match serde_json::from_value::<Handoff>(message.payload.clone().unwrap_or(Value::Null)) {
+            Ok(handoff) => Ok(ReceivedHandoff {
+                handoff,
+                message,
+                delivery,
+                bus: bus.clone(),
+            }),
+            Err(e) => {
+                let reason = format!("not a handoff payload: {e}");
+                let _ = delivery.term(Some(&reason));
+                Err(Error::InvalidMessage(reason))
+            }
+        }
+    }
+
+    /// The handoff's seq in its mailbox.
+    pub fn seq(&self) -> u64 {
+        self.message.seq
+    }
+
+    /// Checks every artifact: exists, same size, same SHA-256.
+    ///
+    /// # Errors
+    ///
+    /// The first failure: [`Error::ArtifactMissing`], [`Error::ArtifactSizeMismatch`]
+    /// or [`Error::ArtifactDigestMismatch`].
+    pub fn verify(&self) -> Result<()> {
+        self.message.artifacts.iter().try_for_each(Artifact::verify)
+    }
+
+    /// Accepts the handoff as `agent`: verifies the artifacts, takes over the lease
+    /// (a new, higher token, valid for 5 minutes; renew it), answers the sender and
+    /// marks the handoff done. Safe to repeat after a crash: a lease already moved to
+    /// `agent` and an answer already sent are not done twice.
+    ///
+    /// # Errors
+    ///
+    /// The verification error (nothing is accepted; call
+    /// [`reject`](Self::reject) with it); [`Error::StaleLease`] if the sender no longer
+    /// holds the lease; [`Error::Io`].
+    pub fn accept(self, agent: &str) -> Result<Option<LeaseInfo>> {
+        self.verify()?;
+        let lease = match &self.handoff.lease {
+            None => None,
+            Some(l) => Some(self.take_lease(l, agent)?),
+        };
+        let mut payload = serde_json::json!({ "handoff": self.reference() });
+        if let Some(info) = &lease {
+            payload["lease"] = serde_json::json!({
+                "name": info.name,
+                "holder": agent,
+                "token": info.token,
+                "expires_at": info.expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            });
+        }
+        self.answer(ACCEPTED_TYPE, agent, payload)?;
+        self.delivery.ack()?;
+        Ok(lease)
+    }
+
+    fn take_lease(&self, l: &LeaseRef, agent: &str) -> Result<LeaseInfo> {
+        let ttl = Duration::from_secs(300);
+        match self
+            .bus
+            .transfer_lease(&l.name, &l.holder, l.token, agent, ttl)
+        {
+            Ok(info) => Ok(info),
+            // Already ours from an earlier attempt of this accept.
+            Err(e @ Error::StaleLease { .. }) => match self.bus.lease_info(&l.name)? {
+                Some(info) if info.holder.as_deref() == Some(agent) && info.token > l.token => {
+                    Ok(info)
+                }
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rejects the handoff: the sender gets `reason` (say which artifact failed and
+    /// how) and keeps its lease; the handoff is marked done.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`].
+    pub fn reject(self, agent: &str, reason: &str) -> Result<()> {
+        let payload = serde_json::json!({ "handoff": self.reference(), "reason": reason });
+        self.answer(REJECTED_TYPE, agent, payload)?;
+        self.delivery.ack()?;
+        Ok(())
+    }
+
+    fn reference(&self) -> Value {
+        serde_json::json!({
+            "mailbox": self.delivery.group().mailbox().name(),
+            "seq": self.message.seq,
+            "id": self.message.id,
+        })
+    }
+
+    fn answer(&self, kind: &str, agent: &str, payload: Value) -> Result<()> {
+        let reply = self.bus.create_or_open_mailbox(&self.handoff.reply_to)?;
+        let mut m = NewMessage::new(kind)
+            .from(agent)
+            .subject(format!("re: {}", self.handoff.summary))
+            .payload(payload)
+            .causation_id(self.message.id.to_string())
+            .idempotency_key(format!("handoff-answer/{}", self.message.id));
+        if let Some(c) = &self.message.correlation_id {
+            m = m.correlation_id(c);
+        }
+        reply.send(m)?;
+        Ok(())
+    }
+}

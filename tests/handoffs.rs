@@ -1,0 +1,325 @@
+//! Handoffs between real processes: artifacts verified by size and SHA-256, changed,
+//! truncated and missing artifacts rejected with the reason visible to the sender, and
+//! an accepted handoff moving its lease to the receiver with a higher token.
+
+mod common;
+
+use std::time::Duration;
+
+use agentbus::{Answer, Bus, Error, HANDOFF_GROUP};
+
+/// Runs a receiver process that answers every handoff in `main` until `count` are
+/// answered: accept if the artifacts verify, otherwise reject with the error.
+fn spawn_receiver(root: &std::path::Path, count: usize) -> std::process::Child {
+    common::child("handoff_receiver")
+        .env("BUS", root)
+        .env("COUNT", count.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "runs only as a child process of another test"]
+fn handoff_receiver() {
+    if !common::is_child() {
+        return;
+    }
+    let bus = Bus::builder()
+        .agent("reviewer")
+        .open(common::env("BUS"))
+        .unwrap();
+    let mut inbox = bus.handoff_inbox("main").unwrap();
+    for _ in 0..common::env("COUNT").parse::<usize>().unwrap() {
+        let h = inbox.recv_timeout(Duration::from_secs(30)).unwrap();
+        match h.verify() {
+            Ok(()) => {
+                h.accept("reviewer").unwrap();
+            }
+            Err(e) => h.reject("reviewer", &e.to_string()).unwrap(),
+        }
+    }
+}
+
+fn setup() -> (tempfile::TempDir, std::path::PathBuf, Bus) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("bus");
+    let bus = Bus::builder().agent("writer").init(&root).unwrap();
+    bus.create_mailbox("main").unwrap();
+    (dir, root, bus)
+}
+
+#[test]
+fn an_accepted_handoff_is_verified_and_moves_the_lease_to_the_receiver() {
+    let (dir, root, bus) = setup();
+    let draft = dir.path().join("chapter-1.md");
+    std::fs::write(&draft, "# Chapter 1\n\nIt was a bright cold day.\n").unwrap();
+    let lease = bus.lease("chapter-1").try_acquire().unwrap();
+    let old_token = lease.token();
+    let lease = lease.keep();
+
+    let mut receiver = spawn_receiver(&root, 1);
+    let sent = bus
+        .handoff("main")
+        .summary("chapter 1 drafted")
+        .state(serde_json::json!({"chapter": 1, "paragraphs_done": 2}))
+        .changed("wrote paragraphs 1-2")
+        .remaining("paragraph 3")
+        .next_step("review tone")
+        .blocker("assumes British spelling")
+        .artifact(&draft)
+        .lease("chapter-1", "writer", lease.token)
+        .correlation_id("book-1")
+        .send()
+        .unwrap();
+    let answer = sent
+        .wait_answer(Duration::from_secs(30))
+        .unwrap()
+        .expect("an answer");
+    assert!(receiver.wait().unwrap().success());
+    match answer {
+        Answer::Accepted {
+            lease: Some(new),
+            message,
+        } => {
+            assert_eq!(new.holder.as_deref(), Some("reviewer"));
+            assert!(new.token > old_token);
+            assert_eq!(message.from, "reviewer");
+            assert_eq!(message.correlation_id.as_deref(), Some("book-1"));
+        }
+        other => panic!("expected an accepted answer with a lease, got {other:?}"),
+    }
+    // The lease really moved: the writer's token is stale now.
+    let info = bus.lease_info("chapter-1").unwrap().unwrap();
+    assert_eq!(info.holder.as_deref(), Some("reviewer"));
+    assert!(matches!(
+        bus.renew_lease("chapter-1", "writer", old_token, Duration::from_secs(5)),
+        Err(Error::StaleLease { .. })
+    ));
+    // Answered: nothing pending in the handoffs group.
+    let stats = bus
+        .mailbox("main")
+        .unwrap()
+        .group(HANDOFF_GROUP)
+        .unwrap()
+        .stats()
+        .unwrap();
+    assert_eq!((stats.acked, stats.pending, stats.in_flight), (1, 0, 0));
+}
+
+#[test]
+fn changed_truncated_and_missing_artifacts_are_rejected_with_the_reason() {
+    let (dir, root, bus) = setup();
+    let mut expectations = Vec::new();
+    let mut sent = Vec::new();
+    for (name, tamper, expect) in [
+        ("changed.md", "change", "sha256"),
+        ("truncated.md", "truncate", "bytes, expected"),
+        ("missing.md", "delete", "is missing"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, "original contents\n").unwrap();
+        sent.push(
+            bus.handoff("main")
+                .summary(name)
+                .artifact(&path)
+                .send()
+                .unwrap(),
+        );
+        match tamper {
+            "change" => std::fs::write(&path, "ORIGINAL CONTENTS\n").unwrap(), // same size
+            "truncate" => std::fs::write(&path, "original").unwrap(),
+            _ => std::fs::remove_file(&path).unwrap(),
+        }
+        expectations.push(expect);
+    }
+    let mut receiver = spawn_receiver(&root, 3);
+    for (handoff, expect) in sent.iter().zip(expectations) {
+        match handoff.wait_answer(Duration::from_secs(30)).unwrap() {
+            Some(Answer::Rejected { reason, .. }) => {
+                assert!(
+                    reason.contains(expect),
+                    "reason {reason:?} lacks {expect:?}"
+                );
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+    assert!(receiver.wait().unwrap().success());
+}
+
+#[test]
+fn empty_artifacts_are_refused_and_unanswered_handoffs_show_as_pending() {
+    let (dir, _root, bus) = setup();
+    let empty = dir.path().join("empty.md");
+    std::fs::write(&empty, "").unwrap();
+    let e = bus
+        .handoff("main")
+        .summary("nothing")
+        .artifact(&empty)
+        .send()
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidMessage(ref m) if m.contains("empty")),
+        "{e}"
+    );
+    assert!(matches!(
+        bus.handoff("main").summary("").send(),
+        Err(Error::InvalidMessage(_))
+    ));
+    assert!(matches!(
+        bus.handoff("mian").summary("typo").send(),
+        Err(Error::MailboxNotFound { .. })
+    ));
+    // A lease the sender does not hold cannot ride along.
+    assert!(matches!(
+        bus.handoff("main")
+            .summary("x")
+            .lease("nope", "writer", 7)
+            .send(),
+        Err(Error::StaleLease { .. })
+    ));
+
+    let sent = bus.handoff("main").summary("please review").send().unwrap();
+    assert!(sent
+        .wait_answer(Duration::from_millis(100))
+        .unwrap()
+        .is_none());
+    let stats = bus.mailbox("main").unwrap().stats().unwrap();
+    let handoffs = stats
+        .groups
+        .iter()
+        .find(|g| g.group == HANDOFF_GROUP)
+        .unwrap();
+    assert_eq!(handoffs.pending, 1);
+}
+
+#[test]
+fn a_receiver_that_crashed_mid_accept_can_accept_again() {
+    let (dir, _root, bus) = setup();
+    let file = dir.path().join("a.md");
+    std::fs::write(&file, "x").unwrap();
+    let lease = bus.lease("task").try_acquire().unwrap().keep();
+    bus.handoff("main")
+        .summary("s")
+        .artifact(&file)
+        .lease("task", "writer", lease.token)
+        .send()
+        .unwrap();
+    // First attempt: the lease moves, then the receiver "dies" before answering.
+    let receiver = Bus::builder().agent("reviewer").open(bus.path()).unwrap();
+    let group = receiver
+        .mailbox("main")
+        .unwrap()
+        .group(HANDOFF_GROUP)
+        .unwrap();
+    let d = group
+        .claim_for("reviewer", 1, Duration::from_millis(1))
+        .unwrap()
+        .pop()
+        .unwrap();
+    receiver
+        .transfer_lease(
+            "task",
+            "writer",
+            lease.token,
+            "reviewer",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    drop(d);
+    std::thread::sleep(Duration::from_millis(10));
+    // Redelivered: accepting again succeeds and keeps the moved lease.
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+    let new = h.accept("reviewer").unwrap().unwrap();
+    assert_eq!(new.holder.as_deref(), Some("reviewer"));
+    assert!(new.token > lease.token);
+}
+
+#[test]
+fn the_cli_sends_verifies_and_answers_handoffs() {
+    let (dir, root, bus) = setup();
+    let file = dir.path().join("notes.md");
+    std::fs::write(&file, "notes").unwrap();
+    let run = |args: &[&str], agent: &str| {
+        let out = common::cli(&root)
+            .env("AGENTBUS_AGENT", agent)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (
+            out.status.code(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, sent, _) = run(
+        &[
+            "handoff",
+            "send",
+            "main",
+            "--summary",
+            "notes ready",
+            "--state",
+            r#"{"step":2}"#,
+            "--remaining",
+            "edit",
+            "--next-step",
+            "edit notes",
+            "--artifact",
+            file.to_str().unwrap(),
+        ],
+        "writer",
+    );
+    assert_eq!(code, Some(0));
+    let seq = sent[0]["seq"].as_u64().unwrap().to_string();
+    let (_, shown, _) = run(&["handoff", "show", "main", &seq], "x");
+    assert_eq!(shown[0]["payload"]["state"]["step"], 2);
+    assert_eq!(run(&["handoff", "verify", "main", &seq], "x").0, Some(0));
+    std::fs::write(&file, "NOTES").unwrap();
+    let (code, _, err) = run(&["handoff", "verify", "main", &seq], "x");
+    assert_eq!(code, Some(6));
+    assert!(err.contains("artifact_digest_mismatch"), "{err}");
+    let (code, got, _) = run(&["handoff", "recv", "main"], "editor");
+    assert_eq!(code, Some(0));
+    assert_eq!(got[0]["verified"], false);
+    assert_eq!(got[0]["verify_error"]["error"], "artifact_digest_mismatch");
+    // Someone else cannot answer the editor's handoff; the editor can.
+    assert_eq!(
+        run(
+            &["handoff", "reject", "main", &seq, "--reason", "no"],
+            "intruder"
+        )
+        .0,
+        Some(5)
+    );
+    let (code, _, _) = run(
+        &[
+            "handoff",
+            "reject",
+            "main",
+            &seq,
+            "--reason",
+            "notes changed after sending",
+        ],
+        "editor",
+    );
+    assert_eq!(code, Some(0));
+    let answer = bus
+        .mailbox("writer")
+        .unwrap()
+        .messages()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.kind, "handoff.rejected");
+    assert_eq!(
+        answer.payload.unwrap()["reason"],
+        "notes changed after sending"
+    );
+}
