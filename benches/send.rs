@@ -21,6 +21,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 const BODY: &str = "the quick brown fox jumps over the lazy dog 0123456789abc";
 
 fn raw_file(dir: &Path) -> File {
+    std::fs::create_dir_all(dir).unwrap();
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -59,6 +60,17 @@ fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let mut raw = raw_file(dir.path());
     g.bench_function("raw_write", |b| b.iter(|| raw.write_all(&line).unwrap()));
+    // The syscalls an append cannot avoid: lock, fstat (has another process appended?),
+    // write, unlock. The floor any cross-process append sits on.
+    let lock = raw_file(&dir.path().join("lockdir"));
+    g.bench_function("raw_flock_fstat_write", |b| {
+        b.iter(|| {
+            lock.lock().unwrap();
+            let _ = raw.metadata().unwrap().len();
+            raw.write_all(&line).unwrap();
+            lock.unlock().unwrap();
+        })
+    });
     let mb = mailbox(&dir.path().join("flush"), Durability::Flush);
     g.bench_function("send", |b| b.iter(|| mb.send(message()).unwrap()));
     g.finish();

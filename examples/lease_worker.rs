@@ -40,8 +40,12 @@ fn main() -> Result<()> {
 }
 
 /// The protected resource: appends a line only for a token at least as new as the
-/// newest it has accepted.
+/// newest it has accepted. The check and the write are one step under the resource's
+/// own lock, as a real fenced store (a database, an object store's conditional write)
+/// does it: otherwise a stale writer could pass the check and write after a newer one.
 fn fenced_append(root: &Path, token: u64, line: &str) -> Result<()> {
+    let guard = std::fs::File::create(root.join("report.lock"))?;
+    guard.lock()?;
     let fence = root.join("report.token");
     let newest: u64 = std::fs::read_to_string(&fence)
         .ok()

@@ -1031,6 +1031,79 @@ impl Group {
         }
     }
 
+    /// Claims exactly message `seq` for `consumer`, if it can be delivered now without
+    /// jumping the queue: a message waiting for redelivery, or the next deliverable
+    /// message at the cursor (passing over what the group's filter skips). `None` if it
+    /// is settled, claimed by someone else, or another message comes first.
+    pub(crate) fn claim_seq(
+        &self,
+        consumer: &str,
+        seq: u64,
+        visibility: Duration,
+    ) -> Result<Option<Delivery>> {
+        validate_name("consumer", consumer)?;
+        let spec = self.inner.mailbox.log_spec();
+        self.locked(|g, loaded| {
+            let now = now_ms();
+            let until = now.saturating_add(ms(visibility));
+            let delivery = |message, attempt| Delivery {
+                message,
+                attempt,
+                consumer: consumer.to_owned(),
+                deadline: datetime_ms(until),
+                group: g.clone(),
+            };
+            if seq < loaded.state.next {
+                let Some(entry) = loaded.state.entries.get(&seq).cloned() else {
+                    return Ok(None);
+                };
+                if entry.consumer.is_some() && entry.visible_at > now {
+                    return Ok(None);
+                }
+                let message = read_at(&spec, entry.at, seq)?;
+                let mut r = Rec::new(seq, Op::Claim, now);
+                r.attempt = Some(entry.attempt + 1);
+                r.consumer = Some(consumer.to_owned());
+                r.until = Some(until);
+                g.append(loaded, &[r])?;
+                return Ok(Some(delivery(message, entry.attempt + 1)));
+            }
+            let mut records = Vec::new();
+            let found = loop {
+                let reader = g.reader(loaded);
+                match reader.next() {
+                    Some(Ok(m)) if m.seq < seq && !g.inner.meta.filter.matches(&m) => {
+                        let mut r = Rec::new(m.seq, Op::Skip, now);
+                        r.next = reader.cursor();
+                        loaded.state.apply(&r);
+                        records.push(r);
+                    }
+                    Some(Ok(m)) if m.seq == seq && g.inner.meta.filter.matches(&m) => {
+                        let mut r = Rec::new(seq, Op::Claim, now);
+                        r.attempt = Some(1);
+                        r.consumer = Some(consumer.to_owned());
+                        r.until = Some(until);
+                        r.at = reader.last_start();
+                        r.next = reader.cursor();
+                        r.ts = Some(ts_ms(m.ts));
+                        loaded.state.apply(&r);
+                        records.push(r);
+                        break Some(m);
+                    }
+                    // Something else comes first (or damage a normal claim will record):
+                    // leave it, and forget how far this reader got.
+                    Some(Ok(_)) | Some(Err(Error::Corrupt { .. })) | None => {
+                        loaded.reader = None;
+                        break None;
+                    }
+                    Some(Err(e)) => return Err(e),
+                }
+            };
+            g.write(loaded, &records)?;
+            Ok(found.map(|m| delivery(m, 1)))
+        })
+    }
+
     /// Acks one message. Returns `false` if it was already settled.
     ///
     /// # Errors

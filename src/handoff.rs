@@ -255,6 +255,7 @@ impl HandoffBuilder<'_> {
         }
         let to = self.bus.mailbox(&self.to)?;
         let reply = self.bus.create_or_open_mailbox(&self.handoff.reply_to)?;
+        let reply_from = reply.last_seq()? + 1;
         if let Some(lease) = &self.handoff.lease {
             let held = self.bus.lease_info(&lease.name)?;
             let current = held.as_ref().is_some_and(|i| {
@@ -284,7 +285,11 @@ impl HandoffBuilder<'_> {
             message = message.correlation_id(id);
         }
         let receipt = to.send(message)?;
-        Ok(SentHandoff { receipt, reply })
+        Ok(SentHandoff {
+            receipt,
+            reply,
+            reply_from,
+        })
     }
 }
 
@@ -294,6 +299,8 @@ pub struct SentHandoff {
     /// Where the handoff landed.
     pub receipt: Receipt,
     reply: Mailbox,
+    /// The reply mailbox's next seq when the handoff was sent: answers come after it.
+    reply_from: u64,
 }
 
 /// The receiver's answer to a handoff.
@@ -378,7 +385,7 @@ impl SentHandoff {
         let bus = Bus {
             inner: self.reply.bus().clone(),
         };
-        let mut rx = bus.follow(&[self.reply.name()])?.from_seq(1);
+        let mut rx = bus.follow(&[self.reply.name()])?.from_seq(self.reply_from);
         let id = self.receipt.id.to_string();
         loop {
             match rx.recv_deadline(deadline) {
@@ -448,8 +455,8 @@ impl HandoffInbox {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleDelivery`] if another agent is handling it or it was answered;
-    /// [`Error::NotDelivered`] if other handoffs are ahead of it.
+    /// [`Error::StaleDelivery`] if another agent is handling it, it was answered, or
+    /// other handoffs come first (nothing is claimed then).
     pub fn take(&mut self, seq: u64) -> Result<ReceivedHandoff> {
         let group = self.consumer.group().clone();
         let me = &self.bus.inner.opts.agent;
@@ -463,20 +470,14 @@ impl HandoffInbox {
             }
             return ReceivedHandoff::from_delivery(&self.bus, d);
         }
-        match group.claim_for(me, 1, group.visibility())?.pop() {
-            Some(d) if d.seq() == seq => ReceivedHandoff::from_delivery(&self.bus, d),
-            Some(other) => {
-                // Not ours to take: give it back untouched.
-                other.nack(Duration::ZERO, None)?;
-                Err(Error::NotDelivered {
-                    group: group.name().to_owned(),
-                    seq,
-                })
-            }
+        match group.claim_seq(me, seq, group.visibility())? {
+            Some(d) => ReceivedHandoff::from_delivery(&self.bus, d),
             None => Err(Error::StaleDelivery {
                 group: group.name().to_owned(),
                 seq,
-                reason: "it was already answered".into(),
+                reason: "it is not waiting for an answer: answered already, or other \
+                         handoffs come first"
+                    .into(),
             }),
         }
     }
@@ -526,6 +527,17 @@ impl ReceivedHandoff {
     /// [`reject`](Self::reject) with it); [`Error::StaleLease`] if the sender no longer
     /// holds the lease; [`Error::Io`].
     pub fn accept(self, agent: &str) -> Result<Option<LeaseInfo>> {
+        let reply = self.hold()?;
+        if let Some(prior) = self.prior_answer(&reply)? {
+            self.done()?;
+            return match prior.kind.as_str() {
+                ACCEPTED_TYPE => match &self.handoff.lease {
+                    Some(l) => self.bus.lease_info(&l.name),
+                    None => Ok(None),
+                },
+                _ => Err(self.already(&prior)),
+            };
+        }
         self.verify()?;
         let lease = match &self.handoff.lease {
             None => None,
@@ -540,8 +552,8 @@ impl ReceivedHandoff {
                 "expires_at": info.expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
             });
         }
-        self.answer(ACCEPTED_TYPE, agent, payload)?;
-        self.delivery.ack()?;
+        self.answer(&reply, ACCEPTED_TYPE, agent, payload)?;
+        self.done()?;
         Ok(lease)
     }
 
@@ -570,10 +582,25 @@ impl ReceivedHandoff {
     ///
     /// [`Error::Io`].
     pub fn reject(self, agent: &str, reason: &str) -> Result<()> {
+        let reply = self.hold()?;
+        if let Some(prior) = self.prior_answer(&reply)? {
+            self.done()?;
+            return match prior.kind.as_str() {
+                REJECTED_TYPE => Ok(()),
+                _ => Err(self.already(&prior)),
+            };
+        }
         let payload = serde_json::json!({ "handoff": self.reference(), "reason": reason });
-        self.answer(REJECTED_TYPE, agent, payload)?;
-        self.delivery.ack()?;
-        Ok(())
+        self.answer(&reply, REJECTED_TYPE, agent, payload)?;
+        self.done()
+    }
+
+    fn already(&self, prior: &Message) -> Error {
+        Error::StaleDelivery {
+            group: self.delivery.group().name().to_owned(),
+            seq: self.message.seq,
+            reason: format!("it was already answered ({} by {})", prior.kind, prior.from),
+        }
     }
 
     fn reference(&self) -> Value {
@@ -584,14 +611,46 @@ impl ReceivedHandoff {
         })
     }
 
-    fn answer(&self, kind: &str, agent: &str, payload: Value) -> Result<()> {
-        let reply = self.bus.create_or_open_mailbox(&self.handoff.reply_to)?;
+    fn answer_key(&self) -> String {
+        format!("handoff-answer/{}", self.message.id)
+    }
+
+    /// An answer already sent for this handoff (by an earlier attempt that died before
+    /// acking, or by another agent whose claim ran out).
+    fn prior_answer(&self, reply: &Mailbox) -> Result<Option<Message>> {
+        let Some((seq, _)) = reply.find_key(&self.answer_key())? else {
+            return Ok(None);
+        };
+        Ok(reply
+            .messages()
+            .from_seq(seq)
+            .next()
+            .transpose()?
+            .filter(|m| m.seq == seq))
+    }
+
+    /// Keeps the claim while we work, so no other agent answers the same handoff.
+    fn hold(&self) -> Result<Mailbox> {
+        self.delivery.extend(self.delivery.group().visibility())?;
+        self.bus.create_or_open_mailbox(&self.handoff.reply_to)
+    }
+
+    /// Marks the handoff done; a claim that ran out after the answer went out does not
+    /// undo the answer.
+    fn done(&self) -> Result<()> {
+        match self.delivery.ack() {
+            Ok(()) | Err(Error::StaleDelivery { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn answer(&self, reply: &Mailbox, kind: &str, agent: &str, payload: Value) -> Result<()> {
         let mut m = NewMessage::new(kind)
             .from(agent)
             .subject(format!("re: {}", self.handoff.summary))
             .payload(payload)
             .causation_id(self.message.id.to_string())
-            .idempotency_key(format!("handoff-answer/{}", self.message.id));
+            .idempotency_key(self.answer_key());
         if let Some(c) = &self.message.correlation_id {
             m = m.correlation_id(c);
         }

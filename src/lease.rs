@@ -15,7 +15,6 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -24,7 +23,7 @@ use time::OffsetDateTime;
 use crate::error::IoContext;
 use crate::group::now_ms;
 use crate::log::{self, Line};
-use crate::watch::{Hints, Watch};
+use crate::watch::Watch;
 use crate::{fsutil, record, validate_name, Bus, Error, Result};
 
 /// Lease files larger than this are rewritten as one `state` record.
@@ -280,6 +279,14 @@ impl Bus {
         let mut state = files.load(self)?;
         let now = now_ms();
         check_holder(name, &state, holder, token, now)?;
+        if state.process_bound && files.holder_died(token)? {
+            return Err(Error::StaleLease {
+                name: name.to_owned(),
+                holder: None,
+                token,
+                reason: "the holder's process has let go of its process-bound lease".into(),
+            });
+        }
         let r = Rec {
             expires_at: Some(now.saturating_add(ttl_ms(ttl))),
             ..files.rec(&state, Op::Renew, token, now)
@@ -400,7 +407,6 @@ impl LeaseRequest<'_> {
         let dir = self.bus.inner.root.join("leases");
         fsutil::create_dir(&dir, opts.dir_mode)?;
         let watch = Watch::new(&[dir], opts.watch_mode, opts.poll_interval);
-        let mut watching_token = 0;
         loop {
             let seen = watch.generation();
             match self.attempt()? {
@@ -410,14 +416,9 @@ impl LeaseRequest<'_> {
                     if now >= deadline {
                         return Err(self.held(&held));
                     }
-                    if held.process_bound && held.token != watching_token {
-                        watching_token = held.token;
-                        watch_for_death(
-                            LeaseFiles::new(self.bus, &self.name).alive(held.token),
-                            watch.hints().clone(),
-                        );
-                    }
-                    // Wake at the holder's expiry at the latest.
+                    // Wake at the holder's expiry at the latest. A process-bound holder's
+                    // death makes no file-system event (the kernel just drops its lock):
+                    // `wait` re-checks at the poll interval anyway.
                     let expiry = held
                         .expires_at
                         .saturating_add(CLOCK_GRACE.as_millis() as i64);
@@ -445,6 +446,9 @@ impl LeaseRequest<'_> {
         {
             let _guard = files.lock()?;
             let mut state = files.load(bus)?;
+            // Read the monotonic clock first: the holder's own deadline must never be
+            // later than the one recorded for everybody else.
+            let started = Instant::now();
             let now = now_ms();
             if state.held_at(now) && !(state.process_bound && files.holder_died(state.token)?) {
                 return Ok(Err(state));
@@ -478,31 +482,13 @@ impl LeaseRequest<'_> {
                 holder: self.holder.clone(),
                 token: state.token,
                 expires_at: ms_to_datetime(state.expires_at),
-                valid_until: Instant::now() + self.ttl,
+                valid_until: started + self.ttl,
                 ttl: self.ttl,
                 alive,
                 done: false,
             }))
         }
     }
-}
-
-/// Wakes `hints` when the process holding `path`'s lock dies or lets go: a thread
-/// blocked in `flock` is the kernel's own death notification. The thread ends then
-/// (it takes and drops the lock at once).
-fn watch_for_death(path: PathBuf, hints: Arc<Hints>) {
-    let Ok(file) = fsutil::open_read(&path) else {
-        hints.bump();
-        return;
-    };
-    let _ = std::thread::Builder::new()
-        .name("agentbus-lease-death".into())
-        .spawn(move || {
-            if file.lock().is_ok() {
-                let _ = file.unlock();
-            }
-            hints.bump();
-        });
 }
 
 impl Lease {
@@ -546,11 +532,12 @@ impl Lease {
     ///
     /// [`Error::StaleLease`] if it expired or was taken over meanwhile.
     pub fn renew(&mut self, ttl: Duration) -> Result<()> {
+        let started = Instant::now();
         let info = self
             .bus
             .renew_lease(&self.name, &self.holder, self.token, ttl)?;
         self.expires_at = info.expires_at;
-        self.valid_until = Instant::now() + ttl;
+        self.valid_until = started + ttl;
         self.ttl = ttl;
         Ok(())
     }
@@ -757,8 +744,9 @@ impl LeaseFiles {
         }
     }
 
-    /// Appends one record (synced under `Durability::Sync`: a lost grant could hand its
-    /// token out twice), and compacts the file when it has grown.
+    /// Appends one record, and compacts the file when it has grown. Always synced,
+    /// whatever the bus's durability: a grant lost to a power cut could hand its token
+    /// out twice, and leases change rarely enough for the fsync not to matter.
     fn append(&self, bus: &Bus, state: &mut State, r: &Rec) -> Result<()> {
         let opts = &bus.inner.opts;
         let path = self.log_path();
@@ -767,11 +755,9 @@ impl LeaseFiles {
         let mut line = Vec::with_capacity(200);
         encode(r, &mut line);
         (&file).write_all(&line).ctx("append", &path)?;
-        if opts.sync() {
-            file.sync_data().ctx("fdatasync", &path)?;
-            if created {
-                fsutil::sync_dir(&self.dir)?;
-            }
+        file.sync_data().ctx("fdatasync", &path)?;
+        if created {
+            fsutil::sync_dir(&self.dir)?;
         }
         state.apply(r);
         if file.metadata().ctx("stat", &path)?.len() > COMPACT_BYTES {
@@ -793,8 +779,7 @@ impl LeaseFiles {
         };
         let mut line = Vec::new();
         encode(&r, &mut line);
-        let opts = &bus.inner.opts;
-        fsutil::write_atomic(&self.log_path(), &line, opts.file_mode, opts.sync())
+        fsutil::write_atomic(&self.log_path(), &line, bus.inner.opts.file_mode, true)
     }
 }
 

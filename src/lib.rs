@@ -72,6 +72,7 @@
 mod bus;
 mod compact;
 mod doctor;
+mod encode;
 mod error;
 mod filter;
 mod fsutil;

@@ -290,6 +290,28 @@ impl Mailbox {
         Messages::new(self.log_spec())
     }
 
+    /// The receipt of the message sent with idempotency `key`, if any (the index is
+    /// brought up to date first, as for a keyed send).
+    pub(crate) fn find_key(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
+        let mut guard = self.lock_writer();
+        let w = &mut *guard;
+        w.lock.lock().ctx("lock", &w.lock_path)?;
+        let _unlock = Unlock(&w.lock);
+        let last = self.sync_tail(&mut w.tail)?.next_seq - 1;
+        let opts = &self.inner.bus.opts;
+        let keys = KeyIndex {
+            dir: &self.inner.keys_dir,
+            mode: opts.file_mode,
+            sync: opts.sync(),
+        };
+        let from = w.indexed.unwrap_or_else(|| keys.scanned());
+        if from < last {
+            keys.catch_up(&self.log_spec(), from, last)?;
+        }
+        w.indexed = Some(last);
+        keys.lookup(key)
+    }
+
     /// Runs `f` while holding this mailbox's append lock (in-process mutex and `flock`),
     /// so no writer can append meanwhile. The cached tail is dropped afterwards, since
     /// `f` may have changed the files.
@@ -306,11 +328,10 @@ impl Mailbox {
     /// Validates and serializes a message; no lock is held.
     fn prepare(&self, message: NewMessage) -> Result<Prepared> {
         let message = message.into_message(&self.inner.bus.opts.agent)?;
-        let json = serde_json::to_vec(&message)
-            .map_err(|e| Error::InvalidMessage(format!("cannot serialize: {e}")))?;
-        debug_assert!(json.starts_with(SEQ0_PREFIX));
+        let mut tail = Vec::with_capacity(256 + message.body.as_ref().map_or(0, String::len));
+        crate::encode::encode_tail(&message, &mut tail);
         let limit = self.inner.max_record_bytes;
-        let size = record::encoded_len(u64::MAX, json.len() - SEQ0_PREFIX.len());
+        let size = record::encoded_len(u64::MAX, tail.len());
         if size > limit {
             return Err(Error::RecordTooLarge {
                 size: size as u64,
@@ -320,7 +341,7 @@ impl Mailbox {
         Ok(Prepared {
             id: message.id,
             key: message.idempotency_key,
-            tail: json[SEQ0_PREFIX.len()..].to_vec(),
+            tail,
         })
     }
 

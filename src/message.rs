@@ -357,10 +357,12 @@ impl NewMessage {
                 }
             }
         }
+        let ts = OffsetDateTime::now_utc();
+        let unix_ms = (ts.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
         Ok(Message {
             seq: 0,
-            id: Uuid::now_v7(),
-            ts: OffsetDateTime::now_utc(),
+            id: crate::encode::new_id(unix_ms),
+            ts,
             from,
             kind: self.kind,
             subject: self.subject,

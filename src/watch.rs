@@ -157,8 +157,15 @@ fn start_watcher(
     hints: Arc<Hints>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Any event, a rescan request (queue overflow) or an error: all are hints.
-        let _ = event;
+        // A change, a rescan request (queue overflow) or an error: all are hints. Mere
+        // accesses (open, close, read) are not: a waiter opening files in the watched
+        // directory would otherwise wake itself, again and again. Every write also
+        // produces a Modify event, so nothing that matters is lost by skipping them.
+        if let Ok(e) = &event {
+            if matches!(e.kind, notify::EventKind::Access(_)) && !e.need_rescan() {
+                return;
+            }
+        }
         hints.bump();
     })?;
     for dir in dirs {

@@ -1,5 +1,7 @@
 //! The examples are real programs: run each (as `cargo test` built it) and check that
-//! it did what it says, starting with the README demonstration.
+//! it did what it says, starting with the README demonstration. Run this file with the
+//! whole suite (`cargo test`), which builds the examples; `cargo test --test examples`
+//! alone does not rebuild them.
 
 use std::path::PathBuf;
 use std::process::Command;

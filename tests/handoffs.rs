@@ -323,3 +323,86 @@ fn the_cli_sends_verifies_and_answers_handoffs() {
         "notes changed after sending"
     );
 }
+
+#[test]
+fn an_accept_after_a_reject_is_refused_and_the_lease_stays() {
+    let (dir, _root, bus) = setup();
+    let file = dir.path().join("a.md");
+    std::fs::write(&file, "x").unwrap();
+    let lease = bus.lease("task").try_acquire().unwrap().keep();
+    let sent = bus
+        .handoff("main")
+        .summary("s")
+        .artifact(&file)
+        .lease("task", "writer", lease.token)
+        .send()
+        .unwrap();
+    let receiver = Bus::builder().agent("reviewer").open(bus.path()).unwrap();
+    let group = receiver
+        .mailbox("main")
+        .unwrap()
+        .group(HANDOFF_GROUP)
+        .unwrap();
+    // Reviewer 1 rejects, but its claim runs out before the ack lands (a crash).
+    let short = group
+        .claim_for("r1", 1, Duration::from_millis(200))
+        .unwrap()
+        .pop()
+        .unwrap();
+    let reply = receiver.mailbox("writer").unwrap();
+    let answer = agentbus::NewMessage::new(agentbus::REJECTED_TYPE)
+        .from("r1")
+        .payload(serde_json::json!({"reason": "no"}))
+        .causation_id(short.message.id.to_string())
+        .idempotency_key(format!("handoff-answer/{}", short.message.id));
+    reply.send(answer).unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    // Reviewer 2 gets the redelivery and tries to accept: refused, lease untouched.
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+    match h.accept("r2") {
+        Err(Error::StaleDelivery { reason, .. }) => {
+            assert!(reason.contains("handoff.rejected"), "{reason}")
+        }
+        other => panic!("expected StaleDelivery, got {other:?}"),
+    }
+    assert_eq!(
+        bus.lease_info("task").unwrap().unwrap().holder.as_deref(),
+        Some("writer")
+    );
+    assert!(!sent
+        .wait_answer(Duration::from_secs(1))
+        .unwrap()
+        .unwrap()
+        .is_accepted());
+    assert_eq!(group.stats().unwrap().pending, 0, "answered once, settled");
+}
+
+#[test]
+fn answering_by_seq_claims_only_that_handoff_and_burns_no_attempts() {
+    let (_dir, _root, bus) = setup();
+    for s in ["first", "second"] {
+        bus.handoff("main").summary(s).send().unwrap();
+    }
+    let receiver = Bus::builder().agent("cli-agent").open(bus.path()).unwrap();
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    for _ in 0..10 {
+        // Seq 2 is not next: refused, and seq 1 is not touched.
+        assert!(matches!(inbox.take(2), Err(Error::StaleDelivery { .. })));
+    }
+    let h = inbox.take(1).unwrap();
+    assert_eq!(h.message.subject.as_deref(), Some("first"));
+    h.accept("cli-agent").unwrap();
+    let group = receiver
+        .mailbox("main")
+        .unwrap()
+        .group(HANDOFF_GROUP)
+        .unwrap();
+    assert_eq!(group.stats().unwrap().redelivered, 0);
+    inbox
+        .take(2)
+        .unwrap()
+        .reject("cli-agent", "not now")
+        .unwrap();
+    assert_eq!(group.stats().unwrap().acked, 2);
+}

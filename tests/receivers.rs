@@ -135,12 +135,16 @@ fn a_manual_receiver_looks_only_when_woken() {
     let mut rx = bus.follow(&["main"]).unwrap();
     let waker = rx.waker();
     let (tx, done) = std::sync::mpsc::channel();
+    let (started_tx, started) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || {
+        started_tx.send(()).unwrap();
         let got = rx.recv_timeout(Duration::from_secs(60));
         tx.send(()).unwrap();
         got.map(|e| e.message.seq)
     });
-    std::thread::sleep(Duration::from_millis(100));
+    // Send only once the receiver has had time to look and go to sleep.
+    started.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
     main.send(NewMessage::new("t")).unwrap();
     // No event and no timer: it cannot have looked yet.
     assert!(done.recv_timeout(Duration::from_millis(300)).is_err());
@@ -196,8 +200,8 @@ fn a_supervisor_follows_several_mailboxes_in_seq_order_each() {
 #[test]
 fn a_group_consumer_wakes_for_new_messages_and_for_due_redeliveries() {
     let dir = tempfile::tempdir().unwrap();
-    // Manual mode: no events, no timer. New messages need a wake; a nack's delay
-    // ending wakes the consumer by itself.
+    // Manual mode: no events, no timer; a nack's delay ending wakes the consumer by
+    // itself.
     let bus = bus_with(dir.path(), WatchMode::Manual, Duration::from_millis(10));
     let jobs = bus.create_mailbox("jobs").unwrap();
     let group = jobs.create_group("g").unwrap();
