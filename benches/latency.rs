@@ -71,6 +71,13 @@ fn run() {
         b50 / r50,
         b99 / r99
     );
+    // For benches/ratios.py.
+    let json = serde_json::json!({
+        "raw_p50_us": r50, "raw_p99_us": r99, "agentbus_p50_us": b50, "agentbus_p99_us": b99,
+    });
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../criterion/agentbus-latency.json");
+    let _ = std::fs::create_dir_all(out.parent().unwrap());
+    let _ = std::fs::write(out, json.to_string());
 }
 
 /// Starts the receiver role, waits until it is ready, sends SAMPLES times, and returns

@@ -19,11 +19,20 @@ fn main() {
         return; // `cargo bench -- --list` and test discovery
     }
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    cli_send(tmp.path());
-    peak_memory(tmp.path());
+    let cli_ms = cli_send(tmp.path());
+    let (drained_mib, peak_kib) = peak_memory(tmp.path());
+    // For benches/ratios.py.
+    let json = serde_json::json!({
+        "cli_send_median_ms": cli_ms,
+        "drained_mib": drained_mib,
+        "peak_rss_mib": peak_kib as f64 / 1024.0,
+    });
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../criterion/agentbus-resources.json");
+    let _ = std::fs::create_dir_all(out.parent().unwrap());
+    let _ = std::fs::write(out, json.to_string());
 }
 
-fn cli_send(tmp: &Path) {
+fn cli_send(tmp: &Path) -> f64 {
     let root = tmp.join("cli");
     let bus = Bus::init(&root).unwrap();
     bus.create_mailbox("main").unwrap();
@@ -50,13 +59,14 @@ fn cli_send(tmp: &Path) {
         ms(times[times.len() * 9 / 10]),
         times.len()
     );
+    ms(times[times.len() / 2])
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn peak_memory(tmp: &Path) {
+fn peak_memory(tmp: &Path) -> (u64, u64) {
     let mb: u64 = std::env::var("AGENTBUS_DRAIN_MB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -89,12 +99,20 @@ fn peak_memory(tmp: &Path) {
         .env("AGENTBUS_DRAIN_CHILD", &root)
         .output()
         .unwrap();
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let peak_kib = stdout
+        .split("VmHWM) ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (stats.bytes / (1024 * 1024), peak_kib)
 }
 
 /// In a fresh process: drain the mailbox through a group, then report the peak RSS.

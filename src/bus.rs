@@ -406,17 +406,6 @@ impl Bus {
     ///
     /// [`Error::Io`] if the mailboxes directory cannot be listed.
     pub fn mailboxes(&self) -> Result<Vec<String>> {
-        let dir = self.inner.mailboxes_dir();
-        let mut names = Vec::new();
-        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
-            let entry = entry.ctx("list", &dir)?;
-            let is_dir = entry.file_type().ctx("stat", &entry.path())?.is_dir();
-            match entry.file_name().to_str() {
-                Some(name) if is_dir && crate::name::is_valid(name) => names.push(name.to_owned()),
-                _ => {}
-            }
-        }
-        names.sort();
-        Ok(names)
+        fsutil::list_names(&self.inner.mailboxes_dir(), false)
     }
 }

@@ -145,3 +145,24 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> 
     }
     result
 }
+
+/// The entries of `dir` that are directories with a valid name, sorted. A missing
+/// `dir` is an empty list when `missing_ok`.
+pub(crate) fn list_names(dir: &Path, missing_ok: bool) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if missing_ok && e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(crate::Error::io("list", dir, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.ctx("list", dir)?;
+        let is_dir = entry.file_type().ctx("stat", &entry.path())?.is_dir();
+        match entry.file_name().to_str() {
+            Some(name) if is_dir && crate::name::is_valid(name) => names.push(name.to_owned()),
+            _ => {}
+        }
+    }
+    names.sort();
+    Ok(names)
+}

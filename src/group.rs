@@ -28,6 +28,9 @@ use crate::{
     fsutil, record, validate_name, Error, Filter, Mailbox, Message, Messages, NewMessage, Result,
 };
 
+/// The longest state record accepted (reasons are capped far below it).
+const STATE_LINE_LIMIT: usize = 64 * 1024;
+
 /// State files larger than this are checkpointed and rotated. Opening a group replays
 /// at most this much (a few hundred records, well under a millisecond), and a rotation
 /// (one small checkpoint write) happens every few hundred records.
@@ -437,6 +440,8 @@ struct Loaded {
     off: u64,
     /// A reader positioned at `state.next`, kept across claims.
     reader: Option<Messages>,
+    /// Reads the state file; kept so each refresh does not allocate a buffer.
+    lines: log::LineReader,
 }
 
 /// A message handed to a consumer by [`Group::claim`]. Settle it with
@@ -743,23 +748,7 @@ impl Mailbox {
     ///
     /// [`Error::Io`] if the groups directory cannot be listed.
     pub fn groups(&self) -> Result<Vec<String>> {
-        let dir = self.path().join("groups");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io("list", dir, e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.ctx("list", &dir)?;
-            let is_dir = entry.file_type().ctx("stat", &entry.path())?.is_dir();
-            match entry.file_name().to_str() {
-                Some(n) if is_dir && crate::name::is_valid(n) => names.push(n.to_owned()),
-                _ => {}
-            }
-        }
-        names.sort();
-        Ok(names)
+        fsutil::list_names(&self.path().join("groups"), true)
     }
 }
 
@@ -1359,12 +1348,14 @@ impl Group {
             path,
             off: cp.offset,
             reader: None,
+            lines: log::LineReader::new(cp.offset, STATE_LINE_LIMIT),
         })
     }
 
     /// Applies the records written since `loaded.off`, cutting a torn tail.
     fn replay(&self, loaded: &mut Loaded) -> Result<()> {
-        let mut reader = log::LineReader::new(loaded.off, 64 * 1024);
+        let reader = &mut loaded.lines;
+        reader.reset(loaded.off);
         loop {
             match reader.next(&loaded.file).ctx("read", &loaded.path)? {
                 Line::Complete { start, end, .. } => {

@@ -93,6 +93,9 @@ pub(crate) struct LineReader {
 }
 
 const CHUNK: usize = 64 * 1024;
+/// A new reader's buffer: most readers (a group refresh, a key lookup) read a record or
+/// two, and zero-filling a 64 KiB buffer for each of those dominated their cost.
+const FIRST_CHUNK: usize = 4 * 1024;
 
 impl LineReader {
     pub(crate) fn new(offset: u64, limit: usize) -> Self {
@@ -103,6 +106,13 @@ impl LineReader {
             buf_off: offset,
             limit,
         }
+    }
+
+    /// Starts over at `offset`, keeping the buffer's allocation.
+    pub(crate) fn reset(&mut self, offset: u64) {
+        self.start = 0;
+        self.end = 0;
+        self.buf_off = offset;
     }
 
     /// File offset of the next unconsumed byte.
@@ -138,14 +148,19 @@ impl LineReader {
                 self.start = 0;
             }
             if self.end == self.buf.len() {
-                let want = (self.buf.len() * 2).clamp(CHUNK, self.limit + CHUNK);
+                let want = (self.buf.len() * 2).clamp(FIRST_CHUNK, self.limit + CHUNK);
                 self.buf.resize(want, 0);
             }
+            let room = self.buf.len() - self.end;
             let n = read_at_retry(
                 file,
                 &mut self.buf[self.end..],
                 self.buf_off + self.end as u64,
             )?;
+            if n == room && self.buf.len() < CHUNK {
+                // Streaming: read in larger chunks from now on.
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
             if n == 0 {
                 if self.end == self.start {
                     return Ok(Line::Eof);

@@ -1005,7 +1005,6 @@ fn watch(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Failur
     let max = args.max.unwrap_or(usize::MAX);
     let retry = secs(args.retry_delay)?;
     let patience = idle.unwrap_or(Duration::from_secs(3600));
-    let mut handled = 0;
     match &args.group {
         Some(group) => {
             if !args.kinds.is_empty() || args.from_seq.is_some() {
@@ -1020,19 +1019,12 @@ fn watch(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Failur
             if let Some(v) = args.visibility {
                 rx = rx.visibility(secs(v)?);
             }
-            while handled < max {
-                let next = match timed_out(rx.recv_timeout(patience))? {
+            pump(max, idle.is_some(), out, || {
+                Ok(match timed_out(rx.recv_timeout(patience))? {
                     Some(d) => Some(handle_delivery(&d, args.exec.as_deref(), retry)?),
                     None => None,
-                };
-                match next {
-                    Some(line) => emit(out, &line)?,
-                    None if idle.is_some() => break,
-                    None => continue,
-                }
-                out.flush().ok();
-                handled += 1;
-            }
+                })
+            })?;
         }
         None => {
             let mut rx = bus.follow_with(&[args.mailbox.as_str()], mode)?;
@@ -1042,23 +1034,39 @@ fn watch(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Failur
             for k in &args.kinds {
                 rx = rx.of_type(k);
             }
-            while handled < max {
-                let next = match timed_out(rx.recv_timeout(patience))? {
+            pump(max, idle.is_some(), out, || {
+                Ok(match timed_out(rx.recv_timeout(patience))? {
                     Some(env) => Some(handle_message(
                         &env.message,
                         &args.mailbox,
                         args.exec.as_deref(),
                     )?),
                     None => None,
-                };
-                match next {
-                    Some(line) => emit(out, &line)?,
-                    None if idle.is_some() => break,
-                    None => continue,
-                }
+                })
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Emits what `next` yields, one line each, until `max` lines, or until `next` times out
+/// when `stop_when_idle`.
+fn pump(
+    max: usize,
+    stop_when_idle: bool,
+    out: &mut impl Write,
+    mut next: impl FnMut() -> Result<Option<Value>, Failure>,
+) -> Result<(), Failure> {
+    let mut handled = 0;
+    while handled < max {
+        match next()? {
+            Some(line) => {
+                emit(out, &line)?;
                 out.flush().ok();
                 handled += 1;
             }
+            None if stop_when_idle => break,
+            None => {}
         }
     }
     Ok(())

@@ -284,7 +284,20 @@ impl Bus {
     ///
     /// [`Error::MailboxNotFound`], [`Error::InvalidName`], [`Error::Io`].
     pub fn follow(&self, mailboxes: &[&str]) -> Result<Follower> {
-        let opts = &self.inner.opts;
+        self.follow_mode(mailboxes, self.inner.opts.watch_mode)
+    }
+
+    /// Like [`follow`](Self::follow) with an explicit [`WatchMode`] (for example
+    /// [`WatchMode::Manual`] in tests).
+    ///
+    /// # Errors
+    ///
+    /// As [`follow`](Self::follow).
+    pub fn follow_with(&self, mailboxes: &[&str], mode: WatchMode) -> Result<Follower> {
+        self.follow_mode(mailboxes, mode)
+    }
+
+    fn follow_mode(&self, mailboxes: &[&str], mode: WatchMode) -> Result<Follower> {
         let mut sources = Vec::new();
         let mut dirs = Vec::new();
         for name in mailboxes {
@@ -298,24 +311,8 @@ impl Bus {
             sources,
             filter: Filter::new(),
             turn: 0,
-            watch: Watch::new(&dirs, opts.watch_mode, opts.poll_interval),
+            watch: Watch::new(&dirs, mode, self.inner.opts.poll_interval),
         })
-    }
-
-    /// Like [`follow`](Self::follow) with an explicit [`WatchMode`] (for example
-    /// [`WatchMode::Manual`] in tests).
-    ///
-    /// # Errors
-    ///
-    /// As [`follow`](Self::follow).
-    pub fn follow_with(&self, mailboxes: &[&str], mode: WatchMode) -> Result<Follower> {
-        let mut f = self.follow(mailboxes)?;
-        let dirs: Vec<_> = mailboxes
-            .iter()
-            .map(|n| self.inner.mailboxes_dir().join(n).join("log"))
-            .collect();
-        f.watch = Watch::new(&dirs, mode, self.inner.opts.poll_interval);
-        Ok(f)
     }
 }
 
