@@ -16,7 +16,11 @@ use crate::Message;
 
 /// Appends the JSON object of `m` without its opening `{` and without `seq` (which the
 /// caller adds under the lock), i.e. `"id":…,…}`.
-pub(crate) fn encode_tail(m: &Message, out: &mut Vec<u8>) {
+///
+/// # Errors
+///
+/// Only for what JSON cannot hold: an artifact path that is not UTF-8.
+pub(crate) fn encode_tail(m: &Message, out: &mut Vec<u8>) -> serde_json::Result<()> {
     out.extend_from_slice(b"\"id\":\"");
     let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
     out.extend_from_slice(m.id.hyphenated().encode_lower(&mut id).as_bytes());
@@ -37,11 +41,11 @@ pub(crate) fn encode_tail(m: &Message, out: &mut Vec<u8>) {
     opt(out, b",\"body\":", &m.body);
     if let Some(p) = &m.payload {
         out.extend_from_slice(b",\"payload\":");
-        serde_json::to_writer(&mut *out, p).expect("JSON values serialize");
+        serde_json::to_writer(&mut *out, p)?;
     }
     if !m.artifacts.is_empty() {
         out.extend_from_slice(b",\"artifacts\":");
-        serde_json::to_writer(&mut *out, &m.artifacts).expect("artifacts serialize");
+        serde_json::to_writer(&mut *out, &m.artifacts)?;
     }
     opt(out, b",\"correlation_id\":", &m.correlation_id);
     opt(out, b",\"causation_id\":", &m.causation_id);
@@ -51,9 +55,10 @@ pub(crate) fn encode_tail(m: &Message, out: &mut Vec<u8>) {
     }
     if !m.headers.is_empty() {
         out.extend_from_slice(b",\"headers\":");
-        serde_json::to_writer(&mut *out, &m.headers).expect("headers serialize");
+        serde_json::to_writer(&mut *out, &m.headers)?;
     }
     out.push(b'}');
+    Ok(())
 }
 
 /// A JSON string: copied as is when nothing in it needs escaping, else via serde_json.
@@ -78,8 +83,8 @@ fn needs_escape(bytes: &[u8]) -> bool {
     let mut chunks = bytes.chunks_exact(8);
     for chunk in &mut chunks {
         let x = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-        // A byte below 0x20 becomes zero after masking off bits 5-7 iff its top 3 bits
-        // are clear; test that with `x & 0xe0…` being zero per byte.
+        // A byte is below 0x20 iff its top 3 bits are clear: keep only those bits
+        // (`x & 0xe0…`) and look for a zero byte.
         let control = zero(x & 0xe0e0_e0e0_e0e0_e0e0);
         let quote = zero(x ^ (ONES * u64::from(b'"')));
         let backslash = zero(x ^ (ONES * u64::from(b'\\')));
@@ -175,12 +180,27 @@ mod tests {
         for m in [plain, full, NewMessage::new("t")] {
             let m = m.into_message("anonymous").unwrap();
             let mut fast = Vec::new();
-            encode_tail(&m, &mut fast);
+            encode_tail(&m, &mut fast).unwrap();
             assert_eq!(
                 String::from_utf8(fast).unwrap(),
                 String::from_utf8(serde_tail(&m)).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn a_path_json_cannot_hold_is_an_error_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/\xff.md"));
+        let m = NewMessage::new("t")
+            .artifact(Artifact {
+                path,
+                size: 1,
+                sha256: "00".repeat(32),
+            })
+            .into_message("a")
+            .unwrap();
+        assert!(encode_tail(&m, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -1046,7 +1046,9 @@ impl Group {
                 let Some(entry) = loaded.state.entries.get(&seq).cloned() else {
                     return Ok(None);
                 };
-                if entry.consumer.is_some() && entry.visible_at > now {
+                // Claimed by someone, or nacked with a delay not yet over; or out of
+                // deliveries (a normal claim dead-letters it).
+                if entry.visible_at > now || entry.attempt >= g.inner.meta.max_deliveries {
                     return Ok(None);
                 }
                 let message = read_at(&spec, entry.at, seq)?;

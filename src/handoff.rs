@@ -530,15 +530,20 @@ impl ReceivedHandoff {
         let reply = self.hold()?;
         if let Some(prior) = self.prior_answer(&reply)? {
             self.done()?;
-            return match prior.kind.as_str() {
-                ACCEPTED_TYPE => match &self.handoff.lease {
-                    Some(l) => self.bus.lease_info(&l.name),
-                    None => Ok(None),
-                },
-                _ => Err(self.already(&prior)),
+            return match prior {
+                // Our own earlier accept (we died before acking): report its lease.
+                Some(p) if p.kind == ACCEPTED_TYPE && p.from == agent => {
+                    Ok(match Answer::from_message(p) {
+                        Some(Answer::Accepted { lease, .. }) => lease,
+                        _ => None,
+                    })
+                }
+                other => Err(self.already(other.as_ref())),
             };
         }
         self.verify()?;
+        // Verifying may take a while: keep the claim before moving anything.
+        self.delivery.extend(self.delivery.group().visibility())?;
         let lease = match &self.handoff.lease {
             None => None,
             Some(l) => Some(self.take_lease(l, agent)?),
@@ -552,7 +557,19 @@ impl ReceivedHandoff {
                 "expires_at": info.expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
             });
         }
-        self.answer(&reply, ACCEPTED_TYPE, agent, payload)?;
+        if let Err(e) = self.answer(&reply, ACCEPTED_TYPE, agent, payload) {
+            // Someone else answered first: give the lease back to the sender.
+            if let (Some(l), Some(info)) = (&self.handoff.lease, &lease) {
+                let _ = self.bus.transfer_lease(
+                    &l.name,
+                    agent,
+                    info.token,
+                    &l.holder,
+                    Duration::from_secs(300),
+                );
+            }
+            return Err(e);
+        }
         self.done()?;
         Ok(lease)
     }
@@ -585,9 +602,9 @@ impl ReceivedHandoff {
         let reply = self.hold()?;
         if let Some(prior) = self.prior_answer(&reply)? {
             self.done()?;
-            return match prior.kind.as_str() {
-                REJECTED_TYPE => Ok(()),
-                _ => Err(self.already(&prior)),
+            return match prior {
+                Some(p) if p.kind == REJECTED_TYPE && p.from == agent => Ok(()),
+                other => Err(self.already(other.as_ref())),
             };
         }
         let payload = serde_json::json!({ "handoff": self.reference(), "reason": reason });
@@ -595,11 +612,15 @@ impl ReceivedHandoff {
         self.done()
     }
 
-    fn already(&self, prior: &Message) -> Error {
+    fn already(&self, prior: Option<&Message>) -> Error {
+        let reason = match prior {
+            Some(p) => format!("it was already answered ({} by {})", p.kind, p.from),
+            None => "it was already answered (that answer is no longer stored)".into(),
+        };
         Error::StaleDelivery {
             group: self.delivery.group().name().to_owned(),
             seq: self.message.seq,
-            reason: format!("it was already answered ({} by {})", prior.kind, prior.from),
+            reason,
         }
     }
 
@@ -616,17 +637,14 @@ impl ReceivedHandoff {
     }
 
     /// An answer already sent for this handoff (by an earlier attempt that died before
-    /// acking, or by another agent whose claim ran out).
-    fn prior_answer(&self, reply: &Mailbox) -> Result<Option<Message>> {
+    /// acking, or by another agent whose claim ran out): `Some(Some(answer))`, or
+    /// `Some(None)` when it was answered but the answer has been compacted away.
+    fn prior_answer(&self, reply: &Mailbox) -> Result<Option<Option<Message>>> {
         let Some((seq, _)) = reply.find_key(&self.answer_key())? else {
             return Ok(None);
         };
-        Ok(reply
-            .messages()
-            .from_seq(seq)
-            .next()
-            .transpose()?
-            .filter(|m| m.seq == seq))
+        let stored = reply.messages().from_seq(seq).find_map(|m| m.ok());
+        Ok(Some(stored.filter(|m| m.seq == seq)))
     }
 
     /// Keeps the claim while we work, so no other agent answers the same handoff.
@@ -654,7 +672,18 @@ impl ReceivedHandoff {
         if let Some(c) = &self.message.correlation_id {
             m = m.correlation_id(c);
         }
-        reply.send(m)?;
+        if reply.send(m)?.duplicate {
+            // Another answer got there between our check and our send.
+            if let Some(prior) = self.prior_answer(reply)? {
+                if prior
+                    .as_ref()
+                    .is_some_and(|p| p.kind == kind && p.from == agent)
+                {
+                    return Ok(());
+                }
+                return Err(self.already(prior.as_ref()));
+            }
+        }
         Ok(())
     }
 }

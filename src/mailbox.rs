@@ -329,7 +329,8 @@ impl Mailbox {
     fn prepare(&self, message: NewMessage) -> Result<Prepared> {
         let message = message.into_message(&self.inner.bus.opts.agent)?;
         let mut tail = Vec::with_capacity(256 + message.body.as_ref().map_or(0, String::len));
-        crate::encode::encode_tail(&message, &mut tail);
+        crate::encode::encode_tail(&message, &mut tail)
+            .map_err(|e| Error::InvalidMessage(format!("cannot encode the message: {e}")))?;
         let limit = self.inner.max_record_bytes;
         let size = record::encoded_len(u64::MAX, tail.len());
         if size > limit {

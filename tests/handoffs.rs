@@ -406,3 +406,33 @@ fn answering_by_seq_claims_only_that_handoff_and_burns_no_attempts() {
         .unwrap();
     assert_eq!(group.stats().unwrap().acked, 2);
 }
+
+#[test]
+fn a_second_agent_cannot_claim_success_for_someone_elses_accept() {
+    let (_dir, _root, bus) = setup();
+    bus.handoff("main").summary("s").send().unwrap();
+    let receiver = Bus::builder().agent("r2").open(bus.path()).unwrap();
+    let group = receiver
+        .mailbox("main")
+        .unwrap()
+        .group(HANDOFF_GROUP)
+        .unwrap();
+    // r1 accepted, then died before its ack landed.
+    let first = group
+        .claim_for("r1", 1, Duration::from_millis(200))
+        .unwrap()
+        .pop()
+        .unwrap();
+    let accepted = agentbus::NewMessage::new(agentbus::ACCEPTED_TYPE)
+        .from("r1")
+        .causation_id(first.message.id.to_string())
+        .idempotency_key(format!("handoff-answer/{}", first.message.id));
+    receiver.mailbox("writer").unwrap().send(accepted).unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+    match h.accept("r2") {
+        Err(Error::StaleDelivery { reason, .. }) => assert!(reason.contains("by r1"), "{reason}"),
+        other => panic!("expected StaleDelivery naming r1, got {other:?}"),
+    }
+}
