@@ -125,6 +125,13 @@ impl LineReader {
     }
 
     pub(crate) fn next(&mut self, file: &File) -> io::Result<Line> {
+        // Bytes of an unfinished line left from an earlier call were read then; a writer
+        // may since have cut them (torn-tail repair) and written another record there.
+        // Read the line afresh rather than gluing new bytes onto stale ones.
+        if self.start < self.end && memchr::memchr(b'\n', &self.buf[self.start..self.end]).is_none()
+        {
+            self.end = self.start;
+        }
         loop {
             if let Some(i) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
                 let (start, end) = (self.start, self.start + i);
@@ -395,6 +402,25 @@ torn-record-bytes",
         };
         assert_eq!(r.bytes(start, end), b"two");
         assert_eq!(r.next(&file).unwrap(), Line::Eof);
+    }
+
+    #[test]
+    fn stale_partial_bytes_after_a_complete_line_are_reread() {
+        // One read takes a complete line and the start of a torn one.
+        let (tmp, file) = file_with(b"one\ntorn-bytes");
+        let mut r = LineReader::new(0, 100);
+        assert!(matches!(r.next(&file).unwrap(), Line::Complete { .. }));
+        // A writer cuts the torn bytes and writes a longer record in their place.
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path())
+            .unwrap();
+        f.set_len(4).unwrap();
+        (&f).write_all(b"a-much-longer-record\n").unwrap();
+        let Line::Complete { start, end, .. } = r.next(&file).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.bytes(start, end), b"a-much-longer-record");
     }
 
     #[test]

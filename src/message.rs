@@ -38,8 +38,13 @@ pub struct Message {
     /// Free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
-    /// Structured data, any JSON value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Structured data, any JSON value (`Some(Value::Null)` when the payload is JSON
+    /// `null`; `None` when there is none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub payload: Option<serde_json::Value>,
     /// Files the message refers to, with their size and SHA-256 at send time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -59,6 +64,12 @@ pub struct Message {
     /// Free-form string headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+}
+
+/// A member that is present is `Some`, even when it is `null` (serde's default reads a
+/// present `null` as `None`, which would turn a `null` payload into no payload).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 fn is_zero(n: &i32) -> bool {

@@ -327,3 +327,64 @@ fn a_record_after_a_seq_gap_is_reported_then_delivered() {
     assert_eq!(items[2].as_ref().unwrap().body.as_deref(), Some("four"));
     assert_eq!(mb.send(NewMessage::new("t")).unwrap().seq, 5);
 }
+
+#[test]
+fn doctor_checks_key_index_group_state_and_lease_files_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").idempotency_key("k")).unwrap();
+    let group = mb.create_group("g").unwrap();
+    group.claim_one("w").unwrap().unwrap().ack().unwrap();
+    let other = mb.create_group("g2").unwrap();
+    other.claim_one("w").unwrap().unwrap().ack().unwrap();
+    bus.lease("res").try_acquire().unwrap().release().unwrap();
+    assert!(bus.doctor(false).unwrap().problems.is_empty());
+
+    let flip = |path: std::path::PathBuf| {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let i = text.find("\"seq\":").unwrap() + 6;
+        let mut bytes = text.into_bytes();
+        bytes[i] = if bytes[i] == b'9' { b'8' } else { b'9' };
+        std::fs::write(&path, bytes).unwrap();
+    };
+    let bucket = std::fs::read_dir(mb.path().join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    flip(bucket.clone());
+    let state = mb.path().join("groups/g/state.0.jsonl");
+    flip(state.clone());
+    let lease = dir.path().join("leases/res.jsonl");
+    flip(lease.clone());
+    // A torn tail in an undamaged state file (a group writer died mid-append).
+    let torn = mb.path().join("groups/g2/state.0.jsonl");
+    append_raw(&torn, b"{\"seq\":9");
+
+    let report = bus.doctor(false).unwrap();
+    let damaged: Vec<_> = report
+        .problems
+        .iter()
+        .filter(|p| p.kind == ProblemKind::Damaged)
+        .map(|p| p.path.clone())
+        .collect();
+    for path in [&bucket, &state, &lease] {
+        assert!(
+            damaged.contains(path),
+            "{path:?} not reported: {:?}",
+            report.problems
+        );
+    }
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.kind == ProblemKind::TornTail && p.path == torn));
+    // Repair cuts the torn state tail; damage stays reported, never silently fixed.
+    let repaired = bus.doctor(true).unwrap();
+    assert!(!repaired
+        .problems
+        .iter()
+        .any(|p| p.kind == ProblemKind::TornTail));
+    assert!(!repaired.is_clean());
+}

@@ -461,3 +461,25 @@ fn keys_written_by_outside_writers_are_deduplicated() {
             .duplicate
     );
 }
+
+#[test]
+fn payloads_read_back_exactly_including_null_and_extreme_floats() {
+    // Both found by the property tests.
+    let dir = tempfile::tempdir().unwrap();
+    let mb = flush_bus(dir.path()).create_mailbox("main").unwrap();
+    let cases = [
+        serde_json::Value::Null,
+        serde_json::json!(1.3018768194955705e299),
+        serde_json::json!({"x": [0.1, -2.5e-308, null]}),
+    ];
+    for p in &cases {
+        mb.send(NewMessage::new("t").payload(p.clone())).unwrap();
+    }
+    mb.send(NewMessage::new("t")).unwrap();
+    let got: Vec<_> = mb.messages().map(|m| m.unwrap().payload).collect();
+    assert_eq!(
+        got[..3],
+        cases.iter().cloned().map(Some).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(got[3], None);
+}

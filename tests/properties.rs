@@ -98,7 +98,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(40))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// Model: what was sent, what is held (claimed, unsettled), what was nacked (given
     /// back, waiting for redelivery) and what was acked.

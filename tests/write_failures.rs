@@ -88,3 +88,67 @@ fn limited_writer() {
         other => panic!("expected BatchIncomplete, got {other:?}"),
     }
 }
+
+/// A small tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_sends_cleanly_and_sending_resumes_once_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("small"), "512k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root); the RLIMIT_FSIZE test covers partial writes");
+        return;
+    };
+    let root = fs.0.join("bus");
+    let bus = Bus::builder()
+        .durability(Durability::Sync)
+        .init(&root)
+        .unwrap();
+    let mb = bus.create_mailbox("main").unwrap();
+    // Something to delete later, to free space.
+    let ballast = fs.0.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 128 * 1024]).unwrap();
+
+    let body = "z".repeat(20_000);
+    let mut stored = 0u64;
+    let err = loop {
+        match mb.send(NewMessage::new("fill").body(body.clone())) {
+            Ok(r) => stored = r.seq,
+            Err(e) => break e,
+        }
+        assert!(stored < 1_000, "the disk never filled up");
+    };
+    let os_error = err.io_error().and_then(std::io::Error::raw_os_error);
+    assert_eq!(os_error, Some(libc::ENOSPC), "expected ENOSPC, got {err}");
+    // Nothing partial is delivered; everything acknowledged is there.
+    let seqs: Vec<u64> = mb.messages().map(|m| m.unwrap().seq).collect();
+    assert_eq!(seqs, (1..=stored).collect::<Vec<_>>());
+    assert!(bus.doctor(false).unwrap().is_clean());
+
+    std::fs::remove_file(&ballast).unwrap();
+    let r = mb
+        .send(NewMessage::new("after").body("space again"))
+        .unwrap();
+    assert_eq!(r.seq, stored + 1);
+    assert!(bus.doctor(false).unwrap().problems.is_empty());
+    drop(bus);
+}

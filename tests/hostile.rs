@@ -1,0 +1,151 @@
+//! Hostile directory contents: symlinks planted where bus files should be, files
+//! replaced by directories. Each gives a typed error, nothing outside the bus is
+//! touched, and nothing already stored is lost.
+
+use std::os::unix::fs::symlink;
+use std::time::Duration;
+
+use agentbus::{Bus, Durability, Error, NewMessage};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    victim: std::path::PathBuf,
+    bus: Bus,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("bus");
+    let bus = Bus::builder()
+        .durability(Durability::Flush)
+        .init(&root)
+        .unwrap();
+    let main = bus.create_mailbox("main").unwrap();
+    main.send(NewMessage::new("t").body("precious message"))
+        .unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "outside the bus").unwrap();
+    Setup {
+        _dir: dir,
+        root,
+        victim,
+        bus,
+    }
+}
+
+impl Setup {
+    /// The victim file is untouched and the stored message is still there.
+    fn intact(&self) {
+        assert_eq!(
+            std::fs::read_to_string(&self.victim).unwrap(),
+            "outside the bus"
+        );
+        let first = self
+            .bus
+            .mailbox("main")
+            .unwrap()
+            .messages()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.body.as_deref(), Some("precious message"));
+    }
+
+    fn replace_with_symlink(&self, path: &std::path::Path) {
+        let _ = std::fs::remove_file(path);
+        symlink(&self.victim, path).unwrap();
+    }
+}
+
+fn is_io(e: &Error) -> bool {
+    matches!(e, Error::Io { .. })
+}
+
+#[test]
+fn a_symlinked_lock_file_is_refused() {
+    let s = setup();
+    s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
+    let e = s.bus.mailbox("main").unwrap_err();
+    assert!(is_io(&e), "{e:?}");
+    s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
+    std::fs::remove_file(s.root.join("mailboxes/main/lock")).unwrap();
+    s.intact();
+}
+
+#[test]
+fn a_symlinked_key_bucket_is_refused() {
+    let s = setup();
+    let mb = s.bus.mailbox("main").unwrap();
+    mb.send(NewMessage::new("t").idempotency_key("k")).unwrap();
+    let bucket = std::fs::read_dir(s.root.join("mailboxes/main/keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    s.replace_with_symlink(&bucket);
+    let e = mb
+        .send(NewMessage::new("t").idempotency_key("k"))
+        .unwrap_err();
+    assert!(is_io(&e), "{e:?}");
+    s.intact();
+}
+
+#[test]
+fn a_segment_replaced_by_a_directory_is_an_error_for_writers_and_readers() {
+    let s = setup();
+    let seg = s.root.join("mailboxes/main/log/00000000000000000001.jsonl");
+    let saved = std::fs::read(&seg).unwrap();
+    std::fs::remove_file(&seg).unwrap();
+    std::fs::create_dir(&seg).unwrap();
+    let fresh = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
+    assert!(is_io(&fresh.send(NewMessage::new("t")).unwrap_err()));
+    assert!(fresh.messages().next().unwrap().is_err());
+    // Put it back: nothing was lost.
+    std::fs::remove_dir(&seg).unwrap();
+    std::fs::write(&seg, saved).unwrap();
+    s.intact();
+}
+
+#[test]
+fn symlinked_group_and_lease_files_are_refused() {
+    let s = setup();
+    let mb = s.bus.mailbox("main").unwrap();
+    let outside = s.victim.parent().unwrap().join("outside-group");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::create_dir_all(s.root.join("mailboxes/main/groups")).unwrap();
+    symlink(&outside, s.root.join("mailboxes/main/groups/evil")).unwrap();
+    assert!(is_io(&mb.group("evil").unwrap_err()));
+    assert!(!mb.groups().unwrap().contains(&"evil".to_owned()));
+
+    s.bus.lease("res").try_acquire().unwrap().release().unwrap();
+    s.replace_with_symlink(&s.root.join("leases/res.jsonl"));
+    let e = s
+        .bus
+        .lease("res")
+        .ttl(Duration::from_secs(1))
+        .try_acquire()
+        .unwrap_err();
+    assert!(is_io(&e), "{e:?}");
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote outside the bus"
+    );
+    s.intact();
+}
+
+#[test]
+fn a_marker_or_metadata_file_replaced_by_garbage_is_reported() {
+    let s = setup();
+    std::fs::write(s.root.join("mailboxes/main/mailbox.json"), "{not json").unwrap();
+    match s.bus.mailbox("main") {
+        Err(Error::Corrupt { path, .. }) => assert!(path.ends_with("mailbox.json")),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    std::fs::write(s.root.join("agentbus.json"), "[]").unwrap();
+    assert!(matches!(Bus::open(&s.root), Err(Error::Corrupt { .. })));
+    assert_eq!(
+        std::fs::read_to_string(&s.victim).unwrap(),
+        "outside the bus"
+    );
+}
