@@ -221,7 +221,14 @@ mod tests {
 
     #[test]
     fn ids_are_version_7_unique_and_strictly_increasing() {
-        let now = 1_763_000_000_000;
+        // Ids are monotonic process-wide: other tests running in parallel take ids at
+        // the real time, so use a time ahead of it (a time behind it would be treated
+        // as a clock that went backwards, correctly, and keep the later timestamp).
+        let real_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let now = real_ms + 30 * 86_400_000;
         let ids: Vec<Uuid> = (0..10_000).map(|i| new_id(now + i / 1000)).collect();
         assert!(ids.iter().all(|u| u.get_version_num() == 7));
         assert!(ids
@@ -229,6 +236,10 @@ mod tests {
             .all(|u| u.get_variant() == uuid::Variant::RFC4122));
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         // The timestamp is the millisecond given.
+        assert!(
+            new_id(now - 5_000) > ids[9_999],
+            "a clock going back keeps ids increasing"
+        );
         let (secs, nanos) = ids[0].get_timestamp().unwrap().to_unix();
         assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, now);
     }
