@@ -1337,7 +1337,11 @@ impl Group {
                 .and_then(|n| n.strip_prefix("state."))
                 .and_then(|n| n.strip_suffix(".jsonl"))
                 .and_then(|n| n.parse::<u64>().ok());
-            if gen.is_some_and(|g| g != cp.gen) {
+            // Also the temporary file of a checkpoint write that died half-way.
+            let stray_checkpoint = name
+                .to_str()
+                .is_some_and(|n| n.starts_with(".checkpoint.json.") && n.ends_with(".tmp"));
+            if gen.is_some_and(|g| g != cp.gen) || stray_checkpoint {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

@@ -309,7 +309,10 @@ impl Bus {
         // Releasing an expired lease nobody took over is harmless and allowed.
         check_holder(name, &state, holder, token, i64::MIN)?;
         let r = files.rec(&state, Op::Release, token, now);
-        files.append(self, &mut state, &r)
+        files.append(self, &mut state, &r)?;
+        // The liveness file of a released grant has nothing left to say.
+        let _ = std::fs::remove_file(files.alive(token));
+        Ok(())
     }
 
     /// Hands a lease held by `holder` with `token` to `to`, atomically: one new grant

@@ -866,3 +866,22 @@ fn a_group_created_after_compaction_starts_at_the_oldest_stored_message() {
     assert_eq!((stats.next_seq, stats.lag), (oldest, 60 - oldest + 1));
     assert_eq!(claim_all(&late), (oldest..=60).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_checkpoint_write_that_died_half_way_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    mb.create_group("g").unwrap();
+    let gdir = mb.path().join("groups/g");
+    std::fs::write(gdir.join(".checkpoint.json.0123abcd.tmp"), b"{\"half").unwrap();
+    send_n(&mb, 1);
+    let fresh = Bus::open(dir.path())
+        .unwrap()
+        .mailbox("jobs")
+        .unwrap()
+        .group("g")
+        .unwrap();
+    assert_eq!(fresh.claim_one("w").unwrap().unwrap().seq(), 1);
+    assert!(!gdir.join(".checkpoint.json.0123abcd.tmp").exists());
+}

@@ -414,3 +414,23 @@ fn waiting_for_a_lease_or_a_message_sleeps_instead_of_spinning() {
         "recv burned {cpu:?} of CPU"
     );
 }
+
+#[test]
+fn released_and_superseded_grants_leave_no_liveness_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::init(dir.path()).unwrap();
+    for _ in 0..3 {
+        bus.lease("job")
+            .process_bound(true)
+            .try_acquire()
+            .unwrap()
+            .release()
+            .unwrap();
+    }
+    let alive: Vec<_> = std::fs::read_dir(dir.path().join("leases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".alive"))
+        .collect();
+    assert!(alive.is_empty(), "{alive:?}");
+}
