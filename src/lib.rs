@@ -3,11 +3,24 @@
 //! Crash-safe coordination for AI agent processes on one machine, over a directory of
 //! append-only JSON-lines files.
 //!
-//! - A [`Mailbox`] is a named, append-only log of [`Message`]s. Any number of threads
-//!   and processes send to it at once; each gets a [`Receipt`] with a unique `id` and a
-//!   gap-free `seq`. Reading ([`Mailbox::messages`]) never changes state.
-//! - A [`Bus`] is the directory that holds mailboxes. Mailboxes are created explicitly:
-//!   sending to a misspelled name is an error listing the names that exist.
+//! - A [`Bus`] is the directory. It holds mailboxes and leases.
+//! - A [`Mailbox`] is a named, append-only log of [`Message`]s. Any number of threads and
+//!   processes send to it at once, and each send gets a [`Receipt`] with a unique `id` and
+//!   a gap-free `seq`. Mailboxes are created explicitly: sending to a misspelled name is
+//!   an error listing the names that exist. Reading ([`Mailbox::messages`]) never changes
+//!   state.
+//! - A [`Group`] consumes a mailbox durably. Every group sees every message; the
+//!   consumers inside one group compete. A [`Delivery`] is acked, nacked, extended or
+//!   terminated. Claims run out and are redelivered, and after `max_deliveries` the
+//!   message goes to a dead-letter mailbox.
+//! - [`Follower`] and [`Consumer`] are receivers shaped like crossbeam-channel's
+//!   (`recv`, `recv_timeout`, `try_recv`, ...). They are woken by file-system events and
+//!   stay exact when events are lost. With the `tokio` feature they are also `async`.
+//! - A [`Lease`] is exclusive, expiring ownership of a named resource. Its fencing token
+//!   strictly increases forever. A process-bound lease is freed the moment its holder dies.
+//! - A [`Handoff`] is a verified baton between agents. [`Bus::handoff`] sends one with
+//!   its artifacts pinned by size and SHA-256; the receiver verifies them, then accepts
+//!   (taking over the lease) or rejects with a reason the sender sees.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -59,6 +72,18 @@
 //!   ([`validate_name`]) so nothing escapes the directory; symlinks inside the bus are
 //!   not followed.
 //!
+//! - **At-least-once per group.** A message is done when it is acked; a claim that runs
+//!   out is redelivered with `attempt + 1`; ack, nack, term and dead-letter records
+//!   are durable. Delivery is in `seq` order per group, except redeliveries.
+//! - **No lost wake-ups.** Every wake-up re-reads from the receiver's durable position,
+//!   and a timer re-checks without events, so a lost event only delays delivery.
+//! - **Leases are exclusive and fenced.** At most one live holder; tokens strictly
+//!   increase across every grant; only the current token renews, releases or
+//!   transfers.
+//! - **Handoffs are verified** by size and SHA-256 before they are accepted.
+//!
+//! The README's *Guarantees and limits* names the test that proves each point and what
+//! is not promised (network file systems, writers that skip the lock protocol, ...).
 //! The on-disk format, for tools that write records directly, is in `FORMAT.md`.
 //!
 //! # Locking

@@ -20,7 +20,7 @@ pub(crate) struct Position {
     pub(crate) seq: u64,
 }
 
-/// An iterator over a mailbox's messages in `seq` order, from [`Mailbox::messages`].
+/// An iterator over a mailbox's messages in `seq` order, from [`Mailbox::messages`](crate::Mailbox::messages).
 ///
 /// Reading never changes state. A damaged record is yielded as an [`Error::Corrupt`]
 /// naming its file and line, and iteration continues after it; a final line still
