@@ -859,7 +859,19 @@ impl Group {
                 if out.len() >= max {
                     break;
                 }
-                let message = read_at(&spec, entry.at, seq)?;
+                let message = match read_at(&spec, entry.at, seq) {
+                    Ok(m) => m,
+                    // Damaged (or gone) since it was delivered: it can never be delivered
+                    // again, so it is dead, with the reason, rather than a claim error
+                    // for ever.
+                    Err(Error::Corrupt { reason, .. }) => {
+                        let mut r = Rec::new(seq, Op::Dead, now);
+                        r.reason = Some(cap_reason(&format!("undeliverable: {reason}")));
+                        g.append(loaded, &[r])?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if entry.attempt >= g.inner.meta.max_deliveries {
                     let mut history = entry.history.clone();
                     if entry.consumer.is_some() {

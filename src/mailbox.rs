@@ -445,7 +445,6 @@ impl Mailbox {
         tail.len += committed as u64;
         tail.next_seq += count;
         let new_last = tail.next_seq - 1;
-        let tail_path = tail.path.clone();
         let stored = |r: &Receipt| !r.duplicate && r.seq <= new_last;
 
         // The messages are in the log; index their keys. Should that fail, the messages
@@ -471,12 +470,13 @@ impl Mailbox {
         match failure {
             None => Ok(receipts),
             Some(source) => {
+                let path = tail.path.clone();
                 let committed: Vec<Receipt> = receipts.into_iter().filter(stored).collect();
                 if committed.is_empty() {
-                    Err(Error::io("append", tail_path, source))
+                    Err(Error::io("append", path, source))
                 } else {
                     Err(Error::BatchIncomplete {
-                        path: tail_path,
+                        path,
                         committed,
                         source,
                     })

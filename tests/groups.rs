@@ -885,3 +885,27 @@ fn a_checkpoint_write_that_died_half_way_leaves_nothing_behind() {
     assert_eq!(fresh.claim_one("w").unwrap().unwrap().seq(), 1);
     assert!(!gdir.join(".checkpoint.json.0123abcd.tmp").exists());
 }
+
+#[test]
+fn a_delivered_message_damaged_afterwards_is_counted_dead_not_a_claim_error_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group("g").unwrap();
+    send_n(&mb, 2);
+    let d = group.claim_one("w").unwrap().unwrap();
+    d.nack(Duration::ZERO, Some("later")).unwrap();
+    // The record of seq 1 is damaged after it was delivered.
+    let seg = mb.path().join("log/00000000000000000001.jsonl");
+    let text = std::fs::read_to_string(&seg).unwrap();
+    let first = text.lines().next().unwrap().to_owned();
+    std::fs::write(
+        &seg,
+        text.replacen(&first, &first.replace("\"0\"", "\"X\""), 1),
+    )
+    .unwrap();
+    let next = group.claim("w", 10).unwrap();
+    assert_eq!(next.iter().map(|d| d.seq()).collect::<Vec<_>>(), [2]);
+    let stats = group.stats().unwrap();
+    assert_eq!((stats.dead, stats.in_flight), (1, 1));
+}
