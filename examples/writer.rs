@@ -22,9 +22,8 @@ pub fn run(root: &Path) -> Result<()> {
     let lease = bus
         .lease("chapter-1")
         .ttl(Duration::from_secs(120))
-        .try_acquire()?
-        .keep();
-    println!("[writer]  took lease chapter-1 (token {})", lease.token);
+        .try_acquire()?;
+    println!("[writer]  took lease chapter-1 (token {})", lease.token());
 
     let draft = root.parent().unwrap_or(root).join("chapter-1.md");
     std::fs::write(
@@ -39,7 +38,7 @@ pub fn run(root: &Path) -> Result<()> {
         .remaining("paragraphs 2-5")
         .next_step("review the opening for tone")
         .artifact(&draft)
-        .lease("chapter-1", "writer", lease.token)
+        .with_lease(lease)
         .correlation_id("book-1/chapter-1")
         .send()?;
     println!(

@@ -213,7 +213,9 @@ impl HandoffBuilder<'_> {
         self
     }
 
-    /// Passes a lease the sender holds; accepting the handoff moves it to the receiver.
+    /// Passes a lease the sender holds, by name, holder and token; accepting the handoff
+    /// moves it to the receiver. With a [`Lease`](crate::Lease) in hand, prefer
+    /// [`with_lease`](Self::with_lease): dropping a `Lease` releases it.
     pub fn lease(mut self, name: &str, holder: &str, token: u64) -> Self {
         self.handoff.lease = Some(LeaseRef {
             name: name.to_owned(),
@@ -221,6 +223,26 @@ impl HandoffBuilder<'_> {
             token,
         });
         self
+    }
+
+    /// Passes `lease` along, taking it by value so it cannot be released when the
+    /// sender drops it (it stays held, by token, until the receiver accepts and takes
+    /// it over, or it expires).
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let bus = agentbus::Bus::builder().agent("writer").init(dir.path())?;
+    /// bus.create_mailbox("main")?;
+    /// let lease = bus.lease("chapter-1").try_acquire()?;
+    /// bus.handoff("main").summary("over to you").with_lease(lease).send()?;
+    /// assert_eq!(bus.lease_info("chapter-1")?.unwrap().holder.as_deref(), Some("writer"));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_lease(self, lease: crate::Lease) -> Self {
+        let (name, holder) = (lease.name().to_owned(), lease.holder().to_owned());
+        let token = lease.keep().token;
+        self.lease(&name, &holder, token)
     }
 
     /// The mailbox for the answer (created if missing); default: the sender's name.
