@@ -17,6 +17,34 @@ fn flush_bus(dir: &std::path::Path) -> Bus {
         .unwrap()
 }
 
+/// A bus whose mailboxes roll over every `bytes`, so tests can work across segments.
+fn segmented_bus(dir: &std::path::Path, bytes: u64) -> Bus {
+    Bus::builder()
+        .durability(Durability::Flush)
+        .segment_bytes(bytes)
+        .init(dir)
+        .unwrap()
+}
+
+/// Sends `n` messages one by one (a batch never rolls over in the middle).
+fn send_each(mb: &agentbus::Mailbox, n: usize) {
+    for i in 0..n {
+        mb.send(NewMessage::new("job").body(format!("{i:0>60}")))
+            .unwrap();
+    }
+}
+
+/// The names of a group's state files (`state.<generation>.jsonl`), sorted.
+fn state_files(group_dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(group_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("state."))
+        .collect();
+    v.sort();
+    v
+}
+
 fn send_n(mb: &agentbus::Mailbox, n: usize) {
     let batch: Vec<_> = (0..n)
         .map(|i| NewMessage::new("job").body(i.to_string()))
@@ -152,11 +180,7 @@ fn four_worker_processes_drain_10000_messages_each_acked_exactly_once() {
         (0, 0, 0)
     );
     // The state was checkpointed and rotated along the way.
-    let gen_files: Vec<_> = std::fs::read_dir(root.join("mailboxes/jobs/groups/workers"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("state."))
-        .collect();
+    let gen_files = state_files(&root.join("mailboxes/jobs/groups/workers"));
     assert_eq!(gen_files.len(), 1, "{gen_files:?}");
     assert_ne!(
         gen_files[0], "state.0.jsonl",
@@ -471,16 +495,7 @@ fn state_survives_rotation_reopening_and_an_interrupted_rotation() {
     }
     let held = group.claim("w", 5).unwrap();
     let gdir = mb.path().join("groups/g");
-    let gen = |dir: &std::path::Path| -> Vec<String> {
-        let mut v: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.starts_with("state."))
-            .collect();
-        v.sort();
-        v
-    };
-    let files = gen(&gdir);
+    let files = state_files(&gdir);
     assert_eq!(files.len(), 1);
     assert_ne!(files[0], "state.0.jsonl");
     let checkpoint_size = std::fs::metadata(gdir.join("checkpoint.json"))
@@ -513,7 +528,7 @@ fn state_survives_rotation_reopening_and_an_interrupted_rotation() {
         .unwrap();
     std::fs::write(gdir.join(format!("state.{}.jsonl", n + 1)), b"").unwrap();
     held[0].ack().unwrap();
-    assert_eq!(gen(&gdir), files);
+    assert_eq!(state_files(&gdir), files);
     let after = fresh.stats().unwrap();
     assert_eq!((after.acked, after.in_flight), (6_001, 4));
     assert_eq!(fresh.claim_one("w").unwrap().unwrap().seq(), 6_006);
@@ -522,11 +537,7 @@ fn state_survives_rotation_reopening_and_an_interrupted_rotation() {
 #[test]
 fn compaction_removes_settled_segments_and_keeps_readers_going() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(4096)
-        .init(dir.path())
-        .unwrap();
+    let bus = segmented_bus(dir.path(), 4096);
     let mb = bus.create_mailbox("jobs").unwrap();
     let fast = mb.create_group("fast").unwrap();
     let slow = mb.create_group("slow").unwrap();
@@ -624,11 +635,7 @@ fn a_handle_that_slept_through_several_rotations_catches_up() {
     for _ in 0..2_000 {
         busy.claim_one("busy").unwrap().unwrap().ack().unwrap();
     }
-    let gen_file = std::fs::read_dir(mb.path().join("groups/g"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .find(|n| n.starts_with("state."))
-        .unwrap();
+    let gen_file = state_files(&mb.path().join("groups/g")).remove(0);
     let gen: u64 = gen_file["state.".len()..gen_file.len() - ".jsonl".len()]
         .parse()
         .unwrap();
@@ -732,17 +739,10 @@ fn a_duplicate_or_skipped_seq_loses_no_valid_message_in_a_group() {
 #[test]
 fn a_gap_between_segments_under_a_group_skips_exactly_the_missing_seqs() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(1024)
-        .init(dir.path())
-        .unwrap();
+    let bus = segmented_bus(dir.path(), 1024);
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
-    for i in 0..60 {
-        mb.send(NewMessage::new("job").body(format!("{i:0>60}")))
-            .unwrap();
-    }
+    send_each(&mb, 60);
     let mut segs: Vec<u64> = std::fs::read_dir(mb.path().join("log"))
         .unwrap()
         .map(|e| {
@@ -845,17 +845,10 @@ fn a_delivery_can_be_resumed_by_seq_and_attempt_only_while_it_is_current() {
 #[test]
 fn a_group_created_after_compaction_starts_at_the_oldest_stored_message() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(1024)
-        .init(dir.path())
-        .unwrap();
+    let bus = segmented_bus(dir.path(), 1024);
     let mb = bus.create_mailbox("jobs").unwrap();
     let first = mb.create_group("first").unwrap();
-    for i in 0..60 {
-        mb.send(NewMessage::new("job").body(format!("{i:0>60}")))
-            .unwrap();
-    }
+    send_each(&mb, 60);
     first.claim("w", 100).unwrap();
     first.ack_upto(60).unwrap();
     assert!(!mb.compact(None).unwrap().removed.is_empty());

@@ -49,6 +49,44 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf, Bus) {
     (dir, root, bus)
 }
 
+/// Sends a handoff with an artifact and the writer's lease on `task`; returns the sent
+/// handoff and the lease's token.
+fn send_leased(dir: &std::path::Path, bus: &Bus) -> (agentbus::SentHandoff, u64) {
+    let file = dir.join("a.md");
+    std::fs::write(&file, "x").unwrap();
+    let lease = bus.lease("task").try_acquire().unwrap();
+    let token = lease.token();
+    let sent = bus
+        .handoff("main")
+        .summary("s")
+        .artifact(&file)
+        .with_lease(lease)
+        .send()
+        .unwrap();
+    (sent, token)
+}
+
+/// The reviewer's view: its bus and the `handoffs` group of `main`.
+fn reviewer(bus: &Bus, agent: &str) -> (Bus, agentbus::Group) {
+    let receiver = Bus::builder().agent(agent).open(bus.path()).unwrap();
+    let group = receiver
+        .mailbox("main")
+        .unwrap()
+        .group(HANDOFF_GROUP)
+        .unwrap();
+    (receiver, group)
+}
+
+/// An answer as an earlier attempt would have left it: sent, but never acked.
+fn earlier_answer(receiver: &Bus, handoff: &agentbus::Message, kind: &str, from: &str) {
+    let answer = agentbus::NewMessage::new(kind)
+        .from(from)
+        .payload(serde_json::json!({"reason": "no"}))
+        .causation_id(handoff.id.to_string())
+        .idempotency_key(format!("handoff-answer/{}", handoff.id));
+    receiver.mailbox("writer").unwrap().send(answer).unwrap();
+}
+
 #[test]
 fn an_accepted_handoff_is_verified_and_moves_the_lease_to_the_receiver() {
     let (dir, root, bus) = setup();
@@ -197,35 +235,16 @@ fn empty_artifacts_are_refused_and_unanswered_handoffs_show_as_pending() {
 #[test]
 fn a_receiver_that_crashed_mid_accept_can_accept_again() {
     let (dir, _root, bus) = setup();
-    let file = dir.path().join("a.md");
-    std::fs::write(&file, "x").unwrap();
-    let lease = bus.lease("task").try_acquire().unwrap().keep();
-    bus.handoff("main")
-        .summary("s")
-        .artifact(&file)
-        .lease("task", "writer", lease.token)
-        .send()
-        .unwrap();
+    let (_sent, token) = send_leased(dir.path(), &bus);
     // First attempt: the lease moves, then the receiver "dies" before answering.
-    let receiver = Bus::builder().agent("reviewer").open(bus.path()).unwrap();
-    let group = receiver
-        .mailbox("main")
-        .unwrap()
-        .group(HANDOFF_GROUP)
-        .unwrap();
+    let (receiver, group) = reviewer(&bus, "reviewer");
     let d = group
         .claim_for("reviewer", 1, Duration::from_millis(1))
         .unwrap()
         .pop()
         .unwrap();
     receiver
-        .transfer_lease(
-            "task",
-            "writer",
-            lease.token,
-            "reviewer",
-            Duration::from_secs(60),
-        )
+        .transfer_lease("task", "writer", token, "reviewer", Duration::from_secs(60))
         .unwrap();
     drop(d);
     std::thread::sleep(Duration::from_millis(10));
@@ -234,7 +253,7 @@ fn a_receiver_that_crashed_mid_accept_can_accept_again() {
     let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
     let new = h.accept("reviewer").unwrap().unwrap();
     assert_eq!(new.holder.as_deref(), Some("reviewer"));
-    assert!(new.token > lease.token);
+    assert!(new.token > token);
 }
 
 #[test]
@@ -327,35 +346,15 @@ fn the_cli_sends_verifies_and_answers_handoffs() {
 #[test]
 fn an_accept_after_a_reject_is_refused_and_the_lease_stays() {
     let (dir, _root, bus) = setup();
-    let file = dir.path().join("a.md");
-    std::fs::write(&file, "x").unwrap();
-    let lease = bus.lease("task").try_acquire().unwrap().keep();
-    let sent = bus
-        .handoff("main")
-        .summary("s")
-        .artifact(&file)
-        .lease("task", "writer", lease.token)
-        .send()
-        .unwrap();
-    let receiver = Bus::builder().agent("reviewer").open(bus.path()).unwrap();
-    let group = receiver
-        .mailbox("main")
-        .unwrap()
-        .group(HANDOFF_GROUP)
-        .unwrap();
+    let (sent, _token) = send_leased(dir.path(), &bus);
+    let (receiver, group) = reviewer(&bus, "reviewer");
     // Reviewer 1 rejects, but its claim runs out before the ack lands (a crash).
     let short = group
         .claim_for("r1", 1, Duration::from_millis(200))
         .unwrap()
         .pop()
         .unwrap();
-    let reply = receiver.mailbox("writer").unwrap();
-    let answer = agentbus::NewMessage::new(agentbus::REJECTED_TYPE)
-        .from("r1")
-        .payload(serde_json::json!({"reason": "no"}))
-        .causation_id(short.message.id.to_string())
-        .idempotency_key(format!("handoff-answer/{}", short.message.id));
-    reply.send(answer).unwrap();
+    earlier_answer(&receiver, &short.message, agentbus::REJECTED_TYPE, "r1");
     std::thread::sleep(Duration::from_millis(250));
     // Reviewer 2 gets the redelivery and tries to accept: refused, lease untouched.
     let mut inbox = receiver.handoff_inbox("main").unwrap();
@@ -411,23 +410,14 @@ fn answering_by_seq_claims_only_that_handoff_and_burns_no_attempts() {
 fn a_second_agent_cannot_claim_success_for_someone_elses_accept() {
     let (_dir, _root, bus) = setup();
     bus.handoff("main").summary("s").send().unwrap();
-    let receiver = Bus::builder().agent("r2").open(bus.path()).unwrap();
-    let group = receiver
-        .mailbox("main")
-        .unwrap()
-        .group(HANDOFF_GROUP)
-        .unwrap();
+    let (receiver, group) = reviewer(&bus, "r2");
     // r1 accepted, then died before its ack landed.
     let first = group
         .claim_for("r1", 1, Duration::from_millis(200))
         .unwrap()
         .pop()
         .unwrap();
-    let accepted = agentbus::NewMessage::new(agentbus::ACCEPTED_TYPE)
-        .from("r1")
-        .causation_id(first.message.id.to_string())
-        .idempotency_key(format!("handoff-answer/{}", first.message.id));
-    receiver.mailbox("writer").unwrap().send(accepted).unwrap();
+    earlier_answer(&receiver, &first.message, agentbus::ACCEPTED_TYPE, "r1");
     std::thread::sleep(Duration::from_millis(250));
     let mut inbox = receiver.handoff_inbox("main").unwrap();
     let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
