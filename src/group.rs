@@ -201,6 +201,9 @@ pub(crate) struct Rec {
     /// that ends at `seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) first: Option<u64>,
+    /// For a `claim_range` record: the last seq of the range that starts at `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last: Option<u64>,
 }
 
 /// Reasons are kept short so that a state record always stays far below the state
@@ -222,6 +225,8 @@ fn cap_reason(reason: &str) -> String {
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Op {
     Claim,
+    /// New messages `seq..=last`, delivered to one consumer in one claim.
+    ClaimRange,
     Ack,
     AckUpto,
     Nack,
@@ -246,6 +251,7 @@ impl Rec {
             ts: None,
             reason: None,
             first: None,
+            last: None,
         }
     }
 
@@ -311,6 +317,35 @@ impl GroupState {
                 entry.attempt = attempt;
                 entry.consumer = r.consumer.clone();
                 entry.visible_at = r.until.unwrap_or(r.t);
+            }
+            Op::ClaimRange => {
+                let last = r.last.unwrap_or(r.seq);
+                if last < self.next {
+                    return;
+                }
+                for seq in r.seq.max(self.next)..=last {
+                    // The record does not keep each message's position: a redelivery
+                    // finds the message by seq instead.
+                    self.entries.insert(
+                        seq,
+                        Entry {
+                            attempt: 1,
+                            consumer: r.consumer.clone(),
+                            visible_at: r.until.unwrap_or(r.t),
+                            at: Position {
+                                segment: 0,
+                                offset: 0,
+                                line: 0,
+                                seq,
+                            },
+                            ts: r.ts.unwrap_or(r.t),
+                            history: Vec::new(),
+                        },
+                    );
+                    self.delivered += 1;
+                }
+                self.next = last + 1;
+                self.next_pos = r.next;
             }
             Op::Ack => {
                 if self.entries.remove(&r.seq).is_some() {
@@ -898,7 +933,10 @@ impl Group {
                 out.push((message, entry.attempt + 1));
             }
 
-            // Then new messages from the cursor.
+            // Then new messages from the cursor. Their claims are applied one by one
+            // (with each message's position), and written as one `claim_range` record
+            // per run of consecutive seqs.
+            let mut run: Vec<Rec> = Vec::new();
             while out.len() < max {
                 let reader = g.reader(loaded);
                 match reader.next() {
@@ -907,6 +945,7 @@ impl Group {
                         let mut r = Rec::new(message.seq, Op::Skip, now);
                         r.next = reader.cursor();
                         loaded.state.apply(&r);
+                        flush_run(&mut run, &mut records);
                         records.push(r);
                     }
                     Some(Ok(message)) => {
@@ -918,7 +957,7 @@ impl Group {
                         r.next = reader.cursor();
                         r.ts = Some(ts_ms(message.ts));
                         loaded.state.apply(&r);
-                        records.push(r);
+                        run.push(r);
                         out.push((message, 1));
                     }
                     Some(Err(Error::Corrupt { path, line, reason })) => {
@@ -936,11 +975,13 @@ impl Group {
                         )));
                         r.next = reader.cursor();
                         loaded.state.apply(&r);
+                        flush_run(&mut run, &mut records);
                         records.push(r);
                     }
                     Some(Err(e)) => return Err(e),
                 }
             }
+            flush_run(&mut run, &mut records);
             // New-message claims were applied as they were read (the reader moved on);
             // apply the redelivery claims now, then write everything at once.
             for r in &records {
@@ -1550,6 +1591,24 @@ impl NewMessage {
         m.headers.remove(DEAD_LETTER_HEADER);
         m
     }
+}
+
+/// Moves a run of new-message claims (consecutive seqs, one consumer, one deadline)
+/// into `records`: as it is for a single claim, as one `claim_range` record otherwise.
+fn flush_run(run: &mut Vec<Rec>, records: &mut Vec<Rec>) {
+    if run.len() < 2 {
+        records.append(run);
+        return;
+    }
+    let (first, last) = (&run[0], &run[run.len() - 1]);
+    let mut r = Rec::new(first.seq, Op::ClaimRange, first.t);
+    r.last = Some(last.seq);
+    r.consumer = first.consumer.clone();
+    r.until = first.until;
+    r.ts = first.ts;
+    r.next = last.next;
+    records.push(r);
+    run.clear();
 }
 
 /// Reads the message `seq`, starting the search at `at`.

@@ -902,3 +902,38 @@ fn a_delivered_message_damaged_afterwards_is_counted_dead_not_a_claim_error_fore
     let stats = group.stats().unwrap();
     assert_eq!((stats.dead, stats.in_flight), (1, 1));
 }
+
+#[test]
+fn a_batch_claim_is_one_record_and_its_messages_redeliver_from_another_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = segmented_bus(dir.path(), 2048);
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group("g").unwrap();
+    send_each(&mb, 50);
+    assert_eq!(group.claim("w", 50).unwrap().len(), 50);
+    let state = std::fs::read_to_string(
+        mb.path()
+            .join("groups/g")
+            .join(&state_files(&mb.path().join("groups/g"))[0]),
+    )
+    .unwrap();
+    assert_eq!(state.lines().count(), 1, "one claim_range record: {state}");
+    assert!(state.contains("\"op\":\"claim_range\""));
+
+    // Another process replays the range (without positions) and redelivers by seq.
+    let fresh = Bus::open(dir.path())
+        .unwrap()
+        .mailbox("jobs")
+        .unwrap()
+        .group("g")
+        .unwrap();
+    fresh.nack(37, Duration::ZERO, Some("again")).unwrap();
+    let d = fresh.claim_one("w2").unwrap().unwrap();
+    assert_eq!((d.seq(), d.attempt), (37, 2));
+    assert_eq!(
+        d.message.body.as_deref(),
+        Some(format!("{:0>60}", 36).as_str())
+    );
+    assert_eq!(fresh.ack_upto(50).unwrap(), 50);
+    assert_eq!(fresh.stats().unwrap().acked, 50);
+}
