@@ -5,7 +5,8 @@
 //! the folded state at the start of that file. When the state file grows past
 //! [`ROTATE_BYTES`], the holder of the group lock writes a checkpoint and starts the
 //! next generation, so opening a group reads one small checkpoint and a bounded tail,
-//! never the whole history.
+//! never the whole history. Other processes notice a rotation because the checkpoint's
+//! identity (inode and change time) is no longer the one they loaded.
 //!
 //! The in-memory state holds the cursor (`next`, the first never-delivered seq, and its
 //! byte position in the log) and one entry per delivered but unsettled message: its
@@ -255,10 +256,11 @@ impl Rec {
         }
     }
 
-    /// Records whose loss in a power cut would undo a settled outcome; claims and
-    /// extends are not among them (losing one only makes a redelivery come earlier).
+    /// Records whose loss in a power cut would undo a settled outcome. Claims and
+    /// extends are not among them (losing one only makes a redelivery come earlier),
+    /// nor are skips (the filter passes over the same messages again).
     fn needs_sync(&self) -> bool {
-        !matches!(self.op, Op::Claim | Op::Extend)
+        !matches!(self.op, Op::Claim | Op::ClaimRange | Op::Extend | Op::Skip)
     }
 }
 
@@ -477,6 +479,28 @@ struct Loaded {
     reader: Option<Messages>,
     /// Reads the state file; kept so each refresh does not allocate a buffer.
     lines: log::LineReader,
+    /// Which `checkpoint.json` this state was loaded from (or last wrote).
+    checkpoint: FileId,
+}
+
+/// The identity of a file: inode and change time. `checkpoint.json` is only ever
+/// replaced by an atomic rename, so its identity changes exactly when a rotation takes
+/// effect: one `stat` tells a process whether it must reload.
+/// (Size too, against a reused inode on a file system with coarse timestamps.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId(u64, i64, i64, u64);
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId(meta.ino(), meta.ctime(), meta.ctime_nsec(), meta.len())
+    }
+
+    fn at(path: &Path) -> Result<FileId> {
+        Ok(FileId::of(
+            &std::fs::symlink_metadata(path).ctx("stat", path)?,
+        ))
+    }
 }
 
 /// A message handed to a consumer by [`Group::claim`]. Settle it with
@@ -1365,11 +1389,11 @@ impl Group {
             None => self.load()?,
         };
         self.replay(&mut loaded)?;
-        // Another process rotated if our file is gone (one or more rotations completed)
-        // or a next generation exists (a rotation completed, or died, before removing
-        // our file): start again from the checkpoint.
-        let dir = &self.inner.dir;
-        if !loaded.path.exists() || state_path(dir, loaded.gen + 1).exists() {
+        // Another process rotated (once or more; completely, or dying after its new
+        // checkpoint was in place) if the checkpoint is not the one we loaded: start
+        // again from it. A rotation that died before its checkpoint changed nothing.
+        let checkpoint = self.inner.dir.join("checkpoint.json");
+        if FileId::at(&checkpoint)? != loaded.checkpoint {
             loaded = self.load()?;
             self.replay(&mut loaded)?;
         }
@@ -1378,7 +1402,16 @@ impl Group {
 
     fn load(&self) -> Result<Loaded> {
         let dir = &self.inner.dir;
-        let cp: Checkpoint = read_json(&dir.join("checkpoint.json"))?;
+        // Identify the checkpoint through the descriptor we read it from.
+        let cp_path = dir.join("checkpoint.json");
+        let cp_file = fsutil::open_read(&cp_path).ctx("open", &cp_path)?;
+        let checkpoint = FileId::of(&cp_file.metadata().ctx("stat", &cp_path)?);
+        let cp: Checkpoint =
+            serde_json::from_reader(io::BufReader::new(cp_file)).map_err(|e| Error::Corrupt {
+                path: cp_path.clone(),
+                line: 1,
+                reason: format!("not a valid checkpoint: {e}"),
+            })?;
         // Remove state files of other generations: older ones are covered by the
         // checkpoint; a newer one is left over from a rotation that died before its
         // checkpoint was written, and nothing was ever appended to it.
@@ -1408,6 +1441,7 @@ impl Group {
             off: cp.offset,
             reader: None,
             lines: log::LineReader::new(cp.offset, STATE_LINE_LIMIT),
+            checkpoint,
         })
     }
 
@@ -1523,6 +1557,9 @@ impl Group {
         loaded.file = file;
         loaded.path = path;
         loaded.off = 0;
+        // The checkpoint we just wrote; if it cannot be identified, the next refresh
+        // simply reloads it.
+        loaded.checkpoint = FileId::at(&dir.join("checkpoint.json")).unwrap_or(FileId(0, 0, 0, 0));
         Ok(())
     }
 
