@@ -1384,19 +1384,15 @@ impl Group {
 
     /// Brings the cached state up to date with the state file (or loads it).
     fn refresh<'c>(&self, cached: &'c mut Option<Loaded>) -> Result<&'c mut Loaded> {
-        let mut loaded = match cached.take() {
-            Some(l) => l,
-            None => self.load()?,
-        };
-        self.replay(&mut loaded)?;
         // Another process rotated (once or more; completely, or dying after its new
         // checkpoint was in place) if the checkpoint is not the one we loaded: start
         // again from it. A rotation that died before its checkpoint changed nothing.
         let checkpoint = self.inner.dir.join("checkpoint.json");
-        if FileId::at(&checkpoint)? != loaded.checkpoint {
-            loaded = self.load()?;
-            self.replay(&mut loaded)?;
-        }
+        let mut loaded = match cached.take() {
+            Some(l) if FileId::at(&checkpoint)? == l.checkpoint => l,
+            _ => self.load()?,
+        };
+        self.replay(&mut loaded)?;
         Ok(cached.insert(loaded))
     }
 
