@@ -6,7 +6,7 @@
 //! [`ROTATE_BYTES`], the holder of the group lock writes a checkpoint and starts the
 //! next generation, so opening a group reads one small checkpoint and a bounded tail,
 //! never the whole history. Other processes notice a rotation because the checkpoint's
-//! identity (inode and change time) is no longer the one they loaded.
+//! inode is no longer the one they loaded (which they keep open, so it is not reused).
 //!
 //! The in-memory state holds the cursor (`next`, the first never-delivered seq, and its
 //! byte position in the log) and one entry per delivered but unsettled message: its
@@ -481,25 +481,35 @@ struct Loaded {
     lines: log::LineReader,
     /// Which `checkpoint.json` this state was loaded from (or last wrote).
     checkpoint: FileId,
+    /// That checkpoint, kept open: while it is, its inode cannot be freed, so no later
+    /// checkpoint can get its number and `checkpoint` identifies it exactly.
+    _pinned: Option<File>,
 }
 
-/// The identity of a file: inode and change time. `checkpoint.json` is only ever
-/// replaced by an atomic rename, so its identity changes exactly when a rotation takes
-/// effect: one `stat` tells a process whether it must reload.
-/// (Size too, against a reused inode on a file system with coarse timestamps.)
+/// The identity of a file: device and inode. `checkpoint.json` is only ever replaced
+/// by an atomic rename, so its identity changes exactly when a rotation takes effect:
+/// one `stat` tells a process whether it must reload. The loaded checkpoint is kept
+/// open, so its inode number cannot be handed to a newer one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId(u64, i64, i64, u64);
+struct FileId(u64, u64);
 
 impl FileId {
     fn of(meta: &std::fs::Metadata) -> FileId {
         use std::os::unix::fs::MetadataExt;
-        FileId(meta.ino(), meta.ctime(), meta.ctime_nsec(), meta.len())
+        FileId(meta.dev(), meta.ino())
     }
 
     fn at(path: &Path) -> Result<FileId> {
         Ok(FileId::of(
             &std::fs::symlink_metadata(path).ctx("stat", path)?,
         ))
+    }
+
+    /// Opens `path` and identifies it through that descriptor (which pins it).
+    fn open(path: &Path) -> Result<(FileId, File)> {
+        let file = fsutil::open_read(path).ctx("open", path)?;
+        let id = FileId::of(&file.metadata().ctx("stat", path)?);
+        Ok((id, file))
     }
 }
 
@@ -1400,10 +1410,9 @@ impl Group {
         let dir = &self.inner.dir;
         // Identify the checkpoint through the descriptor we read it from.
         let cp_path = dir.join("checkpoint.json");
-        let cp_file = fsutil::open_read(&cp_path).ctx("open", &cp_path)?;
-        let checkpoint = FileId::of(&cp_file.metadata().ctx("stat", &cp_path)?);
+        let (checkpoint, cp_file) = FileId::open(&cp_path)?;
         let cp: Checkpoint =
-            serde_json::from_reader(io::BufReader::new(cp_file)).map_err(|e| Error::Corrupt {
+            serde_json::from_reader(io::BufReader::new(&cp_file)).map_err(|e| Error::Corrupt {
                 path: cp_path.clone(),
                 line: 1,
                 reason: format!("not a valid checkpoint: {e}"),
@@ -1438,6 +1447,7 @@ impl Group {
             reader: None,
             lines: log::LineReader::new(cp.offset, STATE_LINE_LIMIT),
             checkpoint,
+            _pinned: Some(cp_file),
         })
     }
 
@@ -1516,11 +1526,17 @@ impl Group {
         if loaded.off > ROTATE_BYTES {
             // The records are written; a failed rotation only postpones compaction of
             // the state file (the next write tries again), so it is not this call's error.
+            // It may have failed after its new checkpoint took effect, though: take the
+            // state from disk again, so no later write in this call goes to a file that
+            // is no longer current.
             if let Err(e) = self.rotate(loaded) {
                 ::log::warn!(
                     "agentbus: group {}: cannot rotate the state file: {e}",
                     self.name()
                 );
+                let mut fresh = self.load()?;
+                self.replay(&mut fresh)?;
+                *loaded = fresh;
             }
         }
         Ok(())
@@ -1553,9 +1569,18 @@ impl Group {
         loaded.file = file;
         loaded.path = path;
         loaded.off = 0;
-        // The checkpoint we just wrote; if it cannot be identified, the next refresh
-        // simply reloads it.
-        loaded.checkpoint = FileId::at(&dir.join("checkpoint.json")).unwrap_or(FileId(0, 0, 0, 0));
+        // The checkpoint we just wrote, pinned; if it cannot be opened, the next
+        // refresh simply reloads.
+        match FileId::open(&dir.join("checkpoint.json")) {
+            Ok((id, file)) => {
+                loaded.checkpoint = id;
+                loaded._pinned = Some(file);
+            }
+            Err(_) => {
+                loaded.checkpoint = FileId(0, 0);
+                loaded._pinned = None;
+            }
+        }
         Ok(())
     }
 
