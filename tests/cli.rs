@@ -3,25 +3,13 @@
 
 mod common;
 
+use common::ok;
+
 use std::io::Write;
 use std::process::{Output, Stdio};
 
 use agentbus::Bus;
 use serde_json::Value;
-
-fn ok(out: Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "status {:?}, stderr {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
-}
 
 fn fails(out: Output, code: i32) -> Value {
     assert_eq!(

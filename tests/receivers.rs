@@ -262,16 +262,7 @@ fn watch_streams_messages_as_json_lines() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = common::ok(out);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["body"], "two");
 }
@@ -311,16 +302,7 @@ fn watch_exec_acks_on_success_and_redelivers_on_failure() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let results = common::ok(out);
     let summary: Vec<_> = results
         .iter()
         .map(|r| {

@@ -76,3 +76,18 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Asserts that a CLI run succeeded and parses its stdout as JSON lines.
+pub fn ok(out: std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
