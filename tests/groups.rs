@@ -10,13 +10,6 @@ use std::time::{Duration, Instant};
 
 use agentbus::{Bus, Durability, Error, GroupOptions, NewMessage, StartAt, DEAD_LETTER_HEADER};
 
-fn flush_bus(dir: &std::path::Path) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .init(dir)
-        .unwrap()
-}
-
 /// A bus whose mailboxes roll over every `bytes`, so tests can work across segments.
 fn segmented_bus(dir: &std::path::Path, bytes: u64) -> Bus {
     Bus::builder()
@@ -57,7 +50,7 @@ fn send_n(mb: &agentbus::Mailbox, n: usize) {
 #[test]
 fn consumers_in_a_group_compete_and_every_group_sees_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("tasks").unwrap();
     let workers = mb.create_group("workers").unwrap();
     let audit = mb.create_group("audit").unwrap();
@@ -112,7 +105,7 @@ const MESSAGES: usize = 10_000;
 fn four_worker_processes_drain_10000_messages_each_acked_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("bus");
-    let bus = flush_bus(&root);
+    let bus = common::flush_bus(&root);
     let mb = bus.create_mailbox("jobs").unwrap();
     mb.create_group_with(
         "workers",
@@ -195,10 +188,7 @@ fn drain_worker() {
         return;
     }
     let worker = common::env("WORKER");
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .open(common::env("BUS"))
-        .unwrap();
+    let bus = common::open_flush_bus(common::env("BUS"));
     let group = bus.mailbox("jobs").unwrap().group("workers").unwrap();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
@@ -285,7 +275,7 @@ fn claim_and_hang() {
 #[test]
 fn a_message_that_always_fails_is_dead_lettered_with_its_history_and_can_be_replayed() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb
         .create_group_with("workers", GroupOptions::new().max_deliveries(3))
@@ -342,7 +332,7 @@ fn a_message_that_always_fails_is_dead_lettered_with_its_history_and_can_be_repl
 #[test]
 fn expired_claims_count_towards_max_deliveries() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb
         .create_group_with(
@@ -380,7 +370,7 @@ fn expired_claims_count_towards_max_deliveries() {
 #[test]
 fn nack_delay_extend_term_and_stale_deliveries() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     send_n(&mb, 3);
@@ -452,7 +442,7 @@ fn nack_delay_extend_term_and_stale_deliveries() {
 #[test]
 fn cumulative_ack_settles_everything_delivered_up_to_a_seq() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     send_n(&mb, 10);
@@ -471,7 +461,7 @@ fn cumulative_ack_settles_everything_delivered_up_to_a_seq() {
 #[test]
 fn a_group_created_at_the_end_skips_history() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("events").unwrap();
     send_n(&mb, 5);
     let late = mb
@@ -485,7 +475,7 @@ fn a_group_created_at_the_end_skips_history() {
 #[test]
 fn state_survives_rotation_reopening_and_an_interrupted_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     send_n(&mb, 12_000);
@@ -605,7 +595,7 @@ fn compaction_removes_settled_segments_and_keeps_readers_going() {
 #[test]
 fn stats_report_oldest_unacked_age_and_lag() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     assert_eq!(group.stats().unwrap().oldest_unacked_ms, None);
@@ -621,7 +611,7 @@ fn stats_report_oldest_unacked_age_and_lag() {
 #[test]
 fn a_handle_that_slept_through_several_rotations_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     mb.create_group("g").unwrap();
     send_n(&mb, 3_000);
@@ -693,7 +683,7 @@ fn claim_all(group: &agentbus::Group) -> Vec<u64> {
 #[test]
 fn damaged_records_under_a_group_are_counted_dead_and_never_block_it() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     send_n(&mb, 5);
@@ -713,7 +703,7 @@ fn damaged_records_under_a_group_are_counted_dead_and_never_block_it() {
 #[test]
 fn a_duplicate_or_skipped_seq_loses_no_valid_message_in_a_group() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     send_n(&mb, 3);
@@ -770,7 +760,7 @@ fn a_gap_between_segments_under_a_group_skips_exactly_the_missing_seqs() {
 #[test]
 fn a_group_started_at_the_end_gets_past_a_damaged_first_record() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     send_n(&mb, 3);
     let late = mb
@@ -786,7 +776,7 @@ fn a_group_started_at_the_end_gets_past_a_damaged_first_record() {
 #[test]
 fn a_huge_nack_reason_is_capped_and_does_not_wedge_the_group() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb
         .create_group_with("g", GroupOptions::new().max_deliveries(2))
@@ -826,7 +816,7 @@ fn a_huge_nack_reason_is_capped_and_does_not_wedge_the_group() {
 #[test]
 fn a_delivery_can_be_resumed_by_seq_and_attempt_only_while_it_is_current() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     send_n(&mb, 1);
@@ -870,7 +860,7 @@ fn a_group_created_after_compaction_starts_at_the_oldest_stored_message() {
 #[test]
 fn a_checkpoint_write_that_died_half_way_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     mb.create_group("g").unwrap();
     let gdir = mb.path().join("groups/g");
@@ -889,7 +879,7 @@ fn a_checkpoint_write_that_died_half_way_leaves_nothing_behind() {
 #[test]
 fn a_delivered_message_damaged_afterwards_is_counted_dead_not_a_claim_error_forever() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("jobs").unwrap();
     let group = mb.create_group("g").unwrap();
     send_n(&mb, 2);

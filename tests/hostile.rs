@@ -2,10 +2,12 @@
 //! replaced by directories. Each gives a typed error, nothing outside the bus is
 //! touched, and nothing already stored is lost.
 
+mod common;
+
 use std::os::unix::fs::symlink;
 use std::time::Duration;
 
-use agentbus::{Bus, Durability, Error, NewMessage};
+use agentbus::{Bus, Error, NewMessage};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -17,10 +19,7 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("bus");
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .init(&root)
-        .unwrap();
+    let bus = common::flush_bus(&root);
     let main = bus.create_mailbox("main").unwrap();
     main.send(NewMessage::new("t").body("precious message"))
         .unwrap();

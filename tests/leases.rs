@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agentbus::{Bus, Durability, Error};
+use agentbus::{Bus, Error};
 
 fn nanos() -> u128 {
     SystemTime::now()
@@ -88,10 +88,7 @@ fn contender() {
     if !common::is_child() {
         return;
     }
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .open(common::env("BUS"))
-        .unwrap();
+    let bus = common::open_flush_bus(common::env("BUS"));
     let holder = common::env("HOLDER");
     let n: usize = common::env("HOLDS").parse().unwrap();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -267,10 +264,7 @@ fn stale_tokens_are_refused_naming_the_real_holder() {
 #[test]
 fn tokens_keep_increasing_across_compaction_and_reopening() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .init(dir.path())
-        .unwrap();
+    let bus = common::flush_bus(dir.path());
     let mut last = 0;
     for i in 0..500 {
         let mut lease = bus

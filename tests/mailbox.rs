@@ -1,16 +1,11 @@
 //! Mailbox behaviour through the library: receipts, reading and filters, idempotent
 //! send, segment rollover, the format marker, permissions and symlinks.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 
 use agentbus::{Bus, Durability, Error, NewMessage};
-
-fn flush_bus(dir: &std::path::Path) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .init(dir)
-        .unwrap()
-}
 
 #[test]
 fn receipts_carry_contiguous_seqs_and_v7_ids() {
@@ -134,7 +129,7 @@ fn an_iterator_picks_up_messages_sent_after_it_ran_dry() {
 fn an_empty_newest_segment_ends_reading_and_is_written_into() {
     // A writer that dies right after rolling over leaves an empty segment behind.
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("main").unwrap();
     mb.send(NewMessage::new("t")).unwrap();
     std::fs::File::create(mb.path().join("log/00000000000000000002.jsonl")).unwrap();
@@ -206,7 +201,7 @@ fn writers_with_fresh_handles_continue_after_rollover() {
 #[test]
 fn a_repeated_idempotency_key_returns_the_original_receipt() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("main").unwrap();
     let first = mb
         .send(NewMessage::new("t").idempotency_key("job-7"))
@@ -256,7 +251,7 @@ fn a_repeated_idempotency_key_returns_the_original_receipt() {
 #[test]
 fn a_key_whose_index_entry_was_lost_in_a_crash_is_recovered() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("main").unwrap();
     let first = mb.send(NewMessage::new("t").idempotency_key("k")).unwrap();
     // Simulate a crash between the message append and the index append.
@@ -406,7 +401,7 @@ fn symlinks_inside_the_bus_are_not_followed() {
 #[test]
 fn keys_of_a_whole_batch_are_recovered_when_indexing_was_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("main").unwrap();
     let receipts = mb
         .send_batch([
@@ -435,7 +430,7 @@ fn keys_of_a_whole_batch_are_recovered_when_indexing_was_lost() {
 #[test]
 fn keys_written_by_outside_writers_are_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = flush_bus(dir.path());
+    let bus = common::flush_bus(dir.path());
     let mb = bus.create_mailbox("main").unwrap();
     mb.send(NewMessage::new("t").idempotency_key("first"))
         .unwrap();
@@ -466,7 +461,9 @@ fn keys_written_by_outside_writers_are_deduplicated() {
 fn payloads_read_back_exactly_including_null_and_extreme_floats() {
     // Both found by the property tests.
     let dir = tempfile::tempdir().unwrap();
-    let mb = flush_bus(dir.path()).create_mailbox("main").unwrap();
+    let mb = common::flush_bus(dir.path())
+        .create_mailbox("main")
+        .unwrap();
     let cases = [
         serde_json::Value::Null,
         serde_json::json!(1.3018768194955705e299),

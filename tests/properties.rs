@@ -3,19 +3,14 @@
 //! in a segment never panic a reader, `doctor` or the next writer; lease tokens only
 //! increase. (The fuzz target of the hardening issue, as proptest over arbitrary bytes.)
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::time::Duration;
 
 use agentbus::{Bus, Durability, Error, NewMessage};
 use proptest::prelude::*;
-
-fn flush_bus(dir: &std::path::Path) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .init(dir)
-        .unwrap()
-}
 
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
@@ -49,7 +44,7 @@ proptest! {
         correlation in proptest::option::of("[ -~]{1,40}"),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let mb = flush_bus(dir.path()).create_mailbox("m").unwrap();
+        let mb = common::flush_bus(dir.path()).create_mailbox("m").unwrap();
         let mut msg = NewMessage::new(kind.clone()).from(from.clone()).priority(priority);
         if let Some(s) = &subject { msg = msg.subject(s.clone()); }
         if let Some(b) = &body { msg = msg.body(b.clone()); }
@@ -259,7 +254,7 @@ proptest! {
     #[test]
     fn lease_tokens_only_increase(ops in prop::collection::vec(0u8..5, 1..60)) {
         let dir = tempfile::tempdir().unwrap();
-        let mut bus = flush_bus(dir.path());
+        let mut bus = common::flush_bus(dir.path());
         let mut last = 0u64;
         let mut held: Option<(String, u64)> = None;
         for (i, op) in ops.into_iter().enumerate() {

@@ -17,7 +17,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentbus::{Bus, Durability, GroupOptions, NewMessage, TryRecvError};
+use agentbus::{GroupOptions, NewMessage, TryRecvError};
 
 const ROLES: [&str; 6] = [
     "writer",
@@ -36,10 +36,7 @@ fn soak_with_sigkill_chaos_keeps_every_invariant() {
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("bus");
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .init(&root)
-        .unwrap();
+    let bus = common::flush_bus(&root);
     let jobs = bus.create_mailbox("jobs").unwrap();
     jobs.create_group_with(
         "workers",
@@ -86,10 +83,7 @@ fn soak_with_sigkill_chaos_keeps_every_invariant() {
 
     // Settle everything: a final send repairs any torn tail; a fresh consumer drains
     // what is left, including claims of killed consumers once they run out.
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .open(&root)
-        .unwrap();
+    let bus = common::open_flush_bus(&root);
     let jobs = bus.mailbox("jobs").unwrap();
     jobs.send(NewMessage::new("final")).unwrap();
     let group = jobs.group("workers").unwrap();
@@ -148,13 +142,6 @@ fn soak_with_sigkill_chaos_keeps_every_invariant() {
     );
 }
 
-fn child_bus() -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .open(common::env("BUS"))
-        .unwrap()
-}
-
 #[test]
 #[ignore = "runs only as a child process of the soak test"]
 fn soak_writer() {
@@ -162,7 +149,9 @@ fn soak_writer() {
         return;
     }
     let id = common::env("ID");
-    let jobs = child_bus().mailbox("jobs").unwrap();
+    let jobs = common::open_flush_bus(common::env("BUS"))
+        .mailbox("jobs")
+        .unwrap();
     let mut out = std::io::stdout().lock();
     for n in 0.. {
         // Restarted writers resend the same keys: idempotency keeps them single.
@@ -183,7 +172,7 @@ fn soak_consumer() {
         return;
     }
     let id = common::env("ID");
-    let group = child_bus()
+    let group = common::open_flush_bus(common::env("BUS"))
         .mailbox("jobs")
         .unwrap()
         .group("workers")
@@ -207,7 +196,7 @@ fn soak_contender() {
     if !common::is_child() {
         return;
     }
-    let bus = child_bus();
+    let bus = common::open_flush_bus(common::env("BUS"));
     let id = common::env("ID");
     let root = std::path::PathBuf::from(common::env("BUS"));
     let mut out = std::io::stdout().lock();

@@ -10,10 +10,7 @@ use agentbus::{Bus, Durability, Error, NewMessage};
 fn a_write_cut_short_by_a_file_size_limit_leaves_a_clean_log() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("bus");
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .init(&root)
-        .unwrap();
+    let bus = common::flush_bus(&root);
     let mb = bus.create_mailbox("main").unwrap();
     mb.send(NewMessage::new("before")).unwrap();
 
@@ -44,10 +41,7 @@ fn limited_writer() {
     if !common::is_child() {
         return;
     }
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .open(common::env("BUS"))
-        .unwrap();
+    let bus = common::open_flush_bus(common::env("BUS"));
     let mb = bus.mailbox("main").unwrap();
     let seg = mb.path().join("log/00000000000000000001.jsonl");
     let size = std::fs::metadata(&seg).unwrap().len();

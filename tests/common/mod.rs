@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use agentbus::{Bus, Durability};
+
 /// Environment variable that marks a process as a child spawned by a test.
 pub const CHILD_ENV: &str = "AGENTBUS_TEST_CHILD";
 
@@ -31,6 +33,23 @@ pub fn is_child() -> bool {
 
 pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"))
+}
+
+/// A new bus at `dir` that flushes every write without fsync: fast, and all a test
+/// needs unless it is about fsync itself.
+pub fn flush_bus(dir: impl AsRef<Path>) -> Bus {
+    Bus::builder()
+        .durability(Durability::Flush)
+        .init(dir)
+        .unwrap()
+}
+
+/// Opens the existing bus at `dir` with [`flush_bus`]'s durability.
+pub fn open_flush_bus(dir: impl AsRef<Path>) -> Bus {
+    Bus::builder()
+        .durability(Durability::Flush)
+        .open(dir)
+        .unwrap()
 }
 
 /// The `agentbus` binary built for these tests.
