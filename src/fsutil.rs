@@ -1,6 +1,7 @@
-//! Small file-system helpers: no-follow opens, explicit modes, directory fsync,
-//! atomic replace.
+//! Small file-system helpers: no-follow opens, explicit modes, `flock` guards,
+//! directory fsync, atomic replace.
 
+use std::borrow::Borrow;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -40,6 +41,31 @@ pub(crate) fn open_lock(path: &Path, mode: u32) -> Result<File> {
         OpenOptions::new().read(true).write(true),
         "open lock",
     )
+}
+
+/// An `flock` on a file (owned, or borrowed from a longer-lived handle), released when
+/// the guard drops.
+#[derive(Debug)]
+pub(crate) struct Flock<F: Borrow<File>>(F);
+
+impl<F: Borrow<File>> Flock<F> {
+    /// Blocks until `file` is locked exclusively.
+    pub(crate) fn exclusive(file: F, path: &Path) -> Result<Self> {
+        file.borrow().lock().ctx("lock", path)?;
+        Ok(Flock(file))
+    }
+
+    /// Blocks until `file` is locked shared.
+    pub(crate) fn shared(file: F, path: &Path) -> Result<Self> {
+        file.borrow().lock_shared().ctx("lock", path)?;
+        Ok(Flock(file))
+    }
+}
+
+impl<F: Borrow<File>> Drop for Flock<F> {
+    fn drop(&mut self) {
+        let _ = self.0.borrow().unlock();
+    }
 }
 
 fn open_or_create(

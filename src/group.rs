@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::error::IoContext;
+use crate::fsutil::Flock;
 use crate::log::{self, Line};
 use crate::read::Position;
 use crate::{
@@ -738,17 +739,16 @@ impl Mailbox {
     }
 
     /// Takes `groups/.lock` (exclusive when creating a group, shared when compacting).
-    pub(crate) fn groups_lock(&self, exclusive: bool) -> Result<crate::mailbox::LockGuard> {
+    pub(crate) fn groups_lock(&self, exclusive: bool) -> Result<Flock<File>> {
         let groups = self.path().join("groups");
         fsutil::create_dir(&groups, self.bus().opts.dir_mode)?;
         let path = groups.join(".lock");
         let file = fsutil::open_lock(&path, self.bus().opts.file_mode)?;
         if exclusive {
-            file.lock().ctx("lock", &path)?;
+            Flock::exclusive(file, &path)
         } else {
-            file.lock_shared().ctx("lock", &path)?;
+            Flock::shared(file, &path)
         }
-        Ok(crate::mailbox::LockGuard(file))
     }
 
     fn group_exists(&self, name: &str) -> Error {
@@ -1380,8 +1380,7 @@ impl Group {
     fn locked<R>(&self, f: impl FnOnce(&Group, &mut Loaded) -> Result<R>) -> Result<R> {
         let mut guard = self.lock_cache();
         let cache = &mut *guard;
-        cache.lock.lock().ctx("lock", &cache.lock_path)?;
-        let _unlock = crate::mailbox::Unlock(&cache.lock);
+        let _flock = Flock::exclusive(&cache.lock, &cache.lock_path)?;
         let result = self
             .refresh(&mut cache.loaded)
             .and_then(|loaded| f(self, loaded));

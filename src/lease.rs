@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::error::IoContext;
+use crate::fsutil::Flock;
 use crate::group::now_ms;
 use crate::log::{self, Line};
 use crate::watch::Watch;
@@ -615,14 +616,6 @@ struct LeaseFiles {
     dir_mode: u32,
 }
 
-struct Guard(File);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.unlock();
-    }
-}
-
 impl LeaseFiles {
     fn new(bus: &Bus, name: &str) -> LeaseFiles {
         LeaseFiles {
@@ -645,14 +638,13 @@ impl LeaseFiles {
         self.dir.join(format!("{}.{token}.alive", self.name))
     }
 
-    fn lock(&self) -> Result<Guard> {
+    fn lock(&self) -> Result<Flock<File>> {
         let path = self.lock_path();
         if !self.dir.exists() {
             fsutil::create_dir(&self.dir, self.dir_mode)?;
         }
         let f = fsutil::open_lock(&path, self.file_mode)?;
-        f.lock().ctx("lock", &path)?;
-        Ok(Guard(f))
+        Flock::exclusive(f, &path)
     }
 
     /// Reads the whole (small) lease file; cuts a torn tail (we hold the lock).

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::bus::{BusInner, FORMAT_VERSION};
 use crate::error::IoContext;
+use crate::fsutil::Flock;
 use crate::log::{self, Line};
 use crate::read::Messages;
 use crate::{fsutil, record, Error, NewMessage, Receipt, Result};
@@ -295,8 +296,7 @@ impl Mailbox {
     pub(crate) fn find_key(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
         let mut guard = self.lock_writer();
         let w = &mut *guard;
-        w.lock.lock().ctx("lock", &w.lock_path)?;
-        let _unlock = Unlock(&w.lock);
+        let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
         let last = self.sync_tail(&mut w.tail)?.next_seq - 1;
         let opts = &self.inner.bus.opts;
         let keys = KeyIndex {
@@ -318,8 +318,7 @@ impl Mailbox {
     pub(crate) fn with_append_lock<R>(&self, f: impl FnOnce() -> R) -> Result<R> {
         let mut guard = self.lock_writer();
         let w = &mut *guard;
-        w.lock.lock().ctx("lock", &w.lock_path)?;
-        let _unlock = Unlock(&w.lock);
+        let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
         let result = f();
         w.tail = None;
         Ok(result)
@@ -360,8 +359,7 @@ impl Mailbox {
         let opts = &inner.bus.opts;
         let mut guard = self.lock_writer();
         let w = &mut *guard;
-        w.lock.lock().ctx("lock", &w.lock_path)?;
-        let _unlock = Unlock(&w.lock);
+        let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
 
         let tail = self.sync_tail(&mut w.tail)?;
         let keys = KeyIndex {
@@ -553,16 +551,6 @@ impl Mailbox {
     }
 }
 
-/// An owned, locked file, unlocked on drop.
-#[derive(Debug)]
-pub(crate) struct LockGuard(pub(crate) File);
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        let _ = self.0.unlock();
-    }
-}
-
 /// The file's length. `lseek(SEEK_END)` is cheaper than `fstat` (which fills a whole
 /// `statx`), and the send path asks once per append. Moving the file offset is harmless:
 /// appends use `O_APPEND` and every read is positional.
@@ -574,14 +562,6 @@ fn file_len(file: &File) -> io::Result<u64> {
         Err(io::Error::last_os_error())
     } else {
         Ok(end as u64)
-    }
-}
-
-pub(crate) struct Unlock<'a>(pub(crate) &'a File);
-
-impl Drop for Unlock<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.unlock();
     }
 }
 
