@@ -298,18 +298,34 @@ impl Mailbox {
         let w = &mut *guard;
         let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
         let last = self.sync_tail(&mut w.tail)?.next_seq - 1;
+        let keys = self.key_index();
+        self.index_keys_through(&keys, &mut w.indexed, last)?;
+        keys.lookup(key)
+    }
+
+    fn key_index(&self) -> KeyIndex<'_> {
         let opts = &self.inner.bus.opts;
-        let keys = KeyIndex {
+        KeyIndex {
             dir: &self.inner.keys_dir,
             mode: opts.file_mode,
             sync: opts.sync(),
-        };
-        let from = w.indexed.unwrap_or_else(|| keys.scanned());
+        }
+    }
+
+    /// Indexes the keys of records up to `last` that no writer indexed (it died in
+    /// between, or it does not index: an outside writer). Called with the lock held.
+    fn index_keys_through(
+        &self,
+        keys: &KeyIndex<'_>,
+        indexed: &mut Option<u64>,
+        last: u64,
+    ) -> Result<()> {
+        let from = indexed.unwrap_or_else(|| keys.scanned());
         if from < last {
             keys.catch_up(&self.log_spec(), from, last)?;
         }
-        w.indexed = Some(last);
-        keys.lookup(key)
+        *indexed = Some(last);
+        Ok(())
     }
 
     /// Runs `f` while holding this mailbox's append lock (in-process mutex and `flock`),
@@ -362,21 +378,11 @@ impl Mailbox {
         let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
 
         let tail = self.sync_tail(&mut w.tail)?;
-        let keys = KeyIndex {
-            dir: &inner.keys_dir,
-            mode: opts.file_mode,
-            sync: opts.sync(),
-        };
+        let keys = self.key_index();
         let last = tail.next_seq - 1;
         let keyed = batch.iter().any(|p| p.key.is_some());
         if keyed {
-            // Keys of records that another writer appended but did not index (it died
-            // in between, or it does not index: an outside writer) are added first.
-            let from = w.indexed.unwrap_or_else(|| keys.scanned());
-            if from < last {
-                keys.catch_up(&self.log_spec(), from, last)?;
-            }
-            w.indexed = Some(last);
+            self.index_keys_through(&keys, &mut w.indexed, last)?;
         }
 
         w.buf.clear();
