@@ -1,12 +1,13 @@
 //! Consumer groups: durable, competing consumption of a mailbox.
 //!
-//! A group's state is a fold over append-only records (`claim`, `ack`, `ack_upto`,
-//! `nack`, `extend`, `term`, `dead`) in `state.<gen>.jsonl`, plus `checkpoint.json`,
-//! the folded state at the start of that file. When the state file grows past
-//! [`ROTATE_BYTES`], the holder of the group lock writes a checkpoint and starts the
-//! next generation, so opening a group reads one small checkpoint and a bounded tail,
-//! never the whole history. Other processes notice a rotation because the checkpoint's
-//! inode is no longer the one they loaded (which they keep open, so it is not reused).
+//! A group's state is a fold over append-only records (`claim`, `claim_range`, `ack`,
+//! `ack_upto`, `nack`, `extend`, `term`, `dead`, `skip`) in `state.<gen>.jsonl`, plus
+//! `checkpoint.json`, the folded state at the start of that file. When the state file
+//! grows past [`ROTATE_BYTES`], the holder of the group lock writes a checkpoint and
+//! starts the next generation, so opening a group reads one small checkpoint and a
+//! bounded tail, never the whole history. Other processes notice a rotation because the
+//! checkpoint's inode is no longer the one they loaded (which they keep open, so it is
+//! not reused).
 //!
 //! The in-memory state holds the cursor (`next`, the first never-delivered seq, and its
 //! byte position in the log) and one entry per delivered but unsettled message: its
@@ -142,8 +143,11 @@ pub(crate) struct Entry {
     pub(crate) visible_at: i64,
     /// Where the message starts in the log.
     pub(crate) at: Position,
-    /// The message's own timestamp (ms), for the oldest-unacked age.
-    pub(crate) ts: i64,
+    /// The message's own timestamp (ms), for the oldest-unacked age; `None` when the
+    /// state records do not say (all but the first message of a `claim_range`), and
+    /// then read from the log when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ts: Option<i64>,
     /// How earlier attempts ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) history: Vec<AttemptNote>,
@@ -304,7 +308,7 @@ impl GroupState {
                         line: 0,
                         seq: r.seq,
                     }),
-                    ts: r.ts.unwrap_or(r.t),
+                    ts: r.ts,
                     history: Vec::new(),
                 });
                 if attempt > 1 && entry.consumer.is_some() {
@@ -322,33 +326,19 @@ impl GroupState {
                 entry.visible_at = r.until.unwrap_or(r.t);
             }
             Op::ClaimRange => {
+                // Each message as if claimed alone, all at the first one's position (a
+                // redelivery reads forward from there to its seq).
                 let last = r.last.unwrap_or(r.seq);
-                if last < self.next {
-                    return;
-                }
                 for seq in r.seq.max(self.next)..=last {
-                    // The record does not keep each message's position: a redelivery
-                    // finds the message by seq instead.
-                    self.entries.insert(
-                        seq,
-                        Entry {
-                            attempt: 1,
-                            consumer: r.consumer.clone(),
-                            visible_at: r.until.unwrap_or(r.t),
-                            at: Position {
-                                segment: 0,
-                                offset: 0,
-                                line: 0,
-                                seq,
-                            },
-                            ts: r.ts.unwrap_or(r.t),
-                            history: Vec::new(),
-                        },
-                    );
-                    self.delivered += 1;
+                    let mut claim = Rec::new(seq, Op::Claim, r.t);
+                    claim.attempt = Some(1);
+                    claim.consumer = r.consumer.clone();
+                    claim.until = r.until;
+                    claim.at = r.at;
+                    claim.ts = r.ts.filter(|_| seq == r.seq);
+                    claim.next = r.next.filter(|_| seq == last);
+                    self.apply(&claim);
                 }
-                self.next = last + 1;
-                self.next_pos = r.next;
             }
             Op::Ack => {
                 if self.entries.remove(&r.seq).is_some() {
@@ -1318,8 +1308,9 @@ impl Group {
                 .count() as u64;
             let lag = (published + 1).saturating_sub(st.next);
             let waiting = st.entries.len() as u64 - in_flight;
-            let oldest_ts = match st.entries.values().next() {
-                Some(e) => Some(e.ts),
+            let oldest_ts = match st.entries.iter().next() {
+                Some((_, Entry { ts: Some(ts), .. })) => Some(*ts),
+                Some((&seq, e)) => read_at(&spec, e.at, seq).ok().map(|m| ts_ms(m.ts)),
                 None if lag > 0 => {
                     let mut reader = match st.next_pos {
                         Some(pos) if pos.seq == st.next => Messages::at(spec.clone(), pos),
@@ -1662,6 +1653,7 @@ fn flush_run(run: &mut Vec<Rec>, records: &mut Vec<Rec>) {
     r.last = Some(last.seq);
     r.consumer = first.consumer.clone();
     r.until = first.until;
+    r.at = first.at;
     r.ts = first.ts;
     r.next = last.next;
     records.push(r);
@@ -1683,4 +1675,49 @@ fn read_at(spec: &crate::mailbox::LogSpec, at: Position, seq: u64) -> Result<Mes
         line: at.line + 1,
         reason: format!("delivered message seq {seq} is no longer readable"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replayed `claim_range` gives every message the first one's log position (so a
+    /// redelivery reads forward from there, never the whole segment), the first one's
+    /// timestamp, and the cursor after the last.
+    #[test]
+    fn a_claim_range_replays_as_claims_at_its_first_position() {
+        let at = Position {
+            segment: 1,
+            offset: 4_096,
+            line: 20,
+            seq: 21,
+        };
+        let next = Position {
+            offset: 4_500,
+            line: 23,
+            seq: 24,
+            ..at
+        };
+        let mut r = Rec::new(21, Op::ClaimRange, 1_000);
+        r.last = Some(23);
+        r.consumer = Some("w".into());
+        r.until = Some(31_000);
+        r.at = Some(at);
+        r.next = Some(next);
+        r.ts = Some(900);
+        let mut state = GroupState::new(21);
+        state.apply(&r);
+
+        assert_eq!(
+            (state.next, state.next_pos, state.delivered),
+            (24, Some(next), 3)
+        );
+        let seqs: Vec<u64> = state.entries.keys().copied().collect();
+        assert_eq!(seqs, [21, 22, 23]);
+        for (seq, e) in &state.entries {
+            assert_eq!((e.attempt, e.consumer.as_deref()), (1, Some("w")));
+            assert_eq!((e.visible_at, e.at), (31_000, at));
+            assert_eq!(e.ts, (*seq == 21).then_some(900));
+        }
+    }
 }

@@ -934,3 +934,50 @@ fn a_batch_claim_is_one_record_and_its_messages_redeliver_from_another_handle() 
     assert_eq!(fresh.ack_upto(50).unwrap(), 50);
     assert_eq!(fresh.stats().unwrap().acked, 50);
 }
+
+#[test]
+fn a_batch_claim_replayed_by_another_handle_keeps_each_message_age_and_redelivers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = common::flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb
+        .create_group_with(
+            "g",
+            GroupOptions::new().visibility(Duration::from_millis(300)),
+        )
+        .unwrap();
+    mb.send(NewMessage::new("job").body("old")).unwrap();
+    std::thread::sleep(Duration::from_millis(1_000));
+    mb.send(NewMessage::new("job").body("new")).unwrap();
+    let batch = group.claim("w", 10).unwrap();
+    assert_eq!(batch.len(), 2);
+    let state = std::fs::read_to_string(
+        mb.path()
+            .join("groups/g")
+            .join(&state_files(&mb.path().join("groups/g"))[0]),
+    )
+    .unwrap();
+    assert!(state.contains(r#""op":"claim_range""#), "{state}");
+    batch[0].ack().unwrap();
+    let sent = batch[1].message.ts;
+
+    // Another handle (like another process) knows the batch only from its one record.
+    let other = Bus::open(dir.path())
+        .unwrap()
+        .mailbox("jobs")
+        .unwrap()
+        .group("g")
+        .unwrap();
+    let oldest = other.stats().unwrap().oldest_unacked_ms.unwrap();
+    let age = (time::OffsetDateTime::now_utc() - sent).whole_milliseconds() as u64;
+    assert!(
+        oldest <= age + 5,
+        "oldest unacked is {oldest} ms old, but seq 2 was sent {age} ms ago"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let again = other.claim_one("v").unwrap().unwrap();
+    assert_eq!(
+        (again.seq(), again.attempt, again.message.body.as_deref()),
+        (2, 2, Some("new"))
+    );
+}
