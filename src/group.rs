@@ -447,6 +447,8 @@ struct GroupInner {
     mailbox: Mailbox,
     name: String,
     dir: PathBuf,
+    /// `dir/checkpoint.json`, stat'ed by every locked operation.
+    checkpoint_path: PathBuf,
     meta: GroupMeta,
     cache: Mutex<Cache>,
 }
@@ -790,6 +792,7 @@ impl Mailbox {
             inner: Arc::new(GroupInner {
                 mailbox: self.clone(),
                 name: name.to_owned(),
+                checkpoint_path: dir.join("checkpoint.json"),
                 dir,
                 meta,
                 cache: Mutex::new(Cache {
@@ -825,6 +828,10 @@ mod erased {
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let file = fsutil::open_read(path).ctx("open", path)?;
+    parse_json(&file, path)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(file: &File, path: &Path) -> Result<T> {
     serde_json::from_reader(io::BufReader::new(file)).map_err(|e| Error::Corrupt {
         path: path.to_owned(),
         line: 1,
@@ -1387,9 +1394,8 @@ impl Group {
         // Another process rotated (once or more; completely, or dying after its new
         // checkpoint was in place) if the checkpoint is not the one we loaded: start
         // again from it. A rotation that died before its checkpoint changed nothing.
-        let checkpoint = self.inner.dir.join("checkpoint.json");
         let mut loaded = match cached.take() {
-            Some(l) if FileId::at(&checkpoint)? == l.checkpoint => l,
+            Some(l) if FileId::at(&self.inner.checkpoint_path)? == l.checkpoint => l,
             _ => self.load()?,
         };
         self.replay(&mut loaded)?;
@@ -1399,14 +1405,9 @@ impl Group {
     fn load(&self) -> Result<Loaded> {
         let dir = &self.inner.dir;
         // Identify the checkpoint through the descriptor we read it from.
-        let cp_path = dir.join("checkpoint.json");
-        let (checkpoint, cp_file) = FileId::open(&cp_path)?;
-        let cp: Checkpoint =
-            serde_json::from_reader(io::BufReader::new(&cp_file)).map_err(|e| Error::Corrupt {
-                path: cp_path.clone(),
-                line: 1,
-                reason: format!("not a valid checkpoint: {e}"),
-            })?;
+        let cp_path = &self.inner.checkpoint_path;
+        let (checkpoint, cp_file) = FileId::open(cp_path)?;
+        let cp: Checkpoint = parse_json(&cp_file, cp_path)?;
         // Remove state files of other generations: older ones are covered by the
         // checkpoint; a newer one is left over from a rotation that died before its
         // checkpoint was written, and nothing was ever appended to it.
@@ -1516,17 +1517,19 @@ impl Group {
         if loaded.off > ROTATE_BYTES {
             // The records are written; a failed rotation only postpones compaction of
             // the state file (the next write tries again), so it is not this call's error.
-            // It may have failed after its new checkpoint took effect, though: take the
-            // state from disk again, so no later write in this call goes to a file that
-            // is no longer current.
             if let Err(e) = self.rotate(loaded) {
                 ::log::warn!(
                     "agentbus: group {}: cannot rotate the state file: {e}",
                     self.name()
                 );
-                let mut fresh = self.load()?;
-                self.replay(&mut fresh)?;
-                *loaded = fresh;
+                // It may have failed after its new checkpoint took effect (fsyncing the
+                // directory): then take the state from disk again, so no later write in
+                // this call goes to a file that is no longer current.
+                if FileId::at(&self.inner.checkpoint_path).ok() != Some(loaded.checkpoint) {
+                    let mut fresh = self.load()?;
+                    self.replay(&mut fresh)?;
+                    *loaded = fresh;
+                }
             }
         }
         Ok(())
@@ -1549,7 +1552,7 @@ impl Group {
         };
         let bytes = serde_json::to_vec(&cp).expect("checkpoint serializes");
         fsutil::write_atomic(
-            &dir.join("checkpoint.json"),
+            &self.inner.checkpoint_path,
             &bytes,
             opts.file_mode,
             opts.sync(),
@@ -1561,7 +1564,7 @@ impl Group {
         loaded.off = 0;
         // The checkpoint we just wrote, pinned; if it cannot be opened, the next
         // refresh simply reloads.
-        match FileId::open(&dir.join("checkpoint.json")) {
+        match FileId::open(&self.inner.checkpoint_path) {
             Ok((id, file)) => {
                 loaded.checkpoint = id;
                 loaded._pinned = Some(file);

@@ -981,3 +981,37 @@ fn a_batch_claim_replayed_by_another_handle_keeps_each_message_age_and_redeliver
         (2, 2, Some("new"))
     );
 }
+
+#[test]
+fn a_rotation_that_keeps_failing_fails_no_call_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = common::flush_bus(dir.path());
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group("g").unwrap();
+    send_n(&mb, 2_000);
+    let gdir = mb.path().join("groups/g");
+    assert_eq!(state_files(&gdir), ["state.0.jsonl"]);
+    // The next generation's file cannot be created: a directory stands in its place.
+    std::fs::create_dir(gdir.join("state.1.jsonl")).unwrap();
+    for _ in 0..1_000 {
+        group.claim_one("w").unwrap().unwrap().ack().unwrap();
+    }
+    let size = std::fs::metadata(gdir.join("state.0.jsonl")).unwrap().len();
+    assert!(size > 64 * 1024, "past the rotation size: {size} bytes");
+    let fresh = || {
+        Bus::open(dir.path())
+            .unwrap()
+            .mailbox("jobs")
+            .unwrap()
+            .group("g")
+            .unwrap()
+    };
+    assert_eq!(fresh().stats().unwrap().acked, 1_000);
+
+    // Once the obstacle is gone, the next write rotates.
+    std::fs::remove_dir(gdir.join("state.1.jsonl")).unwrap();
+    group.claim_one("w").unwrap().unwrap().ack().unwrap();
+    assert_eq!(state_files(&gdir), ["state.1.jsonl"]);
+    let stats = fresh().stats().unwrap();
+    assert_eq!((stats.acked, stats.next_seq), (1_001, 1_002));
+}
