@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -560,15 +560,8 @@ impl Mailbox {
 /// The file's length. `lseek(SEEK_END)` is cheaper than `fstat` (which fills a whole
 /// `statx`), and the send path asks once per append. Moving the file offset is harmless:
 /// appends use `O_APPEND` and every read is positional.
-fn file_len(file: &File) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on a valid, owned descriptor.
-    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-    if end < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(end as u64)
-    }
+fn file_len(mut file: &File) -> io::Result<u64> {
+    file.seek(io::SeekFrom::End(0))
 }
 
 /// The idempotency index: `keys/<hh>.jsonl`, 256 buckets by CRC-32C of the key, each
