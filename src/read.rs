@@ -20,6 +20,16 @@ pub(crate) struct Position {
     pub(crate) seq: u64,
 }
 
+/// What a reader does at the end of what its segment held.
+enum AtEnd {
+    /// Nothing more yet.
+    Wait,
+    /// More to read: in this segment, or in the next one, now current.
+    Continue,
+    /// The next segment, now current, does not follow on: the error says what is lost.
+    Damage(Error),
+}
+
 /// An iterator over a mailbox's messages in `seq` order, from [`Mailbox::messages`](crate::Mailbox::messages).
 ///
 /// Reading never changes state. A damaged record is yielded as an [`Error::Corrupt`]
@@ -249,71 +259,98 @@ impl Messages {
                     }));
                 }
                 Line::Partial { .. } | Line::Eof => {
-                    let partial = matches!(line, Line::Partial { .. });
                     // The next segment is named after the next seq; a segment holding
                     // no complete record yet has no successor.
                     if self.expected <= seg.first {
                         return None;
                     }
-                    let next = match Segment::open(&self.spec.dir, self.expected, self.spec.limit) {
-                        Ok(next) => next,
+                    match self.at_segment_end() {
+                        Ok(AtEnd::Wait) => return None,
+                        Ok(AtEnd::Continue) => continue,
+                        Ok(AtEnd::Damage(err)) => return Some(Err(err)),
                         Err(e) => return Some(Err(e)),
-                    };
-                    if let Some(next) = next {
-                        let old = std::mem::replace(seg, next);
-                        if partial {
-                            return Some(Err(Error::Corrupt {
-                                path: old.path,
-                                line: old.line + 1,
-                                reason: "incomplete record in a sealed segment".into(),
-                            }));
-                        }
-                        continue;
                     }
-                    return match self.skip_gap() {
-                        Ok(Some(err)) => Some(Err(err)),
-                        Ok(None) => None,
-                        Err(e) => Some(Err(e)),
-                    };
                 }
             }
         }
     }
 
-    /// At the end of a segment with no successor named after the next seq: if the
-    /// segment is full and a later one exists, the log has a gap (lost or damaged
-    /// records). Moves to the later segment and returns the gap as an error, so that
-    /// nothing after a gap becomes silently invisible. Only a full segment can have a
-    /// successor, so readers at the tail do not list the directory.
-    fn skip_gap(&mut self) -> Result<Option<Error>> {
+    /// At the end of what the current segment held when read. Once a later segment
+    /// exists, writers have left this one for good (they move on only from a full
+    /// segment whose torn tail they have cut); but a record may have been completed in
+    /// it just after that read, so it is read once more before moving on. Moving on to
+    /// a later segment than the one named after the next seq reports the seqs in between
+    /// as missing, so that nothing after a gap becomes silently invisible.
+    fn at_segment_end(&mut self) -> Result<AtEnd> {
+        let Some(next) = self.next_segment()? else {
+            return Ok(AtEnd::Wait);
+        };
         let seg = self.segment.as_mut().expect("reading a segment");
-        let size = seg.file.metadata().ctx("stat", &seg.path)?.len();
-        if size < self.spec.segment_bytes {
+        let seen = seg.reader.position();
+        let partial = match seg.reader.next(&seg.file).ctx("read", &seg.path)? {
+            Line::Complete { .. } | Line::TooLong { .. } => {
+                seg.reader.reset(seen);
+                return Ok(AtEnd::Continue);
+            }
+            Line::Partial { .. } => true,
+            Line::Eof => false,
+        };
+        let first = next.first;
+        let old = std::mem::replace(seg, next);
+        if first > self.expected {
+            let err = Error::Corrupt {
+                path: old.path,
+                line: old.line + 1,
+                reason: format!(
+                    "seqs {} to {} are missing: the next segment starts at {first}",
+                    self.expected,
+                    first - 1
+                ),
+            };
+            self.last_gap = Some((self.expected, first - 1));
+            self.expected = first;
+            return Ok(AtEnd::Damage(err));
+        }
+        if partial {
+            return Ok(AtEnd::Damage(Error::Corrupt {
+                path: old.path,
+                line: old.line + 1,
+                reason: "incomplete record in a sealed segment".into(),
+            }));
+        }
+        Ok(AtEnd::Continue)
+    }
+
+    /// The segment after the current one, if one exists yet: the one named after the
+    /// next seq or, failing that, the first later one.
+    fn next_segment(&self) -> Result<Option<Segment>> {
+        let (dir, limit) = (&self.spec.dir, self.spec.limit);
+        if let Some(next) = Segment::open(dir, self.expected, limit)? {
+            return Ok(Some(next));
+        }
+        // Only a full segment can have a successor, so readers at the tail do not list
+        // the directory.
+        let seg = self.segment.as_ref().expect("reading a segment");
+        if seg.file.metadata().ctx("stat", &seg.path)?.len() < self.spec.segment_bytes {
             return Ok(None);
         }
-        let current = seg.first;
-        let later = log::list_segments(&self.spec.dir)?
-            .into_iter()
-            .find(|&f| f > current);
-        let Some(first) = later else {
+        let first_later = || -> Result<Option<u64>> {
+            Ok(log::list_segments(dir)?
+                .into_iter()
+                .find(|&f| f > seg.first))
+        };
+        if first_later()?.is_none() {
             return Ok(None);
-        };
-        let Some(next) = Segment::open(&self.spec.dir, first, self.spec.limit)? else {
-            return Ok(None);
-        };
-        let old = std::mem::replace(seg, next);
-        let err = Error::Corrupt {
-            path: old.path,
-            line: old.line + 1,
-            reason: format!(
-                "seqs {} to {} are missing: the next segment starts at {first}",
-                self.expected,
-                first - 1
-            ),
-        };
-        self.last_gap = Some((self.expected, first - 1));
-        self.expected = first;
-        Ok(Some(err))
+        }
+        // A listing can miss segments created while it runs, but not one created before
+        // a segment it shows: look again, now that a later segment is known to exist.
+        if let Some(next) = Segment::open(dir, self.expected, limit)? {
+            return Ok(Some(next));
+        }
+        match first_later()? {
+            Some(first) => Segment::open(dir, first, limit),
+            None => Ok(None),
+        }
     }
 
     /// A record whose seq is not the expected one. A forward jump means the seqs in

@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use agentbus::{Bus, Durability, NewMessage};
 
@@ -64,6 +65,66 @@ fn eight_writer_processes_give_contiguous_seqs_and_unique_ids() {
     let report = bus.doctor(false).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.records, (WRITERS * PER_WRITER) as u64);
+}
+
+#[test]
+fn a_reader_and_a_group_at_the_tail_keep_up_with_writers_rolling_segments() {
+    const TOTAL: u64 = 2 * PER_WRITER as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("bus");
+    // Two or three records per segment: a reader at the tail meets a rollover at
+    // almost every record, with writers racing it.
+    let bus = Bus::builder()
+        .durability(Durability::Flush)
+        .segment_bytes(512)
+        .init(&root)
+        .unwrap();
+    let mailbox = bus.create_mailbox("main").unwrap();
+    let group = mailbox.create_group("g").unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|w| {
+            common::child("writer_process")
+                .env("BUS", &root)
+                .env("WRITER", w.to_string())
+                .env("COUNT", PER_WRITER.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut messages = mailbox.messages();
+            let mut next = 1;
+            while next <= TOTAL && Instant::now() < deadline {
+                match messages.next() {
+                    Some(m) => {
+                        let m = m.unwrap_or_else(|e| panic!("reader at seq {next}: {e}"));
+                        assert_eq!(m.seq, next);
+                        next += 1;
+                    }
+                    None => std::hint::spin_loop(),
+                }
+            }
+            assert_eq!(next, TOTAL + 1, "the reader fell behind");
+        });
+        s.spawn(|| {
+            let mut acked = 0;
+            while acked < TOTAL && Instant::now() < deadline {
+                for d in group.claim("c", 10).unwrap() {
+                    d.ack().unwrap();
+                    acked += 1;
+                }
+            }
+            assert_eq!(acked, TOTAL, "the group fell behind");
+        });
+    });
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "a writer process failed");
+    }
+    let stats = group.stats().unwrap();
+    assert_eq!((stats.acked, stats.dead), (TOTAL, 0));
 }
 
 #[test]
