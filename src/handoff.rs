@@ -580,8 +580,12 @@ impl ReceivedHandoff {
             });
         }
         if let Err(e) = self.answer(&reply, ACCEPTED_TYPE, agent, payload) {
-            // Someone else answered first: give the lease back to the sender.
-            if let (Some(l), Some(info)) = (&self.handoff.lease, &lease) {
+            // Someone else answered first: give the lease back to the sender. (After
+            // any other failure the lease stays with `agent`, where a retry of this
+            // accept finds it; the sender's token is stale either way.)
+            if let (Error::StaleDelivery { .. }, Some(l), Some(info)) =
+                (&e, &self.handoff.lease, &lease)
+            {
                 let _ = self.bus.transfer_lease(
                     &l.name,
                     agent,

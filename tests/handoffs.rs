@@ -426,3 +426,83 @@ fn a_second_agent_cannot_claim_success_for_someone_elses_accept() {
         other => panic!("expected StaleDelivery naming r1, got {other:?}"),
     }
 }
+
+#[test]
+fn an_accept_whose_answer_cannot_be_written_keeps_the_lease_for_its_retry() {
+    let (dir, root, bus) = setup();
+    // The answer goes to the sender's mailbox: make it larger than the file size
+    // limit the receiver process runs under, so that only the answer fails.
+    bus.create_mailbox("writer")
+        .unwrap()
+        .send(agentbus::NewMessage::new("filler").body("x".repeat(300_000)))
+        .unwrap();
+    let (sent, token) = send_leased(dir.path(), &bus);
+    let out = common::child("limited_acceptor")
+        .env("BUS", &root)
+        .env("SEQ", sent.receipt.seq.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("FIRST io EFBIG"), "{stdout}");
+    assert!(stdout.contains("RETRY accepted"), "{stdout}");
+
+    let info = bus.lease_info("task").unwrap().unwrap();
+    assert_eq!(info.holder.as_deref(), Some("reviewer"));
+    assert!(info.token > token);
+    let answers: Vec<_> = bus
+        .mailbox("writer")
+        .unwrap()
+        .messages()
+        .map(|m| m.unwrap())
+        .filter(|m| m.kind != "filler")
+        .collect();
+    assert_eq!(answers.len(), 1, "one answer: {answers:?}");
+    match Answer::from_message(answers[0].clone()) {
+        Some(Answer::Accepted { lease, .. }) => assert_eq!(lease.unwrap().token, info.token),
+        other => panic!("expected an acceptance, got {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "runs only as a child process of another test"]
+fn limited_acceptor() {
+    if !common::is_child() {
+        return;
+    }
+    let bus = Bus::builder()
+        .agent("reviewer")
+        .open(common::env("BUS"))
+        .unwrap();
+    let seq: u64 = common::env("SEQ").parse().unwrap();
+    let mut inbox = bus.handoff_inbox("main").unwrap();
+    let set_limit = |limit| unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let rl = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rl), 0);
+    };
+    set_limit(200_000);
+    match inbox.take(seq).unwrap().accept("reviewer") {
+        Err(e @ Error::Io { .. }) => {
+            assert_eq!(e.io_error().unwrap().raw_os_error(), Some(libc::EFBIG));
+            println!("FIRST io EFBIG");
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    set_limit(libc::RLIM_INFINITY);
+    let lease = inbox
+        .take(seq)
+        .unwrap()
+        .accept("reviewer")
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.holder.as_deref(), Some("reviewer"));
+    println!("RETRY accepted");
+}
