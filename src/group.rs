@@ -635,15 +635,6 @@ fn state_path(dir: &Path, gen: u64) -> PathBuf {
     dir.join(format!("state.{gen}.jsonl"))
 }
 
-const SEQ0_PREFIX: &[u8] = b"{\"seq\":0,";
-
-fn encode(r: &Rec, out: &mut Vec<u8>) {
-    let mut tmp = r.clone();
-    tmp.seq = 0;
-    let json = serde_json::to_vec(&tmp).expect("state record serializes");
-    record::encode_line(r.seq, &json[SEQ0_PREFIX.len()..], out);
-}
-
 impl Mailbox {
     /// Creates a consumer group with default [`GroupOptions`].
     ///
@@ -1503,7 +1494,7 @@ impl Group {
         }
         let mut buf = Vec::with_capacity(records.len() * 160);
         for r in records {
-            encode(r, &mut buf);
+            record::encode_value(r, &mut buf);
         }
         let opts = &self.inner.mailbox.bus().opts;
         if let Err(e) = (&loaded.file).write_all(&buf) {

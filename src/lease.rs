@@ -748,7 +748,7 @@ impl LeaseFiles {
         let created = !path.exists();
         let file = fsutil::open_append(&path, opts.file_mode)?;
         let mut line = Vec::with_capacity(200);
-        encode(r, &mut line);
+        record::encode_value(r, &mut line);
         (&file).write_all(&line).ctx("append", &path)?;
         file.sync_data().ctx("fdatasync", &path)?;
         if created {
@@ -773,18 +773,7 @@ impl LeaseFiles {
             ..self.rec(state, Op::State, state.token, now_ms())
         };
         let mut line = Vec::new();
-        encode(&r, &mut line);
+        record::encode_value(&r, &mut line);
         fsutil::write_atomic(&self.log_path(), &line, bus.inner.opts.file_mode, true)
     }
-}
-
-const SEQ0_PREFIX: &[u8] = b"{\"seq\":0,";
-
-fn encode(r: &Rec, out: &mut Vec<u8>) {
-    let json = serde_json::to_vec(&Rec {
-        seq: 0,
-        ..r.clone()
-    })
-    .expect("lease record serializes");
-    record::encode_line(r.seq, &json[SEQ0_PREFIX.len()..], out);
 }

@@ -108,8 +108,6 @@ struct Prepared {
     tail: Vec<u8>,
 }
 
-const SEQ0_PREFIX: &[u8] = b"{\"seq\":0,";
-
 impl Mailbox {
     pub(crate) fn open(
         bus: Arc<BusInner>,
@@ -682,13 +680,12 @@ impl KeyIndex<'_> {
             }
         }
         let entry = KeyEntry {
-            seq: 0,
+            seq,
             key: key.into(),
             id,
         };
-        let json = serde_json::to_vec(&entry).expect("key entry serializes");
-        let mut line = Vec::with_capacity(json.len() + 32);
-        record::encode_line(seq, &json[SEQ0_PREFIX.len()..], &mut line);
+        let mut line = Vec::with_capacity(key.len() + 120);
+        record::encode_value(&entry, &mut line);
         (&file).write_all(&line).ctx("append", &path)?;
         if self.sync {
             file.sync_data().ctx("fdatasync", &path)?;

@@ -30,6 +30,19 @@ pub(crate) fn encode_line(seq: u64, tail: &[u8], out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// Appends `value` as one line with [`encode_line`]. `value` must serialize as a JSON
+/// object whose first member is `seq` (a struct whose first field is `seq: u64`).
+pub(crate) fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) {
+    let json = serde_json::to_vec(value).expect("a record serializes");
+    let members = json.strip_prefix(b"{\"seq\":").and_then(|rest| {
+        let comma = rest.iter().position(|&b| b == b',')?;
+        let seq = std::str::from_utf8(&rest[..comma]).ok()?.parse().ok()?;
+        Some((seq, &rest[comma + 1..]))
+    });
+    let (seq, tail) = members.expect("a record serializes with `seq` first");
+    encode_line(seq, tail, out);
+}
+
 /// The length of the line [`encode_line`] would produce.
 pub(crate) fn encoded_len(seq: u64, tail_len: usize) -> usize {
     CRC_PREFIX_LEN + b"\"seq\":".len() + digits(seq) + 1 + tail_len + 1
@@ -125,6 +138,29 @@ mod tests {
         assert_eq!(v["seq"], 42);
         assert_eq!(v["type"], "x");
         assert_eq!(v["crc"].as_str().unwrap().len(), 8);
+    }
+
+    #[test]
+    fn a_struct_with_seq_first_encodes_as_the_same_line() {
+        #[derive(serde::Serialize)]
+        struct Rec<'a> {
+            seq: u64,
+            op: &'a str,
+        }
+        let mut out = Vec::new();
+        encode_value(
+            &Rec {
+                seq: 1234,
+                op: "ack",
+            },
+            &mut out,
+        );
+        let mut expected = Vec::new();
+        encode_line(1234, br#""op":"ack"}"#, &mut expected);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
     }
 
     #[test]
