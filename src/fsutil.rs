@@ -55,6 +55,12 @@ impl<F: Borrow<File>> Flock<F> {
         Ok(Flock(file))
     }
 
+    /// Locks `file` exclusively if that is possible right now.
+    pub(crate) fn try_exclusive(file: F) -> Option<Self> {
+        file.borrow().try_lock().ok()?;
+        Some(Flock(file))
+    }
+
     /// Blocks until `file` is locked shared.
     pub(crate) fn shared(file: F, path: &Path) -> Result<Self> {
         file.borrow().lock_shared().ctx("lock", path)?;

@@ -79,6 +79,9 @@ pub struct HandoffBuilder<'a> {
     handoff: Handoff,
     artifacts: Vec<PathBuf>,
     correlation_id: Option<String>,
+    /// The lease given with [`with_lease`](HandoffBuilder::with_lease), passed on when
+    /// sending.
+    lease_handle: Option<crate::Lease>,
 }
 
 impl Bus {
@@ -130,6 +133,7 @@ impl Bus {
             },
             artifacts: Vec::new(),
             correlation_id: None,
+            lease_handle: None,
         }
     }
 
@@ -217,6 +221,7 @@ impl HandoffBuilder<'_> {
     /// moves it to the receiver. With a [`Lease`](crate::Lease) in hand, prefer
     /// [`with_lease`](Self::with_lease): dropping a `Lease` releases it.
     pub fn lease(mut self, name: &str, holder: &str, token: u64) -> Self {
+        self.lease_handle = None;
         self.handoff.lease = Some(LeaseRef {
             name: name.to_owned(),
             holder: holder.to_owned(),
@@ -227,7 +232,9 @@ impl HandoffBuilder<'_> {
 
     /// Passes `lease` along, taking it by value so it cannot be released when the
     /// sender drops it (it stays held, by token, until the receiver accepts and takes
-    /// it over, or it expires).
+    /// it over, or it expires). A process-bound lease, which would end with its handle,
+    /// is re-granted to its holder without the binding when the handoff is sent (a new
+    /// token, for its TTL).
     ///
     /// ```
     /// # fn main() -> agentbus::Result<()> {
@@ -239,10 +246,10 @@ impl HandoffBuilder<'_> {
     /// assert_eq!(bus.lease_info("chapter-1")?.unwrap().holder.as_deref(), Some("writer"));
     /// # Ok(()) }
     /// ```
-    pub fn with_lease(self, lease: crate::Lease) -> Self {
-        let (name, holder) = (lease.name().to_owned(), lease.holder().to_owned());
-        let token = lease.keep().token;
-        self.lease(&name, &holder, token)
+    pub fn with_lease(mut self, lease: crate::Lease) -> Self {
+        self.handoff.lease = None;
+        self.lease_handle = Some(lease);
+        self
     }
 
     /// The mailbox for the answer (created if missing); default: the sender's name.
@@ -265,6 +272,15 @@ impl HandoffBuilder<'_> {
     /// artifact; [`Error::ArtifactMissing`]; [`Error::MailboxNotFound`] for `to`;
     /// [`Error::StaleLease`] if the lease is not held with the given token.
     pub fn send(mut self) -> Result<SentHandoff> {
+        if let Some(lease) = self.lease_handle.take() {
+            let (name, holder) = (lease.name().to_owned(), lease.holder().to_owned());
+            let token = lease.pass_on()?.token;
+            self.handoff.lease = Some(LeaseRef {
+                name,
+                holder,
+                token,
+            });
+        }
         if self.handoff.summary.trim().is_empty() {
             return Err(Error::InvalidMessage("a handoff needs a summary".into()));
         }

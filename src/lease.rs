@@ -227,8 +227,14 @@ impl Bus {
         validate_name("lease", name)?;
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
-        let state = files.load(self)?;
-        Ok((state.token > 0).then(|| state.info(name, now_ms())))
+        let state = files.load()?;
+        if state.token == 0 {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let mut info = state.info(name, now);
+        info.holder = files.live_holder(&state, now)?;
+        Ok(Some(info))
     }
 
     /// All leases ever granted on this bus, sorted by name.
@@ -237,6 +243,15 @@ impl Bus {
     ///
     /// [`Error::Io`], [`Error::Corrupt`].
     pub fn leases(&self) -> Result<Vec<LeaseInfo>> {
+        let mut out = Vec::new();
+        for name in self.lease_names()? {
+            out.extend(self.lease_info(&name)?);
+        }
+        Ok(out)
+    }
+
+    /// The names of all lease files, sorted.
+    pub(crate) fn lease_names(&self) -> Result<Vec<String>> {
         let dir = self.inner.root.join("leases");
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -253,11 +268,7 @@ impl Bus {
             }
         }
         names.sort();
-        let mut out = Vec::new();
-        for name in names {
-            out.extend(self.lease_info(&name)?);
-        }
-        Ok(out)
+        Ok(names)
     }
 
     /// Renews a lease held by `holder` with `token` for `ttl` from now: for holders that
@@ -277,22 +288,14 @@ impl Bus {
         validate_name("lease", name)?;
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
-        let mut state = files.load(self)?;
+        let mut state = files.load()?;
         let now = now_ms();
-        check_holder(name, &state, holder, token, now)?;
-        if state.process_bound && files.holder_died(token)? {
-            return Err(Error::StaleLease {
-                name: name.to_owned(),
-                holder: None,
-                token,
-                reason: "the holder's process has let go of its process-bound lease".into(),
-            });
-        }
+        files.check_holder(&state, holder, token, Some(now))?;
         let r = Rec {
             expires_at: Some(now.saturating_add(ttl_ms(ttl))),
             ..files.rec(&state, Op::Renew, token, now)
         };
-        files.append(self, &mut state, &r)?;
+        files.append(&mut state, &r)?;
         Ok(state.info(name, now))
     }
 
@@ -305,15 +308,10 @@ impl Bus {
         validate_name("lease", name)?;
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
-        let mut state = files.load(self)?;
-        let now = now_ms();
+        let mut state = files.load()?;
         // Releasing an expired lease nobody took over is harmless and allowed.
-        check_holder(name, &state, holder, token, i64::MIN)?;
-        let r = files.rec(&state, Op::Release, token, now);
-        files.append(self, &mut state, &r)?;
-        // The liveness file of a released grant has nothing left to say.
-        let _ = std::fs::remove_file(files.alive(token));
-        Ok(())
+        files.check_holder(&state, holder, token, None)?;
+        files.release(&mut state, token)
     }
 
     /// Hands a lease held by `holder` with `token` to `to`, atomically: one new grant
@@ -336,30 +334,12 @@ impl Bus {
         validate_name("agent", to)?;
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
-        let mut state = files.load(self)?;
+        let mut state = files.load()?;
         let now = now_ms();
-        check_holder(name, &state, holder, token, now)?;
-        files.grant(self, &mut state, to, ttl, false, now)?;
+        files.check_holder(&state, holder, token, Some(now))?;
+        files.grant(&mut state, to, ttl, false, now)?;
         Ok(state.info(name, now))
     }
-}
-
-fn check_holder(name: &str, state: &State, holder: &str, token: u64, now: i64) -> Result<()> {
-    let stale = |reason: &str| Error::StaleLease {
-        name: name.to_owned(),
-        holder: state.holder.clone().filter(|_| state.held_at(now.max(0))),
-        token: state.token,
-        reason: reason.to_owned(),
-    };
-    if token != state.token || state.holder.as_deref() != Some(holder) {
-        return Err(stale(&format!(
-            "token {token} of {holder:?} is not the current grant"
-        )));
-    }
-    if now != i64::MIN && now >= state.expires_at {
-        return Err(stale("the lease has expired; acquire it again"));
-    }
-    Ok(())
 }
 
 impl LeaseRequest<'_> {
@@ -447,51 +427,42 @@ impl LeaseRequest<'_> {
     fn attempt(&self) -> Result<std::result::Result<Lease, State>> {
         let bus = self.bus;
         let files = LeaseFiles::new(bus, &self.name);
-        {
-            let _guard = files.lock()?;
-            let mut state = files.load(bus)?;
-            // Read the monotonic clock first: the holder's own deadline must never be
-            // later than the one recorded for everybody else.
-            let started = Instant::now();
-            let now = now_ms();
-            if state.held_at(now) && !(state.process_bound && files.holder_died(state.token)?) {
-                return Ok(Err(state));
-            }
-            // For a process-bound lease, lock the new token's `.alive` file before the
-            // grant is written: the grant never exists without its liveness lock.
-            let token = state.token + 1;
-            let alive = if self.process_bound {
-                let path = files.alive(token);
-                let f = fsutil::open_lock(&path, bus.inner.opts.file_mode)?;
-                f.try_lock()
-                    .map_err(|e| Error::io("lock", &path, io::Error::other(e.to_string())))?;
-                Some(f)
-            } else {
-                None
-            };
-            if let Err(e) = files.grant(
-                bus,
-                &mut state,
-                &self.holder,
-                self.ttl,
-                self.process_bound,
-                now,
-            ) {
-                let _ = std::fs::remove_file(files.alive(token));
-                return Err(e);
-            }
-            Ok(Ok(Lease {
-                bus: bus.clone(),
-                name: self.name.clone(),
-                holder: self.holder.clone(),
-                token: state.token,
-                expires_at: ms_to_datetime(state.expires_at),
-                valid_until: started + self.ttl,
-                ttl: self.ttl,
-                alive,
-                done: false,
-            }))
+        let _guard = files.lock()?;
+        let mut state = files.load()?;
+        // Read the monotonic clock first: the holder's own deadline must never be
+        // later than the one recorded for everybody else.
+        let started = Instant::now();
+        let now = now_ms();
+        if files.is_held(&state, now)? {
+            return Ok(Err(state));
         }
+        // For a process-bound lease, lock the new token's `.alive` file before the
+        // grant is written: the grant never exists without its liveness lock.
+        let token = state.token + 1;
+        let alive = if self.process_bound {
+            let path = files.alive(token);
+            let f = fsutil::open_lock(&path, files.file_mode)?;
+            f.try_lock()
+                .map_err(|e| Error::io("lock", &path, io::Error::other(e.to_string())))?;
+            Some(f)
+        } else {
+            None
+        };
+        if let Err(e) = files.grant(&mut state, &self.holder, self.ttl, self.process_bound, now) {
+            let _ = std::fs::remove_file(files.alive(token));
+            return Err(e);
+        }
+        Ok(Ok(Lease {
+            bus: bus.clone(),
+            name: self.name.clone(),
+            holder: self.holder.clone(),
+            token: state.token,
+            expires_at: ms_to_datetime(state.expires_at),
+            valid_until: started + self.ttl,
+            ttl: self.ttl,
+            alive,
+            done: false,
+        }))
     }
 }
 
@@ -567,6 +538,18 @@ impl Lease {
             .transfer_lease(&self.name, &self.holder, self.token, to, ttl)
     }
 
+    /// Lets go of this handle for a handoff, keeping the lease held by token until its
+    /// TTL. A process-bound grant, which would end with this handle, is first re-granted
+    /// to the same holder without the binding (a new token).
+    pub(crate) fn pass_on(self) -> Result<LeaseInfo> {
+        if self.alive.is_some() {
+            let (holder, ttl) = (self.holder.clone(), self.ttl);
+            self.transfer(&holder, ttl)
+        } else {
+            Ok(self.keep())
+        }
+    }
+
     /// Lets go of this handle without releasing the lease: it stays held until its TTL,
     /// and can be renewed or released later by token ([`Bus::renew_lease`],
     /// [`Bus::release_lease`]), by this or another process. A process-bound lease
@@ -592,19 +575,20 @@ impl Drop for Lease {
         }
         // Best effort and never blocking: only if the lease file is free right now.
         let files = LeaseFiles::new(&self.bus, &self.name);
-        let Ok(lock) = fsutil::open_lock(&files.lock_path(), self.bus.inner.opts.file_mode) else {
+        let Ok(lock) = fsutil::open_lock(&files.lock_path(), files.file_mode) else {
             return;
         };
-        if lock.try_lock().is_err() {
+        let Some(_guard) = Flock::try_exclusive(lock) else {
             return;
-        }
-        if let Ok(mut state) = files.load(&self.bus) {
-            if state.token == self.token && state.holder.as_deref() == Some(&self.holder) {
-                let r = files.rec(&state, Op::Release, self.token, now_ms());
-                let _ = files.append(&self.bus, &mut state, &r);
+        };
+        if let Ok(mut state) = files.load() {
+            if files
+                .check_holder(&state, &self.holder, self.token, None)
+                .is_ok()
+            {
+                let _ = files.release(&mut state, self.token);
             }
         }
-        let _ = lock.unlock();
     }
 }
 
@@ -648,7 +632,7 @@ impl LeaseFiles {
     }
 
     /// Reads the whole (small) lease file; cuts a torn tail (we hold the lock).
-    fn load(&self, bus: &Bus) -> Result<State> {
+    fn load(&self) -> Result<State> {
         let path = self.log_path();
         let file = match fsutil::open_read(&path) {
             Ok(f) => f,
@@ -673,7 +657,7 @@ impl LeaseFiles {
                     })
                 }
                 Line::Partial { offset } => {
-                    let w = fsutil::open_append(&path, bus.inner.opts.file_mode)?;
+                    let w = fsutil::open_append(&path, self.file_mode)?;
                     w.set_len(offset).ctx("truncate torn tail", &path)?;
                     return Ok(state);
                 }
@@ -698,7 +682,6 @@ impl LeaseFiles {
 
     fn grant(
         &self,
-        bus: &Bus,
         state: &mut State,
         holder: &str,
         ttl: Duration,
@@ -713,7 +696,7 @@ impl LeaseFiles {
             process_bound,
             ..self.rec(state, Op::Grant, state.token + 1, now)
         };
-        self.append(bus, state, &r)?;
+        self.append(state, &r)?;
         if previous > 0 {
             let _ = std::fs::remove_file(self.alive(previous));
         }
@@ -739,31 +722,93 @@ impl LeaseFiles {
         }
     }
 
+    /// Whether the lease is held now: its grant has not expired (give or take
+    /// [`CLOCK_GRACE`]) and, if process-bound, its process still holds the `.alive` lock.
+    fn is_held(&self, state: &State, now: i64) -> Result<bool> {
+        Ok(state.held_at(now) && !(state.process_bound && self.holder_died(state.token)?))
+    }
+
+    /// The holder, if the lease [`is_held`](Self::is_held).
+    fn live_holder(&self, state: &State, now: i64) -> Result<Option<String>> {
+        Ok(state
+            .holder
+            .clone()
+            .filter(|_| self.is_held(state, now).unwrap_or(false)))
+    }
+
+    /// Checks that `token` is the current grant to `holder`; given `now`, also that the
+    /// grant is live: not expired and, if process-bound, its process still there.
+    fn check_holder(
+        &self,
+        state: &State,
+        holder: &str,
+        token: u64,
+        now: Option<i64>,
+    ) -> Result<()> {
+        let stale = |reason: &str| Error::StaleLease {
+            name: self.name.clone(),
+            holder: self
+                .live_holder(state, now.unwrap_or_else(now_ms))
+                .unwrap_or(None),
+            token: state.token,
+            reason: reason.to_owned(),
+        };
+        if token != state.token || state.holder.as_deref() != Some(holder) {
+            return Err(stale(&format!(
+                "token {token} of {holder:?} is not the current grant"
+            )));
+        }
+        let Some(now) = now else {
+            return Ok(());
+        };
+        if now >= state.expires_at {
+            return Err(stale("the lease has expired; acquire it again"));
+        }
+        if state.process_bound && self.holder_died(token)? {
+            return Err(stale(
+                "the holder's process has let go of its process-bound lease",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Releases grant `token` (checked by the caller) and removes its liveness file,
+    /// which has nothing left to say.
+    fn release(&self, state: &mut State, token: u64) -> Result<()> {
+        let r = self.rec(state, Op::Release, token, now_ms());
+        self.append(state, &r)?;
+        let _ = std::fs::remove_file(self.alive(token));
+        Ok(())
+    }
+
     /// Appends one record, and compacts the file when it has grown. Always synced,
     /// whatever the bus's durability: a grant lost to a power cut could hand its token
     /// out twice, and leases change rarely enough for the fsync not to matter.
-    fn append(&self, bus: &Bus, state: &mut State, r: &Rec) -> Result<()> {
-        let opts = &bus.inner.opts;
+    fn append(&self, state: &mut State, r: &Rec) -> Result<()> {
         let path = self.log_path();
         let created = !path.exists();
-        let file = fsutil::open_append(&path, opts.file_mode)?;
+        let file = fsutil::open_append(&path, self.file_mode)?;
         let mut line = Vec::with_capacity(200);
         record::encode_value(r, &mut line);
         (&file).write_all(&line).ctx("append", &path)?;
         file.sync_data().ctx("fdatasync", &path)?;
         if created {
+            // The lease file's entry, and `leases/`'s own (created lazily).
             fsutil::sync_dir(&self.dir)?;
+            if let Some(root) = self.dir.parent() {
+                fsutil::sync_dir(root)?;
+            }
         }
         state.apply(r);
         if file.metadata().ctx("stat", &path)?.len() > COMPACT_BYTES {
-            self.compact(bus, state)?;
+            self.compact(state)?;
         }
         Ok(())
     }
 
     /// Rewrites the lease file as one `state` record holding the current token, so the
     /// token keeps increasing whatever is removed.
-    fn compact(&self, bus: &Bus, state: &State) -> Result<()> {
+    fn compact(&self, state: &State) -> Result<()> {
         let r = Rec {
             holder: state.holder.clone(),
             expires_at: Some(state.expires_at),
@@ -774,6 +819,6 @@ impl LeaseFiles {
         };
         let mut line = Vec::new();
         record::encode_value(&r, &mut line);
-        fsutil::write_atomic(&self.log_path(), &line, bus.inner.opts.file_mode, true)
+        fsutil::write_atomic(&self.log_path(), &line, self.file_mode, true)
     }
 }

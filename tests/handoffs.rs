@@ -506,3 +506,35 @@ fn limited_acceptor() {
     assert_eq!(lease.holder.as_deref(), Some("reviewer"));
     println!("RETRY accepted");
 }
+
+#[test]
+fn a_process_bound_lease_handed_off_stays_held_until_accepted() {
+    let (_dir, _root, bus) = setup();
+    let lease = bus.lease("task").process_bound(true).try_acquire().unwrap();
+    let token = lease.token();
+    let sent = bus
+        .handoff("main")
+        .summary("over to you")
+        .with_lease(lease)
+        .send()
+        .unwrap();
+    // The handle is gone with the send, but the lease is still the writer's.
+    let held = bus.lease_info("task").unwrap().unwrap();
+    assert_eq!(held.holder.as_deref(), Some("writer"));
+    assert!(held.token > token && !held.process_bound);
+    assert!(matches!(
+        bus.lease("task").holder("thief").try_acquire(),
+        Err(Error::LeaseHeld { .. })
+    ));
+
+    let (receiver, _group) = reviewer(&bus, "reviewer");
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    let moved = inbox
+        .take(sent.receipt.seq)
+        .unwrap()
+        .accept("reviewer")
+        .unwrap()
+        .unwrap();
+    assert_eq!(moved.holder.as_deref(), Some("reviewer"));
+    assert!(moved.token > held.token);
+}
