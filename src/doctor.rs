@@ -88,8 +88,8 @@ impl Bus {
         // Lease files, outside any mailbox. Loading a lease (under its lock) cuts a torn
         // tail, so a repair loads every lease first.
         if repair {
-            for info in self.leases().unwrap_or_default() {
-                let _ = self.lease_info(&info.name);
+            for name in self.lease_names()? {
+                let _ = self.lease_info(&name);
             }
         }
         let leases = self.path().join("leases");
@@ -103,7 +103,12 @@ impl Bus {
                 repaired,
             })
         };
-        check_records(&leases, |name| name.ends_with(".jsonl"), &mut problem)?;
+        check_records(
+            &leases,
+            |name| name.ends_with(".jsonl"),
+            false,
+            &mut problem,
+        )?;
         Ok(report)
     }
 }
@@ -169,9 +174,11 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
         );
     }
     report.records += records;
+    // The key index is only written under the append lock, which we hold.
     check_records(
         &mailbox.path().join("keys"),
         |n| n.ends_with(".jsonl"),
+        repair,
         &mut problem,
     )?;
     for group in mailbox.groups()? {
@@ -183,6 +190,7 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
         check_records(
             &dir,
             |n| n.starts_with("state.") && n.ends_with(".jsonl"),
+            false,
             &mut problem,
         )?;
     }
@@ -191,10 +199,12 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
 
 /// Every complete line of the record files in `dir` whose names pass `pick` (the key
 /// index, group state, lease files) must verify and parse. A damaged one is reported;
-/// an incomplete last line is the next writer's to cut and is reported as a torn tail.
+/// an incomplete last line is reported as a torn tail, and cut if `cut_torn` (the
+/// caller holds the lock its writers take).
 fn check_records(
     dir: &std::path::Path,
     pick: impl Fn(&str) -> bool,
+    cut_torn: bool,
     problem: &mut impl FnMut(PathBuf, u64, ProblemKind, String, bool),
 ) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -224,9 +234,17 @@ fn check_records(
             }
         }
         if complete < text.len() {
+            if cut_torn {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .ctx("open", &path)?;
+                file.set_len(complete as u64)
+                    .ctx("truncate torn tail", &path)?;
+            }
             let detail =
                 format!("incomplete final record at byte {complete} (the next writer cuts it)");
-            problem(path.clone(), line, ProblemKind::TornTail, detail, false);
+            problem(path.clone(), line, ProblemKind::TornTail, detail, cut_torn);
         }
     }
     Ok(())

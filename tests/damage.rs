@@ -358,9 +358,21 @@ fn doctor_checks_key_index_group_state_and_lease_files_too() {
     flip(state.clone());
     let lease = dir.path().join("leases/res.jsonl");
     flip(lease.clone());
-    // A torn tail in an undamaged state file (a group writer died mid-append).
+    // Torn tails in undamaged files (their writers died mid-append): group state, a
+    // key bucket, a lease file.
     let torn = mb.path().join("groups/g2/state.0.jsonl");
     append_raw(&torn, b"{\"seq\":9");
+    mb.send(NewMessage::new("t").idempotency_key("other"))
+        .unwrap();
+    let torn_bucket = std::fs::read_dir(mb.path().join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl") && *p != bucket)
+        .unwrap();
+    append_raw(&torn_bucket, b"{\"seq\":9");
+    bus.lease("other").try_acquire().unwrap().release().unwrap();
+    let torn_lease = dir.path().join("leases/other.jsonl");
+    append_raw(&torn_lease, b"{\"seq\":9");
 
     let report = bus.doctor(false).unwrap();
     let damaged: Vec<_> = report
@@ -376,15 +388,31 @@ fn doctor_checks_key_index_group_state_and_lease_files_too() {
             report.problems
         );
     }
-    assert!(report
-        .problems
-        .iter()
-        .any(|p| p.kind == ProblemKind::TornTail && p.path == torn));
-    // Repair cuts the torn state tail; damage stays reported, never silently fixed.
+    for path in [&torn, &torn_bucket, &torn_lease] {
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.kind == ProblemKind::TornTail && p.path == *path),
+            "{path:?} not reported: {:?}",
+            report.problems
+        );
+    }
+    // Repair cuts every torn tail, even with a damaged lease file beside it; damage
+    // stays reported, never silently fixed.
     let repaired = bus.doctor(true).unwrap();
     assert!(!repaired
         .problems
         .iter()
-        .any(|p| p.kind == ProblemKind::TornTail));
+        .any(|p| p.kind == ProblemKind::TornTail && !p.repaired));
     assert!(!repaired.is_clean());
+    let after = bus.doctor(false).unwrap();
+    assert!(
+        !after
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::TornTail),
+        "{:?}",
+        after.problems
+    );
 }
