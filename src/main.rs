@@ -611,40 +611,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             emit(out, &receipt)
         }
         Command::Recv(args) if args.group.is_some() => claim(&cli, args, out),
-        Command::Recv(args) => {
-            let bus = open_bus(&cli)?;
-            let mut messages = bus
-                .mailbox(&args.mailbox)?
-                .messages()
-                .from_seq(args.from_seq);
-            for kind in &args.kinds {
-                messages = messages.of_type(kind);
-            }
-            if let Some(from) = &args.from {
-                messages = messages.sender(from);
-            }
-            if let Some(id) = &args.correlation_id {
-                messages = messages.correlation_id(id);
-            }
-            // Damaged records are reported on stderr as they come, and reading goes on;
-            // the exit status says whether there were any.
-            let mut damaged = None;
-            for message in messages.take(args.max.unwrap_or(usize::MAX)) {
-                match message {
-                    Ok(m) => emit(out, &m)?,
-                    Err(e @ Error::Corrupt { .. }) => {
-                        let _ = out.flush();
-                        eprintln!("{}", error_json(&e));
-                        damaged = Some(e);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            match damaged {
-                Some(_) => Err(Failure::Reported),
-                None => Ok(()),
-            }
-        }
+        Command::Recv(args) => read(&cli, args, out),
         Command::Watch(args) => watch(&cli, args, out),
         Command::Ack(args) => {
             let group = open_bus(&cli)?.mailbox(&args.mailbox)?.group(&args.group)?;
@@ -1159,14 +1126,7 @@ fn handle_delivery(
 ) -> Result<Value, Failure> {
     let group = d.group();
     let Some(cmd) = exec else {
-        let mut line = serde_json::to_value(&d.message).expect("message serializes");
-        line["delivery"] = json!({
-            "group": group.name(),
-            "consumer": d.consumer,
-            "attempt": d.attempt,
-            "deadline": rfc3339(d.deadline),
-        });
-        return Ok(line);
+        return Ok(delivery_json(d));
     };
     let mailbox = group.mailbox().name().to_owned();
     let mut env = message_env(&d.message, &mailbox);
@@ -1211,7 +1171,68 @@ fn mailboxes(bus: &Bus, only: Option<&str>) -> Result<Vec<Mailbox>, Failure> {
         .collect::<Result<_, _>>()?)
 }
 
-/// `recv --group`: claims, waiting up to `--wait` seconds for the first message.
+/// How a `recv` waits: woken by file-system events when it waits at all, otherwise
+/// without starting a watcher.
+fn recv_mode(wait: f64) -> agentbus::WatchMode {
+    if wait > 0.0 {
+        agentbus::WatchMode::Auto
+    } else {
+        agentbus::WatchMode::Manual
+    }
+}
+
+/// `recv` without `--group`: prints the stored messages from `--from-seq` on, waiting
+/// up to `--wait` seconds for the first one when none is there.
+fn read(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let bus = open_bus(cli)?;
+    let mut filter = agentbus::Filter::new();
+    for kind in &args.kinds {
+        filter = filter.of_type(kind);
+    }
+    if let Some(from) = &args.from {
+        filter = filter.sender(from);
+    }
+    if let Some(id) = &args.correlation_id {
+        filter = filter.correlation_id(id);
+    }
+    let mut rx = bus
+        .follow_with(&[args.mailbox.as_str()], recv_mode(args.wait))?
+        .from_seq(args.from_seq)
+        .filter(filter);
+    let deadline = Instant::now() + secs(args.wait)?;
+    let max = args.max.unwrap_or(usize::MAX);
+    // Damaged records are reported on stderr as they come, and reading goes on; the
+    // exit status says whether there were any. They do not count against `--max`.
+    let (mut printed, mut damaged) = (0, false);
+    while printed < max {
+        let until = if printed == 0 {
+            deadline
+        } else {
+            Instant::now()
+        };
+        match rx.recv_deadline(until) {
+            Ok(envelope) => {
+                emit(out, &envelope.message)?;
+                printed += 1;
+            }
+            Err(agentbus::RecvTimeoutError::Bus(e @ Error::Corrupt { .. })) => {
+                let _ = out.flush();
+                eprintln!("{}", error_json(&e));
+                damaged = true;
+            }
+            Err(agentbus::RecvTimeoutError::Bus(e)) => return Err(Failure::Bus(e)),
+            Err(_) => break,
+        }
+    }
+    if damaged {
+        Err(Failure::Reported)
+    } else {
+        Ok(())
+    }
+}
+
+/// `recv --group`: claims up to `--max` (default 1), waiting up to `--wait` seconds
+/// for the first message.
 fn claim(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure> {
     let group = open_bus(cli)?
         .mailbox(&args.mailbox)?
@@ -1222,23 +1243,32 @@ fn claim(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure
     };
     let deadline = Instant::now() + secs(args.wait)?;
     let max = args.max.unwrap_or(1);
-    loop {
-        let deliveries = group.claim_for(&args.consumer, max, visibility)?;
-        if !deliveries.is_empty() || Instant::now() >= deadline {
-            for d in deliveries {
-                let mut line = serde_json::to_value(&d.message).expect("message serializes");
-                line["delivery"] = json!({
-                    "group": group.name(),
-                    "consumer": d.consumer,
-                    "attempt": d.attempt,
-                    "deadline": d.deadline.format(&time::format_description::well_known::Rfc3339).ok(),
-                });
-                emit(out, &line)?;
-            }
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if max == 0 {
+        return Ok(());
     }
+    let mut rx = group
+        .consumer_with(&args.consumer, recv_mode(args.wait))?
+        .visibility(visibility);
+    let Some(first) = timed_out(rx.recv_deadline(deadline))? else {
+        return Ok(());
+    };
+    let rest = group.claim_for(&args.consumer, max - 1, visibility)?;
+    for d in std::iter::once(first).chain(rest) {
+        emit(out, &delivery_json(&d))?;
+    }
+    Ok(())
+}
+
+/// A delivery as the CLI prints it: the message, plus who holds it until when.
+fn delivery_json(d: &agentbus::Delivery) -> Value {
+    let mut line = serde_json::to_value(&d.message).expect("message serializes");
+    line["delivery"] = json!({
+        "group": d.group().name(),
+        "consumer": d.consumer,
+        "attempt": d.attempt,
+        "deadline": rfc3339(d.deadline),
+    });
+    line
 }
 
 fn build_message(args: &SendArgs) -> Result<NewMessage, Failure> {

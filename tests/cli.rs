@@ -541,3 +541,68 @@ fn nack_with_attempt_refuses_a_claim_that_is_no_longer_yours() {
         .unwrap())
     .is_empty());
 }
+
+#[test]
+fn recv_waits_for_the_first_message_with_and_without_a_group() {
+    let dir = setup();
+    ok(common::cli(dir.path())
+        .args(["group", "create", "main", "workers"])
+        .output()
+        .unwrap());
+    let start = |args: &[&str]| {
+        common::cli(dir.path())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Both start before anything is sent: without waiting they would print nothing.
+    let reader = start(&["recv", "main", "--wait", "60"]);
+    let claimer = start(&["recv", "main", "--group", "workers", "--wait", "60"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    ok(common::cli(dir.path())
+        .args(["send", "main", "--type", "t", "--body", "late"])
+        .output()
+        .unwrap());
+    let read = ok(reader.wait_with_output().unwrap());
+    assert_eq!((read.len(), &read[0]["body"]), (1, &Value::from("late")));
+    let claimed = ok(claimer.wait_with_output().unwrap());
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0]["body"], "late");
+    assert_eq!(claimed[0]["delivery"]["attempt"], 1);
+}
+
+#[test]
+fn recv_reports_damage_on_stderr_without_counting_it_against_max() {
+    let dir = setup();
+    for body in ["one", "two"] {
+        ok(common::cli(dir.path())
+            .args(["send", "main", "--type", "t", "--body", body])
+            .output()
+            .unwrap());
+    }
+    // Damage the first record's body (its checksum no longer matches).
+    let seg = common::first_segment(dir.path(), "main");
+    let text = std::fs::read_to_string(&seg).unwrap();
+    std::fs::write(&seg, text.replacen("\"one\"", "\"One\"", 1)).unwrap();
+
+    let out = common::cli(dir.path())
+        .args(["recv", "main", "--max", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let error: Value = serde_json::from_str(stderr.lines().next().unwrap()).unwrap();
+    assert_eq!(error["error"], "corrupt", "{stderr}");
+    let stdout: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(stdout.len(), 1);
+    assert_eq!(
+        (&stdout[0]["seq"], &stdout[0]["body"]),
+        (&Value::from(2), &Value::from("two"))
+    );
+}
