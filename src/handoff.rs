@@ -588,12 +588,13 @@ impl ReceivedHandoff {
         };
         let mut payload = serde_json::json!({ "handoff": self.reference() });
         if let Some(info) = &lease {
-            payload["lease"] = serde_json::json!({
-                "name": info.name,
-                "holder": agent,
-                "token": info.token,
-                "expires_at": info.expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            });
+            let answer = LeaseAnswer {
+                name: info.name.clone(),
+                holder: agent.to_owned(),
+                token: info.token,
+                expires_at: info.expires_at,
+            };
+            payload["lease"] = serde_json::to_value(answer).expect("lease answer serializes");
         }
         if let Err(e) = self.answer(&reply, ACCEPTED_TYPE, agent, payload) {
             // Someone else answered first: give the lease back to the sender. (After

@@ -243,7 +243,7 @@ fn a_receiver_that_crashed_mid_accept_can_accept_again() {
         .unwrap()
         .pop()
         .unwrap();
-    receiver
+    let moved = receiver
         .transfer_lease("task", "writer", token, "reviewer", Duration::from_secs(60))
         .unwrap();
     drop(d);
@@ -254,6 +254,55 @@ fn a_receiver_that_crashed_mid_accept_can_accept_again() {
     let new = h.accept("reviewer").unwrap().unwrap();
     assert_eq!(new.holder.as_deref(), Some("reviewer"));
     assert!(new.token > token);
+    assert_eq!(new.token, moved.token, "the lease moved once");
+    assert_eq!(answers(&bus).len(), 1);
+}
+
+/// The answers in the writer's mailbox.
+fn answers(bus: &Bus) -> Vec<agentbus::Message> {
+    bus.mailbox("writer")
+        .unwrap()
+        .messages()
+        .map(|m| m.unwrap())
+        .collect()
+}
+
+#[test]
+fn a_receiver_that_crashed_after_answering_accepts_again_without_a_second_answer() {
+    let (dir, _root, bus) = setup();
+    let (_sent, token) = send_leased(dir.path(), &bus);
+    let (receiver, group) = reviewer(&bus, "reviewer");
+    let d = group
+        .claim_for("reviewer", 1, Duration::from_millis(1))
+        .unwrap()
+        .pop()
+        .unwrap();
+    // The first attempt moved the lease and answered, then died before acking.
+    let moved = receiver
+        .transfer_lease("task", "writer", token, "reviewer", Duration::from_secs(60))
+        .unwrap();
+    let expires_at = moved
+        .expires_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let answer = agentbus::NewMessage::new(agentbus::ACCEPTED_TYPE)
+        .from("reviewer")
+        .payload(serde_json::json!({
+            "lease": {"name": "task", "holder": "reviewer", "token": moved.token,
+                      "expires_at": expires_at},
+        }))
+        .idempotency_key(format!("handoff-answer/{}", d.message.id));
+    receiver.mailbox("writer").unwrap().send(answer).unwrap();
+    drop(d);
+    std::thread::sleep(Duration::from_millis(10));
+
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+    let lease = h.accept("reviewer").unwrap().unwrap();
+    assert_eq!(lease.token, moved.token);
+    assert_eq!(bus.lease_info("task").unwrap().unwrap().token, moved.token);
+    assert_eq!(answers(&bus).len(), 1, "answered once");
+    assert_eq!(group.stats().unwrap().pending, 0, "and marked done");
 }
 
 #[test]
