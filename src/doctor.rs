@@ -93,16 +93,8 @@ impl Bus {
             }
         }
         let leases = self.path().join("leases");
-        let mut problem = |path: PathBuf, line: u64, kind, detail: String, repaired| {
-            report.problems.push(Problem {
-                mailbox: String::new(),
-                path,
-                line,
-                kind,
-                detail,
-                repaired,
-            })
-        };
+        let mut problem =
+            |path, line, kind, detail, repaired| report.add("", path, line, kind, detail, repaired);
         check_records(
             &leases,
             |name| name.ends_with(".jsonl"),
@@ -114,17 +106,9 @@ impl Bus {
 }
 
 fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorReport) -> Result<()> {
-    let name = mailbox.name().to_owned();
-    let mut problem = |path: PathBuf, line: u64, kind, detail: String, repaired| {
-        report.problems.push(Problem {
-            mailbox: name.clone(),
-            path,
-            line,
-            kind,
-            detail,
-            repaired,
-        })
-    };
+    let name = mailbox.name();
+    let mut problem =
+        |path, line, kind, detail, repaired| report.add(name, path, line, kind, detail, repaired);
     let mut messages = mailbox.messages();
     let mut records = 0;
     for item in messages.by_ref() {
@@ -173,7 +157,6 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
             false,
         );
     }
-    report.records += records;
     // The key index is only written under the append lock, which we hold.
     check_records(
         &mailbox.path().join("keys"),
@@ -194,7 +177,30 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
             &mut problem,
         )?;
     }
+    report.records += records;
     Ok(())
+}
+
+impl DoctorReport {
+    /// Records a problem found in `mailbox` (empty: outside any mailbox).
+    fn add(
+        &mut self,
+        mailbox: &str,
+        path: PathBuf,
+        line: u64,
+        kind: ProblemKind,
+        detail: String,
+        repaired: bool,
+    ) {
+        self.problems.push(Problem {
+            mailbox: mailbox.to_owned(),
+            path,
+            line,
+            kind,
+            detail,
+            repaired,
+        });
+    }
 }
 
 /// Every complete line of the record files in `dir` whose names pass `pick` (the key

@@ -560,12 +560,20 @@ fn error_json(e: &Error) -> Value {
 }
 
 fn open_bus(cli: &Cli) -> Result<Bus, Failure> {
-    Ok(Bus::builder()
-        .durability(match cli.durability {
-            DurabilityArg::Sync => Durability::Sync,
-            DurabilityArg::Flush => Durability::Flush,
-        })
-        .open(&cli.dir)?)
+    Ok(bus_builder(cli).open(&cli.dir)?)
+}
+
+fn bus_builder(cli: &Cli) -> agentbus::BusBuilder {
+    Bus::builder().durability(match cli.durability {
+        DurabilityArg::Sync => Durability::Sync,
+        DurabilityArg::Flush => Durability::Flush,
+    })
+}
+
+/// The message `seq` of `mailbox`, if it is stored.
+fn stored(mailbox: &Mailbox, seq: u64) -> Result<Option<agentbus::Message>, Failure> {
+    let first = mailbox.messages().from_seq(seq).next().transpose()?;
+    Ok(first.filter(|m| m.seq == seq))
 }
 
 fn emit(out: &mut impl Write, value: &impl serde::Serialize) -> Result<(), Failure> {
@@ -727,12 +735,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             let bus = open_bus(&cli)?;
             let dlq = bus.mailbox(mailbox)?;
             for &seq in seqs {
-                let dead = dlq
-                    .messages()
-                    .from_seq(seq)
-                    .next()
-                    .transpose()?
-                    .filter(|m| m.seq == seq)
+                let dead = stored(&dlq, seq)?
                     .ok_or_else(|| Failure::Usage(format!("{mailbox} has no message {seq}")))?;
                 let origin = dead
                     .headers
@@ -780,13 +783,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
 
 fn handoff(cli: &Cli, cmd: &HandoffCommand, out: &mut impl Write) -> Result<(), Failure> {
     let agent = std::env::var("AGENTBUS_AGENT").unwrap_or_else(|_| "cli".into());
-    let bus = Bus::builder()
-        .agent(agent.clone())
-        .durability(match cli.durability {
-            DurabilityArg::Sync => Durability::Sync,
-            DurabilityArg::Flush => Durability::Flush,
-        })
-        .open(&cli.dir)?;
+    let bus = bus_builder(cli).agent(agent.clone()).open(&cli.dir)?;
     let show = |m: &agentbus::Message, verified: Option<&Error>| {
         let mut v = serde_json::to_value(m).expect("message serializes");
         if let Some(obj) = v.as_object_mut() {
@@ -798,12 +795,8 @@ fn handoff(cli: &Cli, cmd: &HandoffCommand, out: &mut impl Write) -> Result<(), 
         v
     };
     let read = |mailbox: &str, seq: u64| -> Result<agentbus::Message, Failure> {
-        bus.mailbox(mailbox)?
-            .messages()
-            .from_seq(seq)
-            .next()
-            .transpose()?
-            .filter(|m| m.seq == seq && m.kind == agentbus::HANDOFF_TYPE)
+        stored(&bus.mailbox(mailbox)?, seq)?
+            .filter(|m| m.kind == agentbus::HANDOFF_TYPE)
             .ok_or_else(|| Failure::Usage(format!("{mailbox} has no handoff {seq}")))
     };
     match cmd {
