@@ -240,6 +240,23 @@ fn a_group_filter_skips_other_types_for_every_consumer() {
     assert_eq!(seqs, [1, 3]);
     let stats = reviews.stats().unwrap();
     assert_eq!((stats.skipped, stats.lag), (2, 0));
+
+    // Another consumer, receiving through its own handle, is filtered the same way.
+    let mut other = Bus::open(dir.path())
+        .unwrap()
+        .mailbox("jobs")
+        .unwrap()
+        .group("reviews")
+        .unwrap()
+        .consumer("v")
+        .unwrap();
+    for kind in ["build", "review"] {
+        jobs.send(NewMessage::new(kind)).unwrap();
+    }
+    let d = other.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!((d.seq(), d.message.kind.as_str()), (6, "review"));
+    assert!(other.try_recv().unwrap_err().is_empty());
+    assert_eq!(reviews.stats().unwrap().skipped, 3);
 }
 
 #[test]
