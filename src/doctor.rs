@@ -1,11 +1,12 @@
 //! `doctor`: verify every record of every mailbox; optionally repair torn tails.
 
+use std::io::Read;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::error::IoContext;
-use crate::{log, Bus, Error, Result};
+use crate::{fsutil, log, Bus, Error, Result};
 
 /// What [`Bus::doctor`] found.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -128,12 +129,7 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
         if at_newest {
             // A writer died mid-append: safe to cut, the record was never acknowledged.
             if repair {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .ctx("open", &path)?;
-                file.set_len(offset).ctx("truncate torn tail", &path)?;
-                file.sync_data().ctx("fdatasync", &path)?;
+                cut(&path, offset)?;
             }
             let detail = format!("incomplete final record at byte {offset}");
             problem(path, line, ProblemKind::TornTail, detail, repair);
@@ -181,6 +177,13 @@ fn check_mailbox(mailbox: &crate::Mailbox, repair: bool, report: &mut DoctorRepo
     Ok(())
 }
 
+/// Cuts the file at `len` (a torn tail), never through a symlink.
+fn cut(path: &std::path::Path, len: u64) -> Result<()> {
+    let file = fsutil::open_write(path).ctx("open", path)?;
+    file.set_len(len).ctx("truncate torn tail", path)?;
+    file.sync_data().ctx("fdatasync", path)
+}
+
 impl DoctorReport {
     /// Records a problem found in `mailbox` (empty: outside any mailbox).
     fn add(
@@ -225,7 +228,19 @@ fn check_records(
     }
     paths.sort();
     for path in paths {
-        let text = std::fs::read(&path).ctx("read", &path)?;
+        let mut text = Vec::new();
+        let read = fsutil::open_read(&path).and_then(|mut f| f.read_to_end(&mut text));
+        if let Err(e) = read {
+            // A symlink or a directory planted here, say: reported, never followed.
+            problem(
+                path,
+                0,
+                ProblemKind::Damaged,
+                format!("cannot read: {e}"),
+                false,
+            );
+            continue;
+        }
         let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let mut line = 0;
         for bytes in text[..complete].split(|&b| b == b'\n') {
@@ -241,12 +256,7 @@ fn check_records(
         }
         if complete < text.len() {
             if cut_torn {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .ctx("open", &path)?;
-                file.set_len(complete as u64)
-                    .ctx("truncate torn tail", &path)?;
+                cut(&path, complete as u64)?;
             }
             let detail =
                 format!("incomplete final record at byte {complete} (the next writer cuts it)");

@@ -33,6 +33,19 @@ pub(crate) fn open_read(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Opens an existing regular file for writing (to cut a torn tail) without following
+/// a symlink.
+pub(crate) fn open_write(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
 /// Opens (creating if needed) a lock file without following a symlink.
 pub(crate) fn open_lock(path: &Path, mode: u32) -> Result<File> {
     open_or_create(

@@ -87,6 +87,17 @@ fn a_symlinked_key_bucket_is_refused() {
         .send(NewMessage::new("t").idempotency_key("k"))
         .unwrap_err();
     assert!(is_io(&e), "{e:?}");
+    // Doctor reports it and, repairing, cuts nothing through it (the victim has no
+    // newline: read through the link, all of it would look like a torn tail).
+    let report = s.bus.doctor(true).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.path == bucket && !p.repaired),
+        "{:?}",
+        report.problems
+    );
     s.intact();
 }
 
