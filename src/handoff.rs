@@ -234,7 +234,7 @@ impl HandoffBuilder<'_> {
     /// sender drops it (it stays held, by token, until the receiver accepts and takes
     /// it over, or it expires). A process-bound lease, which would end with its handle,
     /// is re-granted to its holder without the binding when the handoff is sent (a new
-    /// token, for its TTL).
+    /// token, for its TTL). If sending fails, the lease is released.
     ///
     /// ```
     /// # fn main() -> agentbus::Result<()> {
@@ -272,15 +272,6 @@ impl HandoffBuilder<'_> {
     /// artifact; [`Error::ArtifactMissing`]; [`Error::MailboxNotFound`] for `to`;
     /// [`Error::StaleLease`] if the lease is not held with the given token.
     pub fn send(mut self) -> Result<SentHandoff> {
-        if let Some(lease) = self.lease_handle.take() {
-            let (name, holder) = (lease.name().to_owned(), lease.holder().to_owned());
-            let token = lease.pass_on()?.token;
-            self.handoff.lease = Some(LeaseRef {
-                name,
-                holder,
-                token,
-            });
-        }
         if self.handoff.summary.trim().is_empty() {
             return Err(Error::InvalidMessage("a handoff needs a summary".into()));
         }
@@ -294,39 +285,75 @@ impl HandoffBuilder<'_> {
         let to = self.bus.mailbox(&self.to)?;
         let reply = self.bus.create_or_open_mailbox(&self.handoff.reply_to)?;
         let reply_from = reply.last_seq()? + 1;
-        if let Some(lease) = &self.handoff.lease {
-            let held = self.bus.lease_info(&lease.name)?;
-            let current = held.as_ref().is_some_and(|i| {
-                i.token == lease.token && i.holder.as_deref() == Some(&lease.holder)
-            });
-            if !current {
-                return Err(Error::StaleLease {
-                    name: lease.name.clone(),
-                    holder: held.as_ref().and_then(|i| i.holder.clone()),
-                    token: held.map_or(0, |i| i.token),
-                    reason: format!(
-                        "token {} of {:?} is not the current grant",
-                        lease.token, lease.holder
-                    ),
-                });
-            }
-        }
+        let artifacts = self
+            .artifacts
+            .iter()
+            .map(Artifact::capture)
+            .collect::<Result<Vec<_>>>()?;
         handoff_group(&to)?;
+        // Everything that can fail before the send has: only now let go of the lease.
+        let passed = match self.lease_handle.take() {
+            Some(lease) => {
+                let (name, holder) = (lease.name().to_owned(), lease.holder().to_owned());
+                let token = lease.pass_on()?.token;
+                self.handoff.lease = Some(LeaseRef {
+                    name,
+                    holder,
+                    token,
+                });
+                true
+            }
+            None => {
+                if let Some(lease) = &self.handoff.lease {
+                    self.check_lease(lease)?;
+                }
+                false
+            }
+        };
         let mut message = NewMessage::new(HANDOFF_TYPE)
             .from(from)
             .subject(self.handoff.summary.clone())
             .payload(serde_json::to_value(&self.handoff).expect("handoff serializes"));
-        for path in &self.artifacts {
-            message = message.artifact(Artifact::capture(path)?);
+        for artifact in artifacts {
+            message = message.artifact(artifact);
         }
         if let Some(id) = &self.correlation_id {
             message = message.correlation_id(id);
         }
-        let receipt = to.send(message)?;
-        Ok(SentHandoff {
-            receipt,
-            reply,
-            reply_from,
+        match to.send(message) {
+            Ok(receipt) => Ok(SentHandoff {
+                receipt,
+                reply,
+                reply_from,
+            }),
+            Err(e) => {
+                // Nothing was handed off: a lease given by handle is released, since
+                // its token went nowhere.
+                if let (true, Some(l)) = (passed, &self.handoff.lease) {
+                    let _ = self.bus.release_lease(&l.name, &l.holder, l.token);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A lease given by name and token must be the current grant.
+    fn check_lease(&self, lease: &LeaseRef) -> Result<()> {
+        let held = self.bus.lease_info(&lease.name)?;
+        let current = held
+            .as_ref()
+            .is_some_and(|i| i.token == lease.token && i.holder.as_deref() == Some(&lease.holder));
+        if current {
+            return Ok(());
+        }
+        Err(Error::StaleLease {
+            name: lease.name.clone(),
+            holder: held.as_ref().and_then(|i| i.holder.clone()),
+            token: held.map_or(0, |i| i.token),
+            reason: format!(
+                "token {} of {:?} is not the current grant",
+                lease.token, lease.holder
+            ),
         })
     }
 }

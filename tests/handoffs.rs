@@ -587,3 +587,25 @@ fn a_process_bound_lease_handed_off_stays_held_until_accepted() {
     assert_eq!(moved.holder.as_deref(), Some("reviewer"));
     assert!(moved.token > held.token);
 }
+
+#[test]
+fn a_handoff_that_cannot_be_sent_lets_its_lease_go() {
+    let (dir, _root, bus) = setup();
+    for process_bound in [false, true] {
+        let lease = bus
+            .lease("task")
+            .process_bound(process_bound)
+            .try_acquire()
+            .unwrap();
+        let e = bus
+            .handoff("main")
+            .summary("s")
+            .artifact(dir.path().join("missing.md"))
+            .with_lease(lease)
+            .send()
+            .unwrap_err();
+        assert!(matches!(e, Error::ArtifactMissing { .. }), "{e:?}");
+        let info = bus.lease_info("task").unwrap().unwrap();
+        assert_eq!(info.holder, None, "process_bound {process_bound}");
+    }
+}
