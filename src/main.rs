@@ -1245,8 +1245,9 @@ fn claim(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure
     let Some(first) = timed_out(rx.recv_deadline(deadline))? else {
         return Ok(());
     };
-    let rest = group.claim_for(&args.consumer, max - 1, visibility)?;
-    for d in std::iter::once(first).chain(rest) {
+    // Printed before claiming more, so that a failure there cannot hide a claim.
+    emit(out, &delivery_json(&first))?;
+    for d in group.claim_for(&args.consumer, max - 1, visibility)? {
         emit(out, &delivery_json(&d))?;
     }
     Ok(())

@@ -342,8 +342,10 @@ impl Messages {
         if first_later()?.is_none() {
             return Ok(None);
         }
-        // A listing can miss segments created while it runs, but not one created before
-        // a segment it shows: look again, now that a later segment is known to exist.
+        // A listing may miss segments created while it runs, even the successor of one
+        // it shows. But a segment is created only after every earlier one: now that a
+        // later segment is known to exist, so is every segment before it, and a second
+        // look (which starts after they were all created) finds them.
         if let Some(next) = Segment::open(dir, self.expected, limit)? {
             return Ok(Some(next));
         }
