@@ -730,10 +730,11 @@ impl LeaseFiles {
 
     /// The holder, if the lease [`is_held`](Self::is_held).
     fn live_holder(&self, state: &State, now: i64) -> Result<Option<String>> {
-        Ok(state
-            .holder
-            .clone()
-            .filter(|_| self.is_held(state, now).unwrap_or(false)))
+        Ok(if self.is_held(state, now)? {
+            state.holder.clone()
+        } else {
+            None
+        })
     }
 
     /// Checks that `token` is the current grant to `holder`; given `now`, also that the
