@@ -25,7 +25,14 @@ pub fn run(root: &Path) -> Result<()> {
         .try_acquire()?;
     println!("[writer]  took lease chapter-1 (token {})", lease.token());
 
-    let draft = root.parent().unwrap_or(root).join("chapter-1.md");
+    // The draft goes beside a bus directory; for a bus on NATS (a URL), into the
+    // working directory.
+    let work = if root.to_str().is_some_and(|r| r.starts_with("nats://")) {
+        std::env::current_dir()?
+    } else {
+        root.parent().unwrap_or(root).to_owned()
+    };
+    let draft = work.join("chapter-1.md");
     std::fs::write(
         &draft,
         "# Chapter 1\n\nIt was a bright cold day in April.\n",

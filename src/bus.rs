@@ -60,11 +60,21 @@ impl Options {
 
 #[derive(Debug)]
 pub(crate) struct BusInner {
+    /// The bus directory; for a NATS bus, its URL.
     pub(crate) root: PathBuf,
     pub(crate) opts: Options,
+    /// The JetStream connection of a bus opened from a `nats://` URL.
+    #[cfg(feature = "nats")]
+    pub(crate) nats: Option<Arc<crate::nats::NatsBus>>,
 }
 
 impl BusInner {
+    /// The JetStream connection, if this bus lives on NATS.
+    #[cfg(feature = "nats")]
+    pub(crate) fn remote(&self) -> Option<&Arc<crate::nats::NatsBus>> {
+        self.nats.as_ref()
+    }
+
     pub(crate) fn mailboxes_dir(&self) -> PathBuf {
         self.root.join("mailboxes")
     }
@@ -180,6 +190,9 @@ impl BusBuilder {
     /// [`Error::InvalidName`] for a bad agent name; [`Error::Io`] otherwise.
     pub fn open(self, path: impl AsRef<Path>) -> Result<Bus> {
         validate_name("agent", &self.opts.agent)?;
+        if let Some(url) = nats_url(path.as_ref()) {
+            return self.connect(url);
+        }
         let root = path.as_ref().to_owned();
         read_marker(&root)?;
         fsutil::ensure_dir(&root.join("mailboxes"))?;
@@ -194,6 +207,9 @@ impl BusBuilder {
     /// As [`open`](Self::open), plus [`Error::Io`] if the directory cannot be created.
     pub fn init(self, path: impl AsRef<Path>) -> Result<Bus> {
         validate_name("agent", &self.opts.agent)?;
+        if let Some(url) = nats_url(path.as_ref()) {
+            return self.connect(url);
+        }
         let root = path.as_ref().to_owned();
         let sync = self.opts.sync();
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -224,9 +240,39 @@ impl BusBuilder {
             inner: Arc::new(BusInner {
                 root,
                 opts: self.opts,
+                #[cfg(feature = "nats")]
+                nats: None,
             }),
         }
     }
+
+    /// A bus on a NATS JetStream server (feature `nats`). Nothing needs creating: the
+    /// streams, consumers and KV bucket are made as mailboxes, groups and leases are.
+    #[cfg(feature = "nats")]
+    fn connect(self, url: &str) -> Result<Bus> {
+        let nats = crate::nats::NatsBus::connect(url)?;
+        Ok(Bus {
+            inner: Arc::new(BusInner {
+                root: PathBuf::from(url),
+                opts: self.opts,
+                nats: Some(Arc::new(nats)),
+            }),
+        })
+    }
+
+    #[cfg(not(feature = "nats"))]
+    fn connect(self, _url: &str) -> Result<Bus> {
+        Err(Error::Unsupported {
+            operation: "a nats:// bus",
+            backend: "directory",
+            hint: "build agentbus with the `nats` feature",
+        })
+    }
+}
+
+/// The URL, when `path` is a `nats://` URL rather than a directory.
+fn nats_url(path: &Path) -> Option<&str> {
+    path.to_str().filter(|s| s.starts_with("nats://"))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -305,7 +351,7 @@ impl Bus {
         Bus::builder().init(path)
     }
 
-    /// The bus directory.
+    /// The bus directory (for a bus on NATS, the URL it was opened with).
     pub fn path(&self) -> &Path {
         &self.inner.root
     }
@@ -323,6 +369,15 @@ impl Bus {
     /// [`Error::InvalidName`], [`Error::MailboxExists`], [`Error::Io`].
     pub fn create_mailbox(&self, name: &str) -> Result<Mailbox> {
         validate_name("mailbox", name)?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            if !nats.create_stream(name, self.inner.opts.max_record_bytes)? {
+                return Err(Error::MailboxExists {
+                    name: name.to_owned(),
+                });
+            }
+            return self.mailbox(name);
+        }
         let parent = self.inner.mailboxes_dir();
         let dir = parent.join(name);
         if std::fs::symlink_metadata(&dir).is_ok() {
@@ -385,6 +440,10 @@ impl Bus {
     /// [`Error::InvalidName`], [`Error::Io`].
     pub fn mailbox(&self, name: &str) -> Result<Mailbox> {
         validate_name("mailbox", name)?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            return Mailbox::open_nats(self.inner.clone(), nats.clone(), name, || self.mailboxes());
+        }
         Mailbox::open(self.inner.clone(), name, || self.mailboxes())
     }
 
@@ -406,6 +465,10 @@ impl Bus {
     ///
     /// [`Error::Io`] if the mailboxes directory cannot be listed.
     pub fn mailboxes(&self) -> Result<Vec<String>> {
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            return nats.mailbox_names();
+        }
         fsutil::list_names(&self.inner.mailboxes_dir(), false)
     }
 }

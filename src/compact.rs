@@ -73,6 +73,14 @@ impl Mailbox {
     ///
     /// [`Error::Io`](crate::Error::Io).
     pub fn compact(&self, retention: Option<Duration>) -> Result<CompactReport> {
+        #[cfg(feature = "nats")]
+        if self.remote().is_some() {
+            let _ = retention;
+            return Err(crate::Error::unsupported(
+                "compact",
+                "set the stream's limits (max_age, max_bytes) in JetStream instead",
+            ));
+        }
         // No group may be created while we decide what to remove.
         let _no_new_groups = self.groups_lock(false)?;
         let mut floor: Option<u64> = None;
@@ -129,6 +137,13 @@ impl Mailbox {
     /// newest record is damaged.
     pub fn stats(&self) -> Result<MailboxStats> {
         let log_dir = self.path().join("log");
+        #[cfg(feature = "nats")]
+        let segments = if self.remote().is_some() {
+            Vec::new()
+        } else {
+            log::list_segments(&log_dir)?
+        };
+        #[cfg(not(feature = "nats"))]
         let segments = log::list_segments(&log_dir)?;
         let mut bytes = 0;
         for first in &segments {

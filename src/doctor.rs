@@ -80,6 +80,14 @@ impl Bus {
     /// [`Error::Io`] when a mailbox cannot be read at all; damage is reported in the
     /// [`DoctorReport`], not as an error.
     pub fn doctor(&self, repair: bool) -> Result<DoctorReport> {
+        #[cfg(feature = "nats")]
+        if self.inner.remote().is_some() {
+            let _ = repair;
+            return Err(Error::unsupported(
+                "doctor",
+                "JetStream checks its own storage: see `nats stream report`",
+            ));
+        }
         let mut report = DoctorReport::default();
         for name in self.mailboxes()? {
             let mailbox = self.mailbox(&name)?;

@@ -186,6 +186,28 @@ pub enum Error {
     #[error("invalid message: {0}")]
     InvalidMessage(String),
 
+    /// A request to the NATS server failed (the `nats` backend), or a `nats://` URL is
+    /// not valid.
+    #[error("NATS: {operation}: {reason}")]
+    Nats {
+        /// What was being done.
+        operation: String,
+        /// What the client or the server said.
+        reason: String,
+    },
+
+    /// The operation has no equivalent on this bus's backend (for example `doctor` on
+    /// NATS JetStream, which checks its own storage). README "Scaling out" lists them.
+    #[error("{operation} is not supported on the {backend} backend: {hint}")]
+    Unsupported {
+        /// The operation.
+        operation: &'static str,
+        /// The backend: `"nats"` or `"directory"`.
+        backend: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
+
     /// An artifact named by a message does not exist (or is not a regular file).
     #[error("artifact {} is missing", path.display())]
     ArtifactMissing {
@@ -251,6 +273,8 @@ impl Error {
             Error::RecordTooLarge { .. } => "record_too_large",
             Error::Corrupt { .. } => "corrupt",
             Error::InvalidMessage(_) => "invalid_message",
+            Error::Nats { .. } => "nats",
+            Error::Unsupported { .. } => "unsupported",
             Error::BatchIncomplete { .. } => "batch_incomplete",
             Error::ArtifactMissing { .. } => "artifact_missing",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
@@ -296,6 +320,14 @@ impl Error {
         match self {
             Error::Io { source, .. } | Error::BatchIncomplete { source, .. } => Some(source),
             _ => None,
+        }
+    }
+
+    pub(crate) fn unsupported(operation: &'static str, hint: &'static str) -> Self {
+        Error::Unsupported {
+            operation,
+            backend: "nats",
+            hint,
         }
     }
 

@@ -439,7 +439,29 @@ struct Checkpoint {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Group {
-    inner: Arc<GroupInner>,
+    imp: Imp,
+}
+
+/// Where a group lives: the storage seam (see [`Mailbox`]'s).
+#[derive(Debug, Clone)]
+enum Imp {
+    Dir(Arc<GroupInner>),
+    #[cfg(feature = "nats")]
+    Nats(Arc<NatsGroup>),
+}
+
+/// A group on NATS JetStream: a durable pull consumer of the mailbox's stream.
+#[cfg(feature = "nats")]
+#[derive(Debug)]
+struct NatsGroup {
+    mailbox: Mailbox,
+    name: String,
+    meta: GroupMeta,
+    /// The consumer's `ack_wait`: the visibility timeout of every claim.
+    ack_wait: Duration,
+    /// The live deliveries this handle claimed: seq → (attempt, reply subject). Acks
+    /// go to the reply subject; a settled or superseded claim is removed.
+    held: Mutex<std::collections::HashMap<u64, (u32, String)>>,
 }
 
 #[derive(Debug)]
@@ -658,6 +680,36 @@ impl Mailbox {
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", self.name()));
         validate_name("mailbox", &dead_letter)?;
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            let bus = crate::Bus {
+                inner: self.bus().clone(),
+            };
+            if dead_letter != self.name() {
+                bus.create_or_open_mailbox(&dead_letter)?;
+            }
+            let meta = GroupMeta {
+                format: crate::FORMAT_VERSION,
+                max_deliveries: opts.max_deliveries,
+                visibility_ms: opts.visibility.as_millis() as u64,
+                dead_letter,
+                filter: opts.filter.clone(),
+            };
+            let config = crate::nats::ConsumerConfig {
+                description: serde_json::to_string(&meta).expect("metadata serializes"),
+                start_seq: match opts.start {
+                    StartAt::Beginning => None,
+                    StartAt::End => Some(self.last_seq()? + 1),
+                },
+                ack_wait: opts.visibility.max(Duration::from_millis(1)),
+                // One delivery more than allowed: that one is seen only to be buried.
+                max_deliver: i64::from(opts.max_deliveries) + 1,
+            };
+            if !m.nats.create_consumer(&m.name, name, config)? {
+                return Err(self.group_exists(name));
+            }
+            return self.group(name);
+        }
         let groups = self.path().join("groups");
         let bus = self.bus();
         fsutil::create_dir(&groups, bus.opts.dir_mode)?;
@@ -749,6 +801,34 @@ impl Mailbox {
     /// [`Error::Io`].
     pub fn group(&self, name: &str) -> Result<Group> {
         validate_name("group", name)?;
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            let Some(state) = m.nats.consumer_state(&m.name, name)? else {
+                return Err(Error::GroupNotFound {
+                    mailbox: self.name().to_owned(),
+                    name: name.to_owned(),
+                    existing: self.groups()?,
+                });
+            };
+            let meta: GroupMeta = state
+                .description
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok())
+                .ok_or_else(|| Error::Corrupt {
+                    path: self.path().join(name),
+                    line: 1,
+                    reason: "the consumer was not made by agentbus (no group settings)".into(),
+                })?;
+            return Ok(Group {
+                imp: Imp::Nats(Arc::new(NatsGroup {
+                    mailbox: self.clone(),
+                    name: name.to_owned(),
+                    meta,
+                    ack_wait: state.ack_wait,
+                    held: Mutex::new(Default::default()),
+                })),
+            });
+        }
         let dir = self.path().join("groups").join(name);
         match std::fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() => {}
@@ -780,7 +860,7 @@ impl Mailbox {
         let lock_path = dir.join("lock");
         let lock = fsutil::open_lock(&lock_path, self.bus().opts.file_mode)?;
         Ok(Group {
-            inner: Arc::new(GroupInner {
+            imp: Imp::Dir(Arc::new(GroupInner {
                 mailbox: self.clone(),
                 name: name.to_owned(),
                 checkpoint_path: dir.join("checkpoint.json"),
@@ -791,7 +871,7 @@ impl Mailbox {
                     lock,
                     loaded: None,
                 }),
-            }),
+            })),
         })
     }
 
@@ -801,6 +881,10 @@ impl Mailbox {
     ///
     /// [`Error::Io`] if the groups directory cannot be listed.
     pub fn groups(&self) -> Result<Vec<String>> {
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            return m.nats.consumer_names(&m.name);
+        }
         fsutil::list_names(&self.path().join("groups"), true)
     }
 }
@@ -831,34 +915,68 @@ fn parse_json<T: serde::de::DeserializeOwned>(file: &File, path: &Path) -> Resul
 }
 
 impl Group {
+    /// The directory group. Only reached from the directory's own code paths: every
+    /// public entry point has already dispatched a NATS group to its backend.
+    fn inner(&self) -> &GroupInner {
+        match &self.imp {
+            Imp::Dir(inner) => inner,
+            #[cfg(feature = "nats")]
+            Imp::Nats(g) => unreachable!("directory operation on NATS group {}", g.name),
+        }
+    }
+
+    #[cfg(feature = "nats")]
+    fn remote(&self) -> Option<&NatsGroup> {
+        match &self.imp {
+            Imp::Nats(g) => Some(g),
+            Imp::Dir(_) => None,
+        }
+    }
+
+    fn meta(&self) -> &GroupMeta {
+        match &self.imp {
+            Imp::Dir(inner) => &inner.meta,
+            #[cfg(feature = "nats")]
+            Imp::Nats(g) => &g.meta,
+        }
+    }
+
     /// The group name.
     pub fn name(&self) -> &str {
-        &self.inner.name
+        match &self.imp {
+            Imp::Dir(inner) => &inner.name,
+            #[cfg(feature = "nats")]
+            Imp::Nats(g) => &g.name,
+        }
     }
 
     /// The mailbox the group consumes.
     pub fn mailbox(&self) -> &Mailbox {
-        &self.inner.mailbox
+        match &self.imp {
+            Imp::Dir(inner) => &inner.mailbox,
+            #[cfg(feature = "nats")]
+            Imp::Nats(g) => &g.mailbox,
+        }
     }
 
     /// How many deliveries a message gets before it is dead-lettered.
     pub fn max_deliveries(&self) -> u32 {
-        self.inner.meta.max_deliveries
+        self.meta().max_deliveries
     }
 
     /// The default visibility timeout of a claim.
     pub fn visibility(&self) -> Duration {
-        Duration::from_millis(self.inner.meta.visibility_ms)
+        Duration::from_millis(self.meta().visibility_ms)
     }
 
     /// The group's filter (empty: every message).
     pub fn filter(&self) -> &Filter {
-        &self.inner.meta.filter
+        &self.meta().filter
     }
 
     /// The mailbox that receives this group's dead letters.
     pub fn dead_letter_mailbox(&self) -> &str {
-        &self.inner.meta.dead_letter
+        &self.meta().dead_letter
     }
 
     /// Claims up to `max` messages for `consumer`, for the group's visibility timeout.
@@ -897,7 +1015,11 @@ impl Group {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let spec = self.inner.mailbox.log_spec();
+        #[cfg(feature = "nats")]
+        if let Some(g) = self.remote() {
+            return g.claim(self, consumer, max);
+        }
+        let spec = self.inner().mailbox.log_spec();
         self.locked(|g, loaded| {
             let now = now_ms();
             let until = now.saturating_add(ms(visibility));
@@ -929,7 +1051,7 @@ impl Group {
                     }
                     Err(e) => return Err(e),
                 };
-                if entry.attempt >= g.inner.meta.max_deliveries {
+                if entry.attempt >= g.inner().meta.max_deliveries {
                     let mut history = entry.history.clone();
                     if entry.consumer.is_some() {
                         history.push(AttemptNote {
@@ -963,7 +1085,7 @@ impl Group {
                 let reader = g.reader(loaded);
                 match reader.next() {
                     None => break,
-                    Some(Ok(message)) if !g.inner.meta.filter.matches(&message) => {
+                    Some(Ok(message)) if !g.inner().meta.filter.matches(&message) => {
                         let mut r = Rec::new(message.seq, Op::Skip, now);
                         r.next = reader.cursor();
                         loaded.state.apply(&r);
@@ -1035,7 +1157,14 @@ impl Group {
     /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if that claim ran out, was
     /// settled, or the message was redelivered since.
     pub fn delivery(&self, seq: u64, attempt: u32) -> Result<Delivery> {
-        let spec = self.inner.mailbox.log_spec();
+        #[cfg(feature = "nats")]
+        if self.remote().is_some() {
+            return Err(Error::unsupported(
+                "acting on a delivery claimed through another handle",
+                "settle it with the Delivery that claim returned",
+            ));
+        }
+        let spec = self.inner().mailbox.log_spec();
         self.locked(|g, loaded| {
             if seq >= loaded.state.next {
                 return Err(g.not_delivered(seq));
@@ -1077,6 +1206,10 @@ impl Group {
     ///
     /// [`Error::Io`].
     pub fn in_flight(&self, seq: u64) -> Result<Option<Delivery>> {
+        #[cfg(feature = "nats")]
+        if let Some(g) = self.remote() {
+            return Ok(g.held_delivery(self, seq));
+        }
         let attempt = self.locked(|_, loaded| {
             Ok(loaded
                 .state
@@ -1106,7 +1239,15 @@ impl Group {
         visibility: Duration,
     ) -> Result<Option<Delivery>> {
         validate_name("consumer", consumer)?;
-        let spec = self.inner.mailbox.log_spec();
+        #[cfg(feature = "nats")]
+        if self.remote().is_some() {
+            let _ = (seq, visibility);
+            return Err(Error::unsupported(
+                "claiming one message by seq",
+                "a JetStream consumer delivers in its own order: receive with recv_timeout",
+            ));
+        }
+        let spec = self.inner().mailbox.log_spec();
         self.locked(|g, loaded| {
             let now = now_ms();
             let until = now.saturating_add(ms(visibility));
@@ -1123,7 +1264,7 @@ impl Group {
                 };
                 // Claimed by someone, or nacked with a delay not yet over; or out of
                 // deliveries (a normal claim dead-letters it).
-                if entry.visible_at > now || entry.attempt >= g.inner.meta.max_deliveries {
+                if entry.visible_at > now || entry.attempt >= g.inner().meta.max_deliveries {
                     return Ok(None);
                 }
                 let message = read_at(&spec, entry.at, seq)?;
@@ -1138,13 +1279,13 @@ impl Group {
             let found = loop {
                 let reader = g.reader(loaded);
                 match reader.next() {
-                    Some(Ok(m)) if m.seq < seq && !g.inner.meta.filter.matches(&m) => {
+                    Some(Ok(m)) if m.seq < seq && !g.inner().meta.filter.matches(&m) => {
                         let mut r = Rec::new(m.seq, Op::Skip, now);
                         r.next = reader.cursor();
                         loaded.state.apply(&r);
                         records.push(r);
                     }
-                    Some(Ok(m)) if m.seq == seq && g.inner.meta.filter.matches(&m) => {
+                    Some(Ok(m)) if m.seq == seq && g.inner().meta.filter.matches(&m) => {
                         let mut r = Rec::new(seq, Op::Claim, now);
                         r.attempt = Some(1);
                         r.consumer = Some(consumer.to_owned());
@@ -1177,6 +1318,12 @@ impl Group {
     /// [`Error::NotDelivered`] if the seq was never delivered to this group;
     /// [`Error::Io`].
     pub fn ack(&self, seq: u64) -> Result<bool> {
+        #[cfg(feature = "nats")]
+        if let Some(g) = self.remote() {
+            return g
+                .settle(self, seq, None, Op::Ack, Duration::ZERO)
+                .map(|()| true);
+        }
         self.locked(|g, loaded| {
             if seq >= loaded.state.next {
                 return Err(g.not_delivered(seq));
@@ -1196,6 +1343,14 @@ impl Group {
     ///
     /// [`Error::Io`].
     pub fn ack_upto(&self, seq: u64) -> Result<u64> {
+        #[cfg(feature = "nats")]
+        if self.remote().is_some() {
+            let _ = seq;
+            return Err(Error::unsupported(
+                "ack_upto",
+                "a JetStream consumer with explicit acks takes one ack per message",
+            ));
+        }
         self.locked(|g, loaded| {
             let n = loaded.state.entries.range(..=seq).count() as u64;
             if n > 0 {
@@ -1240,6 +1395,11 @@ impl Group {
         delay: Duration,
         reason: Option<&str>,
     ) -> Result<()> {
+        #[cfg(feature = "nats")]
+        if let Some(g) = self.remote() {
+            let _ = reason;
+            return g.settle(self, seq, attempt, op, delay);
+        }
         self.locked(|g, loaded| {
             let now = now_ms();
             if seq >= loaded.state.next {
@@ -1266,7 +1426,7 @@ impl Group {
             }
             let reason = reason.map(cap_reason);
             let reason = reason.as_deref();
-            if op == Op::Nack && entry.attempt >= g.inner.meta.max_deliveries {
+            if op == Op::Nack && entry.attempt >= g.inner().meta.max_deliveries {
                 // That was the last delivery it gets: dead-letter it now.
                 let reason = reason.unwrap_or("nacked");
                 let mut last = entry.clone();
@@ -1277,7 +1437,7 @@ impl Group {
                     reason: Some(reason.to_owned()),
                     at: now,
                 });
-                let message = read_at(&g.inner.mailbox.log_spec(), entry.at, seq)?;
+                let message = read_at(&g.inner().mailbox.log_spec(), entry.at, seq)?;
                 return g.bury(loaded, &message, &last.history, reason, now);
             }
             let mut r = Rec::new(seq, op, now);
@@ -1294,8 +1454,12 @@ impl Group {
     ///
     /// [`Error::Io`].
     pub fn stats(&self) -> Result<GroupStats> {
-        let published = self.inner.mailbox.last_seq()?;
-        let spec = self.inner.mailbox.log_spec();
+        #[cfg(feature = "nats")]
+        if let Some(g) = self.remote() {
+            return g.stats();
+        }
+        let published = self.inner().mailbox.last_seq()?;
+        let spec = self.inner().mailbox.log_spec();
         self.locked(|g, loaded| {
             let now = now_ms();
             let st = &loaded.state;
@@ -1336,12 +1500,17 @@ impl Group {
     }
 
     pub(crate) fn dir(&self) -> &Path {
-        &self.inner.dir
+        &self.inner().dir
     }
 
     /// The earliest time (ms) an unsettled message becomes deliverable again: a claim
     /// running out, or a nack's delay ending.
     pub(crate) fn next_due_ms(&self) -> Result<Option<i64>> {
+        #[cfg(feature = "nats")]
+        if self.remote().is_some() {
+            // The server redelivers; the consumer's poll timer looks for it.
+            return Ok(None);
+        }
         self.locked(|_, loaded| Ok(loaded.state.entries.values().map(|e| e.visible_at).min()))
     }
 
@@ -1358,7 +1527,7 @@ impl Group {
     }
 
     fn lock_cache(&self) -> MutexGuard<'_, Cache> {
-        self.inner.cache.lock().unwrap_or_else(|poisoned| {
+        self.inner().cache.lock().unwrap_or_else(|poisoned| {
             let mut c = poisoned.into_inner();
             c.loaded = None;
             c
@@ -1386,7 +1555,7 @@ impl Group {
         // checkpoint was in place) if the checkpoint is not the one we loaded: start
         // again from it. A rotation that died before its checkpoint changed nothing.
         let mut loaded = match cached.take() {
-            Some(l) if FileId::at(&self.inner.checkpoint_path)? == l.checkpoint => l,
+            Some(l) if FileId::at(&self.inner().checkpoint_path)? == l.checkpoint => l,
             _ => self.load()?,
         };
         self.replay(&mut loaded)?;
@@ -1394,9 +1563,9 @@ impl Group {
     }
 
     fn load(&self) -> Result<Loaded> {
-        let dir = &self.inner.dir;
+        let dir = &self.inner().dir;
         // Identify the checkpoint through the descriptor we read it from.
-        let cp_path = &self.inner.checkpoint_path;
+        let cp_path = &self.inner().checkpoint_path;
         let (checkpoint, cp_file) = FileId::open(cp_path)?;
         let cp: Checkpoint = parse_json(&cp_file, cp_path)?;
         // Remove state files of other generations: older ones are covered by the
@@ -1419,7 +1588,7 @@ impl Group {
             }
         }
         let path = state_path(dir, cp.gen);
-        let file = fsutil::open_append(&path, self.inner.mailbox.bus().opts.file_mode)?;
+        let file = fsutil::open_append(&path, self.inner().mailbox.bus().opts.file_mode)?;
         Ok(Loaded {
             state: cp.state,
             gen: cp.gen,
@@ -1469,7 +1638,7 @@ impl Group {
         let next = loaded.state.next;
         let stale = loaded.reader.as_ref().is_none_or(|r| r.next_seq() != next);
         if stale {
-            let spec = self.inner.mailbox.log_spec();
+            let spec = self.inner().mailbox.log_spec();
             loaded.reader = Some(match loaded.state.next_pos {
                 Some(pos) if pos.seq == next => Messages::at(spec, pos),
                 _ => Messages::new(spec).from_seq(next),
@@ -1496,7 +1665,7 @@ impl Group {
         for r in records {
             record::encode_value(r, &mut buf);
         }
-        let opts = &self.inner.mailbox.bus().opts;
+        let opts = &self.inner().mailbox.bus().opts;
         if let Err(e) = (&loaded.file).write_all(&buf) {
             let _ = loaded.file.set_len(loaded.off);
             return Err(Error::io("append", &loaded.path, e));
@@ -1516,7 +1685,7 @@ impl Group {
                 // It may have failed after its new checkpoint took effect (fsyncing the
                 // directory): then take the state from disk again, so no later write in
                 // this call goes to a file that is no longer current.
-                if FileId::at(&self.inner.checkpoint_path).ok() != Some(loaded.checkpoint) {
+                if FileId::at(&self.inner().checkpoint_path).ok() != Some(loaded.checkpoint) {
                     let mut fresh = self.load()?;
                     self.replay(&mut fresh)?;
                     *loaded = fresh;
@@ -1530,8 +1699,8 @@ impl Group {
     /// step leaves a consistent group if the process dies after it: the new file is
     /// empty until the checkpoint names it, and the old one is only removed after.
     fn rotate(&self, loaded: &mut Loaded) -> Result<()> {
-        let dir = &self.inner.dir;
-        let opts = &self.inner.mailbox.bus().opts;
+        let dir = &self.inner().dir;
+        let opts = &self.inner().mailbox.bus().opts;
         let gen = loaded.gen + 1;
         let path = state_path(dir, gen);
         let file = fsutil::open_append(&path, opts.file_mode)?;
@@ -1543,7 +1712,7 @@ impl Group {
         };
         let bytes = serde_json::to_vec(&cp).expect("checkpoint serializes");
         fsutil::write_atomic(
-            &self.inner.checkpoint_path,
+            &self.inner().checkpoint_path,
             &bytes,
             opts.file_mode,
             opts.sync(),
@@ -1555,7 +1724,7 @@ impl Group {
         loaded.off = 0;
         // The checkpoint we just wrote, pinned; if it cannot be opened, the next
         // refresh simply reloads.
-        match FileId::open(&self.inner.checkpoint_path) {
+        match FileId::open(&self.inner().checkpoint_path) {
             Ok((id, file)) => {
                 loaded.checkpoint = id;
                 loaded._pinned = Some(file);
@@ -1579,16 +1748,32 @@ impl Group {
         reason: &str,
         now: i64,
     ) -> Result<()> {
+        let reason = self.dead_letter(message, history, reason)?;
+        let mut r = Rec::new(message.seq, Op::Dead, now);
+        r.reason = Some(reason);
+        self.append(loaded, &[r])
+    }
+}
+
+impl Group {
+    /// Copies a message that ran out of deliveries to the dead-letter mailbox, exactly
+    /// once (its idempotency key); returns the reason recorded.
+    fn dead_letter(
+        &self,
+        message: &Message,
+        history: &[AttemptNote],
+        reason: &str,
+    ) -> Result<String> {
         let bus = crate::Bus {
-            inner: self.inner.mailbox.bus().clone(),
+            inner: self.mailbox().bus().clone(),
         };
-        let dlq = bus.create_or_open_mailbox(&self.inner.meta.dead_letter)?;
+        let dlq = bus.create_or_open_mailbox(self.dead_letter_mailbox())?;
         let reason = cap_reason(&format!(
             "max deliveries ({}) reached: {reason}",
-            self.inner.meta.max_deliveries
+            self.max_deliveries()
         ));
         let info = serde_json::json!({
-            "mailbox": self.inner.mailbox.name(),
+            "mailbox": self.mailbox().name(),
             "group": self.name(),
             "seq": message.seq,
             "id": message.id,
@@ -1599,16 +1784,158 @@ impl Group {
             .causation_id(message.id.to_string())
             .idempotency_key(format!(
                 "dead/{}/{}/{}",
-                self.inner.mailbox.name(),
+                self.mailbox().name(),
                 self.name(),
                 message.id
             ));
         copy.headers
             .insert(DEAD_LETTER_HEADER.into(), info.to_string());
         dlq.send(copy)?;
-        let mut r = Rec::new(message.seq, Op::Dead, now);
-        r.reason = Some(reason);
-        self.append(loaded, &[r])
+        Ok(reason)
+    }
+}
+
+#[cfg(feature = "nats")]
+impl NatsGroup {
+    fn nats(&self) -> &crate::nats::NatsBus {
+        &self
+            .mailbox
+            .remote()
+            .expect("a NATS group has a NATS mailbox")
+            .nats
+    }
+
+    /// Fetches until `max` deliveries are in hand or nothing is waiting. Messages past
+    /// `max_deliveries` are buried on the way, messages the filter passes over are
+    /// acked (skipped), and records that are not messages are termed with a warning.
+    fn claim(&self, group: &Group, consumer: &str, max: usize) -> Result<Vec<Delivery>> {
+        let nats = self.nats();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let fetched = nats.fetch(self.mailbox.name(), &self.name, max - out.len())?;
+            if fetched.is_empty() {
+                break;
+            }
+            for f in fetched {
+                let message =
+                    match crate::nats::decode(nats.url(), self.mailbox.name(), f.seq, &f.payload) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            ::log::warn!("agentbus: group {}: {e}; terminating it", self.name);
+                            nats.settle(&f.reply, async_nats::jetstream::AckKind::Term)?;
+                            continue;
+                        }
+                    };
+                if f.attempt > self.meta.max_deliveries {
+                    group.dead_letter(&message, &[], "the last claim ran out or was nacked")?;
+                    nats.settle(&f.reply, async_nats::jetstream::AckKind::Term)?;
+                    continue;
+                }
+                if !self.meta.filter.matches(&message) {
+                    nats.settle(&f.reply, async_nats::jetstream::AckKind::Ack)?;
+                    continue;
+                }
+                self.held_map().insert(f.seq, (f.attempt, f.reply));
+                out.push(Delivery {
+                    message,
+                    attempt: f.attempt,
+                    consumer: consumer.to_owned(),
+                    deadline: OffsetDateTime::now_utc() + self.ack_wait,
+                    group: group.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn held_map(&self) -> MutexGuard<'_, std::collections::HashMap<u64, (u32, String)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held_delivery(&self, group: &Group, seq: u64) -> Option<Delivery> {
+        let (attempt, _) = self.held_map().get(&seq).cloned()?;
+        let message = self.nats().get(self.mailbox.name(), seq).ok()??;
+        Some(Delivery {
+            message,
+            attempt,
+            consumer: String::new(),
+            deadline: OffsetDateTime::now_utc() + self.ack_wait,
+            group: group.clone(),
+        })
+    }
+
+    /// Acks, naks, extends or terms a delivery this handle holds, and waits for the
+    /// server to confirm it.
+    fn settle(
+        &self,
+        group: &Group,
+        seq: u64,
+        attempt: Option<u32>,
+        op: Op,
+        delay: Duration,
+    ) -> Result<()> {
+        use async_nats::jetstream::AckKind;
+        let stale = |why: String| Error::StaleDelivery {
+            group: group.name().to_owned(),
+            seq,
+            reason: why,
+        };
+        let reply = match self.held_map().get(&seq) {
+            Some((a, _)) if attempt.is_some_and(|want| want != *a) => {
+                return Err(stale(format!("redelivered meanwhile (now attempt {a})")))
+            }
+            Some((_, reply)) => reply.clone(),
+            None if op == Op::Ack => {
+                // Already settled through this handle (an ack twice is fine).
+                return Ok(());
+            }
+            None => {
+                return Err(stale(
+                    "not held by this handle (settled, or claimed elsewhere)".into(),
+                ))
+            }
+        };
+        let kind = match op {
+            Op::Ack => AckKind::Ack,
+            Op::Nack if delay.is_zero() => AckKind::Nak(None),
+            Op::Nack => AckKind::Nak(Some(delay)),
+            Op::Extend => AckKind::Progress,
+            Op::Term => AckKind::Term,
+            other => unreachable!("{other:?} is not a settlement"),
+        };
+        self.nats().settle(&reply, kind)?;
+        if op != Op::Extend {
+            self.held_map().remove(&seq);
+        }
+        Ok(())
+    }
+
+    /// The consumer's counters. JetStream counts by stream sequence, so `delivered`
+    /// and `acked` are the highest delivered and fully acked seqs, and `dead`,
+    /// `termed` and `skipped` are not tracked (0); see README "Scaling out".
+    fn stats(&self) -> Result<GroupStats> {
+        let st = self
+            .nats()
+            .consumer_state(self.mailbox.name(), &self.name)?
+            .ok_or_else(|| Error::GroupNotFound {
+                mailbox: self.mailbox.name().to_owned(),
+                name: self.name.clone(),
+                existing: Vec::new(),
+            })?;
+        Ok(GroupStats {
+            group: self.name.clone(),
+            delivered: st.delivered_seq,
+            acked: st.ack_floor_seq,
+            in_flight: st.ack_pending,
+            pending: st.num_pending,
+            redelivered: st.redelivered,
+            dead: 0,
+            termed: 0,
+            skipped: 0,
+            lag: st.num_pending,
+            next_seq: st.delivered_seq + 1,
+            oldest_unacked_ms: None,
+        })
     }
 }
 

@@ -225,6 +225,12 @@ impl Bus {
     /// [`Error::InvalidName`], [`Error::Corrupt`], [`Error::Io`].
     pub fn lease_info(&self, name: &str) -> Result<Option<LeaseInfo>> {
         validate_name("lease", name)?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            let state = kv::state(nats, name)?;
+            let now = now_ms();
+            return Ok((state.token != 0).then(|| state.info(name, now)));
+        }
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
         let state = files.load()?;
@@ -252,6 +258,10 @@ impl Bus {
 
     /// The names of all lease files, sorted.
     pub(crate) fn lease_names(&self) -> Result<Vec<String>> {
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            return Ok(nats.lease_entries()?.into_iter().map(|e| e.0).collect());
+        }
         let dir = self.inner.root.join("leases");
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -286,6 +296,10 @@ impl Bus {
         ttl: Duration,
     ) -> Result<LeaseInfo> {
         validate_name("lease", name)?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            return kv::change(nats, name, holder, token, kv::Change::Renew(ttl));
+        }
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
         let mut state = files.load()?;
@@ -306,6 +320,10 @@ impl Bus {
     /// [`Error::StaleLease`] if `token` is not the current grant to `holder`.
     pub fn release_lease(&self, name: &str, holder: &str, token: u64) -> Result<()> {
         validate_name("lease", name)?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            return kv::change(nats, name, holder, token, kv::Change::Release).map(drop);
+        }
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
         let mut state = files.load()?;
@@ -332,6 +350,11 @@ impl Bus {
     ) -> Result<LeaseInfo> {
         validate_name("lease", name)?;
         validate_name("agent", to)?;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            let change = kv::Change::Transfer(to.to_owned(), ttl);
+            return kv::change(nats, name, holder, token, change);
+        }
         let files = LeaseFiles::new(self, name);
         let _guard = files.lock()?;
         let mut state = files.load()?;
@@ -387,10 +410,17 @@ impl LeaseRequest<'_> {
         validate_name("lease", &self.name)?;
         validate_name("agent", &self.holder)?;
         let deadline = Instant::now() + timeout;
-        let opts = &self.bus.inner.opts;
-        let dir = self.bus.inner.root.join("leases");
-        fsutil::create_dir(&dir, opts.dir_mode)?;
-        let watch = Watch::new(&[dir], opts.watch_mode, opts.poll_interval);
+        #[cfg(feature = "nats")]
+        let watch = match self.bus.inner.remote() {
+            Some(nats) => {
+                let opts = &self.bus.inner.opts;
+                let subjects = vec![nats.lease_subject(&self.name)];
+                Watch::subjects(nats, subjects, opts.watch_mode, opts.poll_interval)
+            }
+            None => self.dir_watch()?,
+        };
+        #[cfg(not(feature = "nats"))]
+        let watch = self.dir_watch()?;
         loop {
             let seen = watch.generation();
             match self.attempt()? {
@@ -414,6 +444,13 @@ impl LeaseRequest<'_> {
         }
     }
 
+    fn dir_watch(&self) -> Result<Watch> {
+        let opts = &self.bus.inner.opts;
+        let dir = self.bus.inner.root.join("leases");
+        fsutil::create_dir(&dir, opts.dir_mode)?;
+        Ok(Watch::new(&[dir], opts.watch_mode, opts.poll_interval))
+    }
+
     fn held(&self, state: &State) -> Error {
         Error::LeaseHeld {
             name: self.name.clone(),
@@ -426,6 +463,29 @@ impl LeaseRequest<'_> {
     /// One attempt: the lease, or (inner `Err`) the state of the holder that has it.
     fn attempt(&self) -> Result<std::result::Result<Lease, State>> {
         let bus = self.bus;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = bus.inner.remote() {
+            if self.process_bound {
+                return Err(Error::unsupported(
+                    "a process-bound lease",
+                    "no lock spans machines: use a TTL and renew it",
+                ));
+            }
+            let started = Instant::now();
+            return Ok(
+                kv::grant(nats, &self.name, &self.holder, self.ttl)?.map(|(token, v)| Lease {
+                    bus: bus.clone(),
+                    name: self.name.clone(),
+                    holder: self.holder.clone(),
+                    token,
+                    expires_at: ms_to_datetime(v.expires_at),
+                    valid_until: started + self.ttl,
+                    ttl: self.ttl,
+                    alive: None,
+                    done: false,
+                }),
+            );
+        }
         let files = LeaseFiles::new(bus, &self.name);
         let _guard = files.lock()?;
         let mut state = files.load()?;
@@ -571,6 +631,23 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.done {
+            return;
+        }
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.bus.inner.remote() {
+            // Never blocking: the release runs on the bus's runtime.
+            let (bus, name, holder, token) = (
+                nats.clone(),
+                self.name.clone(),
+                self.holder.clone(),
+                self.token,
+            );
+            nats.detach(async move {
+                let _ = tokio::task::spawn_blocking(move || {
+                    kv::change(&bus, &name, &holder, token, kv::Change::Release)
+                })
+                .await;
+            });
             return;
         }
         // Best effort and never blocking: only if the lease file is free right now.
@@ -821,5 +898,162 @@ impl LeaseFiles {
         let mut line = Vec::new();
         record::encode_value(&r, &mut line);
         fsutil::write_atomic(&self.log_path(), &line, self.file_mode, true)
+    }
+}
+
+/// Leases on NATS JetStream: one KV entry per lease, changed only by compare-and-set on
+/// its revision. The revision of the write that granted a lease is its token, so tokens
+/// strictly increase across every grant for as long as the bucket exists.
+#[cfg(feature = "nats")]
+mod kv {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{ms_to_datetime, now_ms, ttl_ms, LeaseInfo, State};
+    use crate::nats::NatsBus;
+    use crate::{Error, Result};
+
+    /// The value of a lease entry.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub(super) struct Value {
+        holder: Option<String>,
+        /// The grant's token; 0 in the write that grants, whose revision is the token.
+        #[serde(default)]
+        token: u64,
+        acquired_at: i64,
+        pub(super) expires_at: i64,
+        #[serde(default)]
+        renewals: u32,
+    }
+
+    fn parse(name: &str, current: Option<(u64, &[u8])>) -> Result<State> {
+        let Some((revision, bytes)) = current else {
+            return Ok(State::default());
+        };
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
+            path: format!("lease {name}").into(),
+            line: revision,
+            reason: format!("not a lease value: {e}"),
+        })?;
+        Ok(State {
+            seq: revision,
+            token: if v.token == 0 { revision } else { v.token },
+            holder: v.holder,
+            acquired_at: v.acquired_at,
+            expires_at: v.expires_at,
+            renewals: v.renewals,
+            process_bound: false,
+        })
+    }
+
+    fn encode(v: &Value) -> Vec<u8> {
+        serde_json::to_vec(v).expect("a lease value serializes")
+    }
+
+    /// The lease's current state (a default one if it was never granted).
+    pub(super) fn state(nats: &NatsBus, name: &str) -> Result<State> {
+        let owned = name.to_owned();
+        let (_, state) = nats.lease_update(name, move |cur| Ok((None, parse(&owned, cur)?)))?;
+        Ok(state)
+    }
+
+    /// Grants the lease to `holder` unless someone holds it: `Ok((token, value))`, or
+    /// the holder's state.
+    pub(super) fn grant(
+        nats: &NatsBus,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<std::result::Result<(u64, Value), State>> {
+        let (owned, holder) = (name.to_owned(), holder.to_owned());
+        let (revision, outcome) = nats.lease_update(name, move |cur| {
+            let state = parse(&owned, cur)?;
+            let now = now_ms();
+            if state.held_at(now) {
+                return Ok((None, Err(state)));
+            }
+            let v = Value {
+                holder: Some(holder.clone()),
+                token: 0,
+                acquired_at: now,
+                expires_at: now.saturating_add(ttl_ms(ttl)),
+                renewals: 0,
+            };
+            Ok((Some(encode(&v)), Ok(v)))
+        })?;
+        Ok(outcome.map(|v| (revision, v)))
+    }
+
+    /// A change to a grant, by its holder.
+    pub(super) enum Change {
+        Renew(Duration),
+        Release,
+        Transfer(String, Duration),
+    }
+
+    /// Renews, releases or transfers grant `token` of `holder`, under the same checks
+    /// as the directory's: only the current grant may change, and only a release is
+    /// allowed after expiry.
+    pub(super) fn change(
+        nats: &NatsBus,
+        name: &str,
+        holder: &str,
+        token: u64,
+        change: Change,
+    ) -> Result<LeaseInfo> {
+        let (owned, holder) = (name.to_owned(), holder.to_owned());
+        let release = matches!(change, Change::Release);
+        let (revision, v) = nats.lease_update(name, move |cur| {
+            let state = parse(&owned, cur)?;
+            let now = now_ms();
+            let stale = |reason: String| Error::StaleLease {
+                name: owned.clone(),
+                holder: state.holder.clone().filter(|_| state.held_at(now)),
+                token: state.token,
+                reason,
+            };
+            if token != state.token || state.holder.as_deref() != Some(holder.as_str()) {
+                return Err(stale(format!(
+                    "token {token} of {holder:?} is not the current grant"
+                )));
+            }
+            if !release && now >= state.expires_at {
+                return Err(stale("the lease has expired; acquire it again".into()));
+            }
+            let v = match &change {
+                Change::Renew(ttl) => Value {
+                    holder: Some(holder.clone()),
+                    token,
+                    acquired_at: state.acquired_at,
+                    expires_at: now.saturating_add(ttl_ms(*ttl)),
+                    renewals: state.renewals + 1,
+                },
+                Change::Release => Value {
+                    holder: None,
+                    token,
+                    acquired_at: state.acquired_at,
+                    expires_at: state.expires_at,
+                    renewals: state.renewals,
+                },
+                Change::Transfer(to, ttl) => Value {
+                    holder: Some(to.clone()),
+                    token: 0,
+                    acquired_at: now,
+                    expires_at: now.saturating_add(ttl_ms(*ttl)),
+                    renewals: 0,
+                },
+            };
+            Ok((Some(encode(&v)), v))
+        })?;
+        Ok(LeaseInfo {
+            name: name.to_owned(),
+            token: if v.token == 0 { revision } else { v.token },
+            holder: v.holder,
+            acquired_at: ms_to_datetime(v.acquired_at),
+            expires_at: ms_to_datetime(v.expires_at),
+            renewals: v.renewals,
+            process_bound: false,
+        })
     }
 }

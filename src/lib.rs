@@ -108,6 +108,8 @@ mod log;
 mod mailbox;
 mod message;
 mod name;
+#[cfg(feature = "nats")]
+mod nats;
 mod read;
 mod receiver;
 mod record;

@@ -62,7 +62,28 @@ pub(crate) struct LogSpec {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Mailbox {
-    inner: Arc<MailboxInner>,
+    imp: Imp,
+}
+
+/// Where a mailbox lives: the storage seam. Every public method of [`Mailbox`] picks
+/// its backend here; the directory's private helpers below only ever see `Dir`.
+#[derive(Debug, Clone)]
+enum Imp {
+    Dir(Arc<MailboxInner>),
+    #[cfg(feature = "nats")]
+    Nats(Arc<NatsMailbox>),
+}
+
+/// A mailbox on NATS JetStream: a stream with one subject.
+#[cfg(feature = "nats")]
+#[derive(Debug)]
+pub(crate) struct NatsMailbox {
+    pub(crate) bus: Arc<BusInner>,
+    pub(crate) nats: Arc<crate::nats::NatsBus>,
+    pub(crate) name: String,
+    /// `<url>/<name>`, for [`Mailbox::path`] and error messages.
+    path: PathBuf,
+    max_record_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -150,7 +171,7 @@ impl Mailbox {
         let lock_path = dir.join("lock");
         let lock = fsutil::open_lock(&lock_path, bus.opts.file_mode)?;
         Ok(Mailbox {
-            inner: Arc::new(MailboxInner {
+            imp: Imp::Dir(Arc::new(MailboxInner {
                 name: name.to_owned(),
                 log_dir: dir.join("log"),
                 keys_dir: dir.join("keys"),
@@ -165,26 +186,78 @@ impl Mailbox {
                     indexed: None,
                 }),
                 bus,
-            }),
+            })),
         })
     }
 
+    /// Opens the mailbox `name` of a bus on NATS.
+    #[cfg(feature = "nats")]
+    pub(crate) fn open_nats(
+        bus: Arc<BusInner>,
+        nats: Arc<crate::nats::NatsBus>,
+        name: &str,
+        existing: impl FnOnce() -> Result<Vec<String>>,
+    ) -> Result<Mailbox> {
+        let Some(limit) = nats.stream_limit(name)? else {
+            return Err(Error::MailboxNotFound {
+                name: name.to_owned(),
+                existing: existing()?,
+            });
+        };
+        Ok(Mailbox {
+            imp: Imp::Nats(Arc::new(NatsMailbox {
+                path: PathBuf::from(format!("{}/{name}", nats.url())),
+                max_record_bytes: if limit == 0 { usize::MAX } else { limit },
+                name: name.to_owned(),
+                nats,
+                bus,
+            })),
+        })
+    }
+
+    /// The directory mailbox. Only reached from the directory's own code paths: every
+    /// public entry point has already dispatched a NATS mailbox to its backend.
+    fn inner(&self) -> &MailboxInner {
+        match &self.imp {
+            Imp::Dir(inner) => inner,
+            #[cfg(feature = "nats")]
+            Imp::Nats(m) => unreachable!("directory operation on NATS mailbox {}", m.name),
+        }
+    }
+
+    /// The NATS side of this mailbox, if it lives there.
+    #[cfg(feature = "nats")]
+    pub(crate) fn remote(&self) -> Option<&Arc<NatsMailbox>> {
+        match &self.imp {
+            Imp::Nats(m) => Some(m),
+            Imp::Dir(_) => None,
+        }
+    }
+
     pub(crate) fn bus(&self) -> &Arc<BusInner> {
-        &self.inner.bus
+        match &self.imp {
+            Imp::Dir(inner) => &inner.bus,
+            #[cfg(feature = "nats")]
+            Imp::Nats(m) => &m.bus,
+        }
     }
 
     pub(crate) fn log_spec(&self) -> LogSpec {
         LogSpec {
-            dir: self.inner.log_dir.clone(),
-            limit: self.inner.max_record_bytes,
-            segment_bytes: self.inner.segment_bytes,
+            dir: self.inner().log_dir.clone(),
+            limit: self.inner().max_record_bytes,
+            segment_bytes: self.inner().segment_bytes,
         }
     }
 
     /// The largest record this mailbox accepts, newline included (fixed when it was
     /// created).
     pub fn max_record_bytes(&self) -> usize {
-        self.inner.max_record_bytes
+        match &self.imp {
+            Imp::Dir(inner) => inner.max_record_bytes,
+            #[cfg(feature = "nats")]
+            Imp::Nats(m) => m.max_record_bytes,
+        }
     }
 
     /// The seq of the oldest message still stored (compaction removes older ones).
@@ -193,7 +266,11 @@ impl Mailbox {
     ///
     /// [`Error::Io`].
     pub fn first_seq(&self) -> Result<u64> {
-        Ok(log::list_segments(&self.inner.log_dir)?
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            return Ok(m.nats.bounds(&m.name)?.0);
+        }
+        Ok(log::list_segments(&self.inner().log_dir)?
             .first()
             .copied()
             .unwrap_or(1))
@@ -206,7 +283,11 @@ impl Mailbox {
     ///
     /// [`Error::Corrupt`] if the last record is damaged; [`Error::Io`].
     pub fn last_seq(&self) -> Result<u64> {
-        let log_dir = &self.inner.log_dir;
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            return Ok(m.nats.bounds(&m.name)?.1);
+        }
+        let log_dir = &self.inner().log_dir;
         for first in log::list_segments(log_dir)?.into_iter().rev() {
             let path = log_dir.join(log::segment_name(first));
             let file = match fsutil::open_read(&path) {
@@ -215,7 +296,7 @@ impl Mailbox {
                 Err(e) => return Err(Error::io("open", path, e)),
             };
             let size = file.metadata().ctx("stat", &path)?.len();
-            let limit = self.inner.max_record_bytes;
+            let limit = self.inner().max_record_bytes;
             let tail = log::read_tail(&file, &path, size, limit)?;
             return Ok(tail.last.map_or(first.saturating_sub(1), |r| r.seq));
         }
@@ -224,12 +305,20 @@ impl Mailbox {
 
     /// The mailbox name.
     pub fn name(&self) -> &str {
-        &self.inner.name
+        match &self.imp {
+            Imp::Dir(inner) => &inner.name,
+            #[cfg(feature = "nats")]
+            Imp::Nats(m) => &m.name,
+        }
     }
 
-    /// The mailbox directory.
+    /// The mailbox directory (on NATS: `<url>/<name>`, which names it in messages).
     pub fn path(&self) -> &Path {
-        &self.inner.dir
+        match &self.imp {
+            Imp::Dir(inner) => &inner.dir,
+            #[cfg(feature = "nats")]
+            Imp::Nats(m) => &m.path,
+        }
     }
 
     /// Appends one message and returns its receipt once it is durable (see
@@ -248,6 +337,10 @@ impl Mailbox {
     /// retried: the record may or may not be on disk.
     pub fn send(&self, message: NewMessage) -> Result<Receipt> {
         let prepared = [self.prepare(message)?];
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            return Ok(m.publish(prepared)?.pop().expect("one receipt per message"));
+        }
         let mut receipts = self.append(&prepared)?;
         Ok(receipts.pop().expect("one receipt per message"))
     }
@@ -280,18 +373,37 @@ impl Mailbox {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            return m.publish(prepared);
+        }
         self.append(&prepared)
     }
 
     /// Reads the mailbox from the start, without changing any state. Narrow it with the
     /// methods of [`Messages`].
     pub fn messages(&self) -> Messages {
+        #[cfg(feature = "nats")]
+        if let Some(m) = self.remote() {
+            return Messages::remote(m.clone());
+        }
         Messages::new(self.log_spec())
     }
 
     /// The receipt of the message sent with idempotency `key`, if any (the index is
     /// brought up to date first, as for a keyed send).
     pub(crate) fn find_key(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
+        #[cfg(feature = "nats")]
+        if self.remote().is_some() {
+            // JetStream answers a duplicate `Nats-Msg-Id` only on publish: look for it.
+            for m in self.messages() {
+                let m = m?;
+                if m.idempotency_key.as_deref() == Some(key) {
+                    return Ok(Some((m.seq, m.id)));
+                }
+            }
+            return Ok(None);
+        }
         let mut guard = self.lock_writer();
         let w = &mut *guard;
         let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
@@ -302,9 +414,9 @@ impl Mailbox {
     }
 
     fn key_index(&self) -> KeyIndex<'_> {
-        let opts = &self.inner.bus.opts;
+        let opts = &self.inner().bus.opts;
         KeyIndex {
-            dir: &self.inner.keys_dir,
+            dir: &self.inner().keys_dir,
             mode: opts.file_mode,
             sync: opts.sync(),
         }
@@ -340,11 +452,11 @@ impl Mailbox {
 
     /// Validates and serializes a message; no lock is held.
     fn prepare(&self, message: NewMessage) -> Result<Prepared> {
-        let message = message.into_message(&self.inner.bus.opts.agent)?;
+        let message = message.into_message(&self.bus().opts.agent)?;
         let mut tail = Vec::with_capacity(256 + message.body.as_ref().map_or(0, String::len));
         crate::encode::encode_tail(&message, &mut tail)
             .map_err(|e| Error::InvalidMessage(format!("cannot encode the message: {e}")))?;
-        let limit = self.inner.max_record_bytes;
+        let limit = self.max_record_bytes();
         let size = record::encoded_len(u64::MAX, tail.len());
         if size > limit {
             return Err(Error::RecordTooLarge {
@@ -360,7 +472,7 @@ impl Mailbox {
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
-        self.inner.writer.lock().unwrap_or_else(|poisoned| {
+        self.inner().writer.lock().unwrap_or_else(|poisoned| {
             // A panic mid-append: forget the cached tail, the next append re-reads it.
             let mut w = poisoned.into_inner();
             w.tail = None;
@@ -369,7 +481,7 @@ impl Mailbox {
     }
 
     fn append(&self, batch: &[Prepared]) -> Result<Vec<Receipt>> {
-        let inner = &*self.inner;
+        let inner = self.inner();
         let opts = &inner.bus.opts;
         let mut guard = self.lock_writer();
         let w = &mut *guard;
@@ -491,7 +603,7 @@ impl Mailbox {
         Receipt {
             id,
             seq,
-            mailbox: self.inner.name.clone(),
+            mailbox: self.inner().name.clone(),
             duplicate,
         }
     }
@@ -499,7 +611,7 @@ impl Mailbox {
     /// Brings the cached tail up to date with the file system. Called with the lock
     /// held; repairs a torn final line left by a writer that crashed mid-append.
     fn sync_tail<'t>(&self, cached: &'t mut Option<Tail>) -> Result<&'t mut Tail> {
-        let inner = &*self.inner;
+        let inner = self.inner();
         let opts = &inner.bus.opts;
         let mut tail = match cached.take() {
             Some(t) => t,
@@ -540,10 +652,10 @@ impl Mailbox {
     /// in a file whose directory entry is not durable are not durable either. This
     /// happens once per segment per handle.
     fn open_segment(&self, first: u64, len: u64) -> Result<Tail> {
-        let path = self.inner.log_dir.join(log::segment_name(first));
-        let file = fsutil::open_append(&path, self.inner.bus.opts.file_mode)?;
-        if self.inner.bus.opts.sync() {
-            fsutil::sync_dir(&self.inner.log_dir)?;
+        let path = self.inner().log_dir.join(log::segment_name(first));
+        let file = fsutil::open_append(&path, self.inner().bus.opts.file_mode)?;
+        if self.inner().bus.opts.sync() {
+            fsutil::sync_dir(&self.inner().log_dir)?;
         }
         Ok(Tail {
             first,
@@ -694,5 +806,25 @@ impl KeyIndex<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(feature = "nats")]
+impl NatsMailbox {
+    fn publish(&self, batch: impl IntoIterator<Item = Prepared>) -> Result<Vec<Receipt>> {
+        let batch = batch
+            .into_iter()
+            .map(|p| {
+                let mut payload = Vec::with_capacity(9 + p.tail.len());
+                payload.extend_from_slice(b"{\"seq\":0,");
+                payload.extend_from_slice(&p.tail);
+                crate::nats::Outgoing {
+                    payload,
+                    id: p.id,
+                    key: p.key,
+                }
+            })
+            .collect();
+        self.nats.publish(&self.name, batch)
     }
 }

@@ -53,6 +53,10 @@ pub struct Messages {
     last_start: Option<Position>,
     /// The seqs the last error covered (no message will ever be read for them).
     last_gap: Option<(u64, u64)>,
+    /// Reading a mailbox on NATS instead: the stream, and the last seq it held when
+    /// we last asked.
+    #[cfg(feature = "nats")]
+    remote: Option<(std::sync::Arc<crate::mailbox::NatsMailbox>, u64)>,
 }
 
 impl Messages {
@@ -68,6 +72,60 @@ impl Messages {
             stashed: None,
             last_start: None,
             last_gap: None,
+            #[cfg(feature = "nats")]
+            remote: None,
+        }
+    }
+
+    /// Reads a mailbox on NATS, one stored message at a time by stream sequence.
+    #[cfg(feature = "nats")]
+    pub(crate) fn remote(mailbox: std::sync::Arc<crate::mailbox::NatsMailbox>) -> Self {
+        let spec = LogSpec {
+            dir: std::path::PathBuf::new(),
+            limit: 0,
+            segment_bytes: 0,
+        };
+        let mut m = Messages::new(spec);
+        m.remote = Some((mailbox, 0));
+        m
+    }
+
+    /// [`step`](Self::step) on NATS: messages deleted from the stream are passed over;
+    /// the end is wherever the stream ended when we last looked.
+    #[cfg(feature = "nats")]
+    fn step_remote(&mut self) -> Option<Result<Message>> {
+        let (mb, last) = self.remote.as_mut()?;
+        if !self.started {
+            self.started = true;
+            match mb.nats.bounds(&mb.name) {
+                Ok((first, l)) => {
+                    *last = l;
+                    self.expected = self.from_seq.max(first);
+                }
+                Err(e) => {
+                    self.started = false;
+                    return Some(Err(e));
+                }
+            }
+        }
+        loop {
+            if self.expected > *last {
+                match mb.nats.bounds(&mb.name) {
+                    Ok((_, l)) => *last = l,
+                    Err(e) => return Some(Err(e)),
+                }
+                if self.expected > *last {
+                    return None;
+                }
+            }
+            let seq = self.expected;
+            let got = mb.nats.get(&mb.name, seq);
+            self.expected += 1;
+            match got {
+                Ok(Some(m)) if self.filter.matches(&m) => return Some(Ok(m)),
+                Ok(_) => continue,
+                Err(e) => return Some(Err(e)),
+            }
         }
     }
 
@@ -405,6 +463,10 @@ impl Iterator for Messages {
     type Item = Result<Message>;
 
     fn next(&mut self) -> Option<Result<Message>> {
+        #[cfg(feature = "nats")]
+        if self.remote.is_some() {
+            return self.step_remote();
+        }
         self.step()
     }
 }

@@ -307,11 +307,24 @@ impl Bus {
             let messages = mb.messages().from_seq(next);
             sources.push((mb, messages));
         }
+        let poll = self.inner.opts.poll_interval;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.inner.remote() {
+            let subjects = mailboxes.iter().map(|m| nats.subject(m)).collect();
+            // Subscribed before the first look, so nothing sent after it is missed.
+            let watch = Watch::subjects(nats, subjects, mode, poll);
+            return Ok(Follower {
+                sources,
+                filter: Filter::new(),
+                turn: 0,
+                watch,
+            });
+        }
         Ok(Follower {
             sources,
             filter: Filter::new(),
             turn: 0,
-            watch: Watch::new(&dirs, mode, self.inner.opts.poll_interval),
+            watch: Watch::new(&dirs, mode, poll),
         })
     }
 }
@@ -406,6 +419,16 @@ impl Group {
     pub fn consumer_with(&self, consumer: &str, mode: WatchMode) -> Result<Consumer> {
         crate::validate_name("consumer", consumer)?;
         let opts = &self.mailbox().bus().opts;
+        #[cfg(feature = "nats")]
+        if let Some(nats) = self.mailbox().bus().remote() {
+            let subjects = vec![nats.subject(self.mailbox().name())];
+            return Ok(Consumer {
+                group: self.clone(),
+                name: consumer.to_owned(),
+                visibility: self.visibility(),
+                watch: Watch::subjects(nats, subjects, mode, opts.poll_interval),
+            });
+        }
         let dirs = [self.mailbox().path().join("log"), self.dir().to_owned()];
         Ok(Consumer {
             group: self.clone(),

@@ -86,6 +86,9 @@ pub(crate) struct Watch {
     hints: Arc<Hints>,
     /// Kept alive for its events; `None` in poll-only mode.
     _watcher: Option<notify::RecommendedWatcher>,
+    /// On a NATS bus: the subscription whose messages are the hints.
+    #[cfg(feature = "nats")]
+    _subscription: Option<crate::nats::HintTask>,
     poll: Duration,
 }
 
@@ -108,8 +111,34 @@ impl Watch {
         Watch {
             hints,
             _watcher: watcher,
+            #[cfg(feature = "nats")]
+            _subscription: None,
             poll,
         }
+    }
+
+    /// Watches NATS subjects instead of directories: every message published on them
+    /// is a hint. Falls back to polling, with a logged warning, if the subscription
+    /// cannot be made.
+    #[cfg(feature = "nats")]
+    pub(crate) fn subjects(
+        nats: &crate::nats::NatsBus,
+        subjects: Vec<String>,
+        mode: WatchMode,
+        poll: Duration,
+    ) -> Watch {
+        let mut watch = Watch::new(&[], WatchMode::PollOnly, poll);
+        match mode {
+            WatchMode::Manual => watch.poll = Duration::from_secs(86_400 * 365),
+            WatchMode::PollOnly => {}
+            WatchMode::Auto => match nats.hint(subjects.clone(), watch.hints.clone()) {
+                Ok(task) => watch._subscription = Some(task),
+                Err(e) => log::warn!(
+                    "agentbus: cannot subscribe to {subjects:?} ({e}); polling every {poll:?} instead"
+                ),
+            },
+        }
+        watch
     }
 
     pub(crate) fn hints(&self) -> &Arc<Hints> {
@@ -118,6 +147,10 @@ impl Watch {
 
     /// Whether `notify` events are arriving (false when polling or manual).
     pub(crate) fn has_events(&self) -> bool {
+        #[cfg(feature = "nats")]
+        if self._subscription.is_some() {
+            return true;
+        }
         self._watcher.is_some()
     }
 
