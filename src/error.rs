@@ -323,6 +323,7 @@ impl Error {
         }
     }
 
+    #[cfg(feature = "nats")]
     pub(crate) fn unsupported(operation: &'static str, hint: &'static str) -> Self {
         Error::Unsupported {
             operation,

@@ -30,8 +30,15 @@ use serde_json::{json, Value};
     about = "Mailboxes, leases and handoffs for agents sharing a directory"
 )]
 struct Cli {
-    /// The bus directory.
-    #[arg(long, global = true, env = "AGENTBUS_DIR", default_value = ".agentbus")]
+    /// The bus: a directory, or with the `nats` feature a NATS JetStream server,
+    /// `nats://host:port[/namespace]`. `--bus` is the same option.
+    #[arg(
+        long,
+        visible_alias = "bus",
+        global = true,
+        env = "AGENTBUS_DIR",
+        default_value = ".agentbus"
+    )]
     dir: PathBuf,
     /// When a write counts as done: `sync` (fdatasync, survives power loss) or `flush`
     /// (survives a crash of this process).

@@ -544,3 +544,42 @@ fn nats_refuses_what_it_cannot_do() {
     let err = Bus::open("nats://127.0.0.1:4222/bad/ns").unwrap_err();
     assert!(matches!(err, Error::InvalidName { .. }), "{err}");
 }
+
+/// The CLI reaches the same JetStream bus with `--bus <url>`: what it sends, the
+/// library reads, and the reverse.
+#[test]
+fn cli_uses_a_nats_bus_with_the_bus_option() {
+    let Some(env) = Env::nats() else { return };
+    let cli = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"));
+        cmd.arg("--bus").arg(&env.location);
+        cmd.env_remove("AGENTBUS_DIR").env_remove("AGENTBUS_AGENT");
+        cmd
+    };
+    common::ok(cli().arg("init").output().unwrap());
+    common::ok(cli().args(["mailbox", "create", "main"]).output().unwrap());
+    let receipt = common::ok(
+        cli()
+            .args(["send", "main", "--type", "draft.ready", "--from", "shell"])
+            .args(["--body", "from the shell", "--idempotency-key", "k1"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(receipt[0]["seq"], 1);
+    let bus = env.bus("rust");
+    let mb = bus.mailbox("main").unwrap();
+    let m = mb.messages().next().unwrap().unwrap();
+    assert_eq!(
+        (m.from.as_str(), m.body.as_deref()),
+        ("shell", Some("from the shell"))
+    );
+    mb.send(NewMessage::new("reply").body("from rust")).unwrap();
+    let read = common::ok(cli().args(["recv", "main"]).output().unwrap());
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[1]["body"], "from rust");
+    let listed = common::ok(cli().args(["mailbox", "list"]).output().unwrap());
+    assert!(
+        listed.iter().any(|l| l.to_string().contains("main")),
+        "{listed:?}"
+    );
+}

@@ -72,3 +72,38 @@ fn the_pipeline_resumes_from_phase_one_state() {
     );
     assert!(out.contains("accepted = true"), "{out}");
 }
+
+/// The README's "Scaling out": the same writer → watcher handoff, as two processes,
+/// through NATS JetStream instead of a directory.
+#[test]
+fn the_demo_runs_through_jetstream() {
+    let Ok(url) = std::env::var("AGENTBUS_NATS_URL") else {
+        eprintln!("skipped: AGENTBUS_NATS_URL is not set (see README, Scaling out)");
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let bus = format!("{url}/demo-{}", std::process::id());
+    let out = example("demo")
+        .arg(&bus)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "[watcher] woke on handoff seq 1 from writer",
+        "[watcher] verified 1 artifact(s)",
+        "[writer]  watcher accepted; lease chapter-1 now held by watcher",
+        "lease chapter-1 held by watcher",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert!(work.path().join("chapter-1.md").exists());
+}
