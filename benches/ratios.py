@@ -58,6 +58,13 @@ def main():
         ratio(f"send vs SQLite ({mode})", f"{mode}/send", "sqlite", "agentbus", send_target)
         ratio(f"claim+ack vs SQLite ({mode})", f"{mode}/claim_ack", "sqlite", "agentbus", claim_target)
 
+    # The JetStream backend (cargo bench --features nats --bench nats, with a server).
+    for group, what in [("backend_send", "send"), ("backend_claim_ack", "claim+ack")]:
+        if (group, "jetstream") in t:
+            for base in ["dir_flush", "dir_sync"]:
+                if (group, base) in t:
+                    r = t[(group, "jetstream")] / t[(group, base)]
+                    rows.append((f"{what}: JetStream time / directory {base[4:]}", f"{r:.2f}x", "-", ""))
     lat = extra("agentbus-latency.json")
     if lat:
         r = lat["agentbus_p50_us"] / lat["raw_p50_us"]
