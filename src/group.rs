@@ -459,6 +459,8 @@ struct NatsGroup {
     meta: GroupMeta,
     /// The consumer's `ack_wait`: the visibility timeout of every claim.
     ack_wait: Duration,
+    /// The consumer handle, opened on first use.
+    consumer: std::sync::OnceLock<crate::nats::PullConsumer>,
     /// The live deliveries this handle claimed: seq → (attempt, reply subject). Acks
     /// go to the reply subject; a settled or superseded claim is removed.
     held: Mutex<std::collections::HashMap<u64, (u32, String)>>,
@@ -825,6 +827,7 @@ impl Mailbox {
                     name: name.to_owned(),
                     meta,
                     ack_wait: state.ack_wait,
+                    consumer: Default::default(),
                     held: Mutex::new(Default::default()),
                 })),
             });
@@ -1812,7 +1815,14 @@ impl NatsGroup {
         let nats = self.nats();
         let mut out = Vec::new();
         while out.len() < max {
-            let fetched = nats.fetch(self.mailbox.name(), &self.name, max - out.len())?;
+            let handle = match self.consumer.get() {
+                Some(c) => c,
+                None => {
+                    let c = nats.consumer(self.mailbox.name(), &self.name)?;
+                    self.consumer.get_or_init(|| c)
+                }
+            };
+            let fetched = nats.fetch(handle, max - out.len())?;
             if fetched.is_empty() {
                 break;
             }

@@ -142,6 +142,9 @@ fn dec(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// A durable pull consumer: a group on JetStream.
+pub(crate) type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
+
 /// One message on its way to a stream.
 pub(crate) struct Outgoing {
     /// The record, `{"seq":0,...}`.
@@ -515,17 +518,23 @@ impl NatsBus {
         Ok(names)
     }
 
-    /// Fetches up to `max` messages for the group without waiting for more.
-    pub(crate) fn fetch(&self, mailbox: &str, group: &str, max: usize) -> Result<Vec<Fetched>> {
+    /// A handle on the group's consumer, for [`fetch`](Self::fetch).
+    pub(crate) fn consumer(&self, mailbox: &str, group: &str) -> Result<PullConsumer> {
         let js = self.js.clone();
         let stream = self.stream_name(mailbox);
         let durable = enc(group);
         self.run(async move {
-            let op = || format!("fetch from consumer {durable} on {stream}");
-            let consumer: jetstream::consumer::Consumer<pull::Config> = js
-                .get_consumer_from_stream(&durable, &stream)
+            js.get_consumer_from_stream(&durable, &stream)
                 .await
-                .map_err(|e| nats_err(op(), e))?;
+                .map_err(|e| nats_err(format!("open consumer {durable} on {stream}"), e))
+        })
+    }
+
+    /// Fetches up to `max` messages for the group without waiting for more.
+    pub(crate) fn fetch(&self, consumer: &PullConsumer, max: usize) -> Result<Vec<Fetched>> {
+        let consumer = consumer.clone();
+        self.run(async move {
+            let op = || format!("fetch from consumer {}", consumer.cached_info().name);
             let mut batch = consumer
                 .fetch()
                 .max_messages(max)
