@@ -564,6 +564,11 @@ impl Delivery {
     ///
     /// [`Error::Io`] if the record cannot be written.
     pub fn ack(&self) -> Result<()> {
+        #[cfg(feature = "nats")]
+        if let Some(g) = self.group.remote() {
+            let attempt = Some(self.attempt);
+            return g.settle(&self.group, self.seq(), attempt, Op::Ack, Duration::ZERO);
+        }
         self.group.ack(self.seq()).map(drop)
     }
 
@@ -704,8 +709,10 @@ impl Mailbox {
                     StartAt::End => Some(self.last_seq()? + 1),
                 },
                 ack_wait: opts.visibility.max(Duration::from_millis(1)),
-                // One delivery more than allowed: that one is seen only to be buried.
-                max_deliver: i64::from(opts.max_deliveries) + 1,
+                // Unlimited on the server: a delivery past `max_deliveries` is buried
+                // by the client that sees it, and one that dies first leaves it to
+                // be redelivered and buried by the next.
+                max_deliver: -1,
             };
             if !m.nats.create_consumer(&m.name, name, config)? {
                 return Err(self.group_exists(name));
@@ -1812,8 +1819,37 @@ impl NatsGroup {
     /// `max_deliveries` are buried on the way, messages the filter passes over are
     /// acked (skipped), and records that are not messages are termed with a warning.
     fn claim(&self, group: &Group, consumer: &str, max: usize) -> Result<Vec<Delivery>> {
-        let nats = self.nats();
         let mut out = Vec::new();
+        let mut fetched = Vec::new();
+        match self.claim_into(group, consumer, max, &mut out, &mut fetched) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                // Give back at once what will not be handed out, so no attempt is
+                // spent on a claim nobody saw.
+                let nats = self.nats();
+                for d in &out {
+                    let held = self.held_map().remove(&d.seq());
+                    if let Some((_, reply)) = held {
+                        let _ = nats.settle(&reply, async_nats::jetstream::AckKind::Nak(None));
+                    }
+                }
+                for f in fetched {
+                    let _ = nats.settle(&f.reply, async_nats::jetstream::AckKind::Nak(None));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn claim_into(
+        &self,
+        group: &Group,
+        consumer: &str,
+        max: usize,
+        out: &mut Vec<Delivery>,
+        pending: &mut Vec<crate::nats::Fetched>,
+    ) -> Result<()> {
+        let nats = self.nats();
         while out.len() < max {
             let handle = match self.consumer.get() {
                 Some(c) => c,
@@ -1822,11 +1858,12 @@ impl NatsGroup {
                     self.consumer.get_or_init(|| c)
                 }
             };
-            let fetched = nats.fetch(handle, max - out.len())?;
-            if fetched.is_empty() {
+            *pending = nats.fetch(handle, max - out.len())?;
+            if pending.is_empty() {
                 break;
             }
-            for f in fetched {
+            pending.reverse();
+            while let Some(f) = pending.pop() {
                 let message =
                     match crate::nats::decode(nats.url(), self.mailbox.name(), f.seq, &f.payload) {
                         Ok(m) => m,
@@ -1855,7 +1892,7 @@ impl NatsGroup {
                 });
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn held_map(&self) -> MutexGuard<'_, std::collections::HashMap<u64, (u32, String)>> {
@@ -1895,15 +1932,15 @@ impl NatsGroup {
                 return Err(stale(format!("redelivered meanwhile (now attempt {a})")))
             }
             Some((_, reply)) => reply.clone(),
-            None if op == Op::Ack => {
-                // Already settled through this handle (an ack twice is fine).
-                return Ok(());
-            }
-            None => {
-                return Err(stale(
-                    "not held by this handle (settled, or claimed elsewhere)".into(),
+            // A delivery acked twice (it was settled through this handle).
+            None if op == Op::Ack && attempt.is_some() => return Ok(()),
+            None if attempt.is_none() => {
+                return Err(Error::unsupported(
+                    "settling by seq a message this handle has not claimed",
+                    "settle it with the Delivery its claim returned",
                 ))
             }
+            None => return Err(stale("already settled".into())),
         };
         let kind = match op {
             Op::Ack => AckKind::Ack,

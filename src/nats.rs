@@ -214,7 +214,18 @@ impl NatsBus {
             };
             let _ = tx.send(connected.await);
         });
-        let (client, js) = rx.recv().map_err(|e| nats_err("connect", e))??;
+        let connected = rx
+            .recv()
+            .map_err(|e| nats_err("connect", e))
+            .and_then(|r| r);
+        let (client, js) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                // Dropping a runtime blocks, which panics inside another runtime.
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(NatsBus {
             url: url.to_owned(),
             namespace,
@@ -592,7 +603,9 @@ impl NatsBus {
                         storage: stream::StorageType::File,
                         allow_rollup: true,
                         deny_delete: true,
-                        allow_direct: true,
+                        // Reads go to the leader: a replica's direct answer may lag,
+                        // and a lease decision must see the latest grant.
+                        allow_direct: false,
                         num_replicas: replicas,
                         discard: stream::DiscardPolicy::New,
                         ..Default::default()

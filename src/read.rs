@@ -118,12 +118,20 @@ impl Messages {
                     return None;
                 }
             }
-            let seq = self.expected;
-            let got = mb.nats.get(&mb.name, seq);
-            self.expected += 1;
-            match got {
-                Ok(Some(m)) if self.filter.matches(&m) => return Some(Ok(m)),
-                Ok(_) => continue,
+            match mb.nats.get(&mb.name, self.expected) {
+                Ok(got) => {
+                    self.expected += 1;
+                    match got {
+                        Some(m) if self.filter.matches(&m) => return Some(Ok(m)),
+                        _ => continue,
+                    }
+                }
+                // A record that is not a message: reported once, then passed.
+                Err(e @ Error::Corrupt { .. }) => {
+                    self.expected += 1;
+                    return Some(Err(e));
+                }
+                // The server did not answer: the same seq is asked for again next time.
                 Err(e) => return Some(Err(e)),
             }
         }

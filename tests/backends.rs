@@ -330,7 +330,8 @@ behaviours! {
 
     /// A consumer receiver claims as messages arrive; manual mode looks only when woken.
     fn consumers_claim_as_messages_arrive(env: &Env) {
-        let bus = env.bus("worker");
+        // With a 60 s poll, only an event (inotify, or the subscription) wakes in time.
+        let bus = env.builder("worker").poll_interval(Duration::from_secs(60)).init(&env.location).unwrap();
         let mb = bus.create_mailbox("jobs").unwrap();
         let g = mb.create_group("workers").unwrap();
         let mut worker = g.consumer("w1").unwrap();
@@ -347,14 +348,20 @@ behaviours! {
         let err = worker.recv_timeout(Duration::from_millis(200)).unwrap_err();
         assert!(err.is_timeout());
 
+        // Manual mode: a send does not wake the receiver, the waker does.
         let mut manual = g.consumer_with("w2", WatchMode::Manual).unwrap();
-        mb.send(NewMessage::new("job").body("crop")).unwrap();
-        let waker = manual.waker();
-        std::thread::spawn(move || {
+        let (waker, sender) = (manual.waker(), mb.clone());
+        let woken = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
+            sender.send(NewMessage::new("job").body("crop")).unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            let at = Instant::now();
             waker.wake();
+            at
         });
         let job = manual.recv_timeout(Duration::from_secs(10)).expect("woken by hand");
+        let got_at = Instant::now();
+        assert!(got_at >= woken.join().unwrap(), "received before the wake");
         assert_eq!(job.message.body.as_deref(), Some("crop"));
         job.ack().unwrap();
     }
@@ -409,15 +416,47 @@ behaviours! {
         assert!(started.elapsed() >= Duration::from_millis(250), "taken before its TTL");
         assert!(taken.token() > t1);
         // A release wakes a waiter.
-        let location = env.location.clone();
+        // With a 60 s poll, only the release's event wakes the waiter in time.
+        let c = env.builder("agent-c").poll_interval(Duration::from_secs(60)).init(&env.location).unwrap();
         let t = std::thread::spawn(move || {
-            let c = Bus::builder().agent("agent-c").init(&location).unwrap();
             c.lease("db").acquire(Duration::from_secs(10)).map(|l| l.token())
         });
         std::thread::sleep(Duration::from_millis(200));
         let t2 = taken.token();
         taken.release().unwrap();
         assert!(t.join().unwrap().unwrap() > t2);
+    }
+
+    /// Contenders racing for a free lease: exactly one wins each round, and every
+    /// grant's token is higher than the last.
+    fn racing_contenders_get_one_grant_each(env: &Env) {
+        let mut last = 0;
+        for round in 0..5 {
+            let winners: Vec<(String, u64)> = std::thread::scope(|s| {
+                let tries: Vec<_> = (0..6)
+                    .map(|i| {
+                        let bus = env.bus(&format!("agent-{i}"));
+                        s.spawn(move || {
+                            bus.lease("slot").ttl(Duration::from_secs(30)).try_acquire()
+                                .map(|l| (l.holder().to_owned(), l.keep().token))
+                        })
+                    })
+                    .collect();
+                tries
+                    .into_iter()
+                    .filter_map(|t| match t.join().unwrap() {
+                        Ok(won) => Some(won),
+                        Err(Error::LeaseHeld { .. }) => None,
+                        Err(e) => panic!("{e}"),
+                    })
+                    .collect()
+            });
+            assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+            let (holder, token) = &winners[0];
+            assert!(*token > last, "token {token} after {last}");
+            last = *token;
+            env.bus("referee").release_lease("slot", holder, *token).unwrap();
+        }
     }
 
     /// A handoff's artifact is verified, the lease moves to the receiver, the sender
@@ -518,10 +557,15 @@ fn nats_refuses_what_it_cannot_do() {
     let bus = env.bus("agent");
     let mb = bus.create_mailbox("main").unwrap();
     let g = mb.create_group("g").unwrap();
+    mb.send(NewMessage::new("job")).unwrap();
+    let claimed = g.claim_one("w").unwrap().unwrap();
     for err in [
         bus.doctor(false).map(drop).unwrap_err(),
         mb.compact(None).map(drop).unwrap_err(),
         g.ack_upto(5).map(drop).unwrap_err(),
+        g.delivery(1, 1).map(drop).unwrap_err(),
+        // Settling by seq needs the handle that claimed it.
+        mb.group("g").unwrap().ack(1).map(drop).unwrap_err(),
         bus.lease("x")
             .process_bound(true)
             .try_acquire()
@@ -539,6 +583,9 @@ fn nats_refuses_what_it_cannot_do() {
             "{err}"
         );
     }
+    // The claiming handle can settle it by seq, and acking twice is fine.
+    assert!(g.ack(claimed.seq()).unwrap());
+    claimed.ack().unwrap();
     let err = Bus::open("nats://127.0.0.1:1").unwrap_err();
     assert!(matches!(err, Error::Nats { .. }), "{err}");
     let err = Bus::open("nats://127.0.0.1:4222/bad/ns").unwrap_err();
@@ -582,4 +629,27 @@ fn cli_uses_a_nats_bus_with_the_bus_option() {
         listed.iter().any(|l| l.to_string().contains("main")),
         "{listed:?}"
     );
+}
+
+/// Opening a JetStream bus inside an async runtime, even one that fails to connect,
+/// neither blocks the runtime nor panics.
+#[test]
+fn nats_bus_opens_and_fails_inside_an_async_runtime() {
+    let Some(env) = Env::nats() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert!(matches!(
+            Bus::open("nats://127.0.0.1:1"),
+            Err(Error::Nats { .. })
+        ));
+        let bus = env.bus("async");
+        bus.create_mailbox("main")
+            .unwrap()
+            .send(NewMessage::new("x"))
+            .unwrap();
+        drop(bus);
+    });
 }
