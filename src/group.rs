@@ -133,6 +133,18 @@ struct GroupMeta {
     filter: Filter,
 }
 
+impl GroupMeta {
+    fn new(opts: &GroupOptions, dead_letter: String) -> GroupMeta {
+        GroupMeta {
+            format: crate::FORMAT_VERSION,
+            max_deliveries: opts.max_deliveries,
+            visibility_ms: opts.visibility.as_millis() as u64,
+            dead_letter,
+            filter: opts.filter.clone(),
+        }
+    }
+}
+
 /// One delivered, unsettled message.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) struct Entry {
@@ -695,13 +707,7 @@ impl Mailbox {
             if dead_letter != self.name() {
                 bus.create_or_open_mailbox(&dead_letter)?;
             }
-            let meta = GroupMeta {
-                format: crate::FORMAT_VERSION,
-                max_deliveries: opts.max_deliveries,
-                visibility_ms: opts.visibility.as_millis() as u64,
-                dead_letter,
-                filter: opts.filter.clone(),
-            };
+            let meta = GroupMeta::new(&opts, dead_letter);
             let config = crate::nats::ConsumerConfig {
                 description: serde_json::to_string(&meta).expect("metadata serializes"),
                 start_seq: match opts.start {
@@ -740,13 +746,7 @@ impl Mailbox {
         let tmp = groups.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
         let built = (|| {
             fsutil::create_dir(&tmp, bus.opts.dir_mode)?;
-            let meta = GroupMeta {
-                format: crate::FORMAT_VERSION,
-                max_deliveries: opts.max_deliveries,
-                visibility_ms: opts.visibility.as_millis() as u64,
-                dead_letter,
-                filter: opts.filter.clone(),
-            };
+            let meta = GroupMeta::new(&opts, dead_letter);
             let write = |file: &str, value: &dyn erased::Json| {
                 fsutil::write_atomic(&tmp.join(file), &value.to_json(), bus.opts.file_mode, sync)
             };
