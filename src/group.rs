@@ -473,9 +473,20 @@ struct NatsGroup {
     ack_wait: Duration,
     /// The consumer handle, opened on first use.
     consumer: std::sync::OnceLock<crate::nats::PullConsumer>,
-    /// The live deliveries this handle claimed: seq → (attempt, reply subject). Acks
-    /// go to the reply subject; a settled or superseded claim is removed.
-    held: Mutex<std::collections::HashMap<u64, (u32, String)>>,
+    /// The live deliveries this handle claimed, by seq. A settled or superseded claim
+    /// is removed.
+    held: Mutex<std::collections::HashMap<u64, Held>>,
+}
+
+/// A delivery a NATS group handle holds: what [`Group::in_flight`] reports, and the
+/// reply subject its acks go to.
+#[cfg(feature = "nats")]
+#[derive(Debug, Clone)]
+struct Held {
+    attempt: u32,
+    consumer: String,
+    deadline: OffsetDateTime,
+    reply: String,
 }
 
 #[derive(Debug)]
@@ -1829,8 +1840,8 @@ impl NatsGroup {
                 let nats = self.nats();
                 for d in &out {
                     let held = self.held_map().remove(&d.seq());
-                    if let Some((_, reply)) = held {
-                        let _ = nats.settle(&reply, async_nats::jetstream::AckKind::Nak(None));
+                    if let Some(h) = held {
+                        let _ = nats.settle(&h.reply, async_nats::jetstream::AckKind::Nak(None));
                     }
                 }
                 for f in fetched {
@@ -1882,31 +1893,37 @@ impl NatsGroup {
                     nats.settle(&f.reply, async_nats::jetstream::AckKind::Ack)?;
                     continue;
                 }
-                self.held_map().insert(f.seq, (f.attempt, f.reply));
-                out.push(Delivery {
-                    message,
+                let held = Held {
                     attempt: f.attempt,
                     consumer: consumer.to_owned(),
                     deadline: OffsetDateTime::now_utc() + self.ack_wait,
+                    reply: f.reply,
+                };
+                out.push(Delivery {
+                    message,
+                    attempt: held.attempt,
+                    consumer: held.consumer.clone(),
+                    deadline: held.deadline,
                     group: group.clone(),
                 });
+                self.held_map().insert(f.seq, held);
             }
         }
         Ok(())
     }
 
-    fn held_map(&self) -> MutexGuard<'_, std::collections::HashMap<u64, (u32, String)>> {
+    fn held_map(&self) -> MutexGuard<'_, std::collections::HashMap<u64, Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn held_delivery(&self, group: &Group, seq: u64) -> Option<Delivery> {
-        let (attempt, _) = self.held_map().get(&seq).cloned()?;
+        let held = self.held_map().get(&seq).cloned()?;
         let message = self.nats().get(self.mailbox.name(), seq).ok()??;
         Some(Delivery {
             message,
-            attempt,
-            consumer: String::new(),
-            deadline: OffsetDateTime::now_utc() + self.ack_wait,
+            attempt: held.attempt,
+            consumer: held.consumer,
+            deadline: held.deadline,
             group: group.clone(),
         })
     }
@@ -1928,10 +1945,10 @@ impl NatsGroup {
             reason: why,
         };
         let reply = match self.held_map().get(&seq) {
-            Some((a, _)) if attempt.is_some_and(|want| want != *a) => {
+            Some(Held { attempt: a, .. }) if attempt.is_some_and(|want| want != *a) => {
                 return Err(stale(format!("redelivered meanwhile (now attempt {a})")))
             }
-            Some((_, reply)) => reply.clone(),
+            Some(h) => h.reply.clone(),
             // A delivery acked twice (it was settled through this handle).
             None if op == Op::Ack && attempt.is_some() => return Ok(()),
             None if attempt.is_none() => {
@@ -1951,8 +1968,14 @@ impl NatsGroup {
             other => unreachable!("{other:?} is not a settlement"),
         };
         self.nats().settle(&reply, kind)?;
-        if op != Op::Extend {
-            self.held_map().remove(&seq);
+        let mut held = self.held_map();
+        if op == Op::Extend {
+            // +WPI restarts the whole ack_wait.
+            if let Some(h) = held.get_mut(&seq) {
+                h.deadline = OffsetDateTime::now_utc() + self.ack_wait;
+            }
+        } else {
+            held.remove(&seq);
         }
         Ok(())
     }

@@ -583,7 +583,20 @@ fn nats_refuses_what_it_cannot_do() {
             "{err}"
         );
     }
-    // The claiming handle can settle it by seq, and acking twice is fine.
+    // The claiming handle reports its live delivery, and can settle it by seq; acking
+    // twice is fine.
+    let live = g
+        .in_flight(claimed.seq())
+        .unwrap()
+        .expect("held by this handle");
+    assert_eq!((live.consumer.as_str(), live.attempt), ("w", 1));
+    assert_eq!(live.deadline, claimed.deadline);
+    assert!(mb
+        .group("g")
+        .unwrap()
+        .in_flight(claimed.seq())
+        .unwrap()
+        .is_none());
     assert!(g.ack(claimed.seq()).unwrap());
     claimed.ack().unwrap();
     let err = Bus::open("nats://127.0.0.1:1").unwrap_err();

@@ -14,7 +14,13 @@ fn example(name: &str) -> Command {
 }
 
 fn run(name: &str) -> String {
-    let out = example(name)
+    run_command(name, &mut example(name))
+}
+
+/// Runs `cmd` (an example with its arguments), asserts that it succeeded, and returns
+/// what it printed.
+fn run_command(name: &str, cmd: &mut Command) -> String {
+    let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run example {name}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -83,17 +89,7 @@ fn the_demo_runs_through_jetstream() {
     };
     let work = tempfile::tempdir().unwrap();
     let bus = format!("{url}/demo-{}", std::process::id());
-    let out = example("demo")
-        .arg(&bus)
-        .current_dir(work.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_command("demo", example("demo").arg(&bus).current_dir(work.path()));
     for expected in [
         "[watcher] woke on handoff seq 1 from writer",
         "[watcher] verified 1 artifact(s)",
