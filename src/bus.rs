@@ -1,22 +1,15 @@
-//! The bus: a directory holding mailboxes (and later groups and leases).
+//! The bus: where mailboxes and leases live (a directory, or a JetStream server).
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::IoContext;
-use crate::mailbox::{Mailbox, MailboxMeta};
+use crate::backend::{self, BusImp, Options};
+use crate::mailbox::Mailbox;
 use crate::watch::WatchMode;
-use crate::{fsutil, log, validate_name, Error, Result};
-
-/// The on-disk format major version this build reads and writes.
-pub const FORMAT_VERSION: u64 = 1;
-
-/// Name of the marker file at the root of a bus directory.
-pub const MARKER_FILE: &str = "agentbus.json";
+use crate::{validate_name, Error, Result};
 
 /// Default record limit: 1 MiB per record, newline included.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
@@ -40,44 +33,12 @@ pub enum Durability {
     Flush,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Options {
-    pub(crate) durability: Durability,
-    pub(crate) file_mode: u32,
-    pub(crate) dir_mode: u32,
-    pub(crate) max_record_bytes: usize,
-    pub(crate) segment_bytes: u64,
-    pub(crate) agent: String,
-    pub(crate) watch_mode: WatchMode,
-    pub(crate) poll_interval: Duration,
-}
-
-impl Options {
-    pub(crate) fn sync(&self) -> bool {
-        self.durability == Durability::Sync
-    }
-}
-
 #[derive(Debug)]
 pub(crate) struct BusInner {
-    /// The bus directory; for a NATS bus, its URL.
+    /// The bus directory; for a bus on NATS, its URL.
     pub(crate) root: PathBuf,
     pub(crate) opts: Options,
-    /// The JetStream connection of a bus opened from a `nats://` URL.
-    #[cfg(feature = "nats")]
-    pub(crate) nats: Option<Arc<crate::nats::NatsBus>>,
-}
-
-impl BusInner {
-    /// The JetStream connection, if this bus lives on NATS.
-    #[cfg(feature = "nats")]
-    pub(crate) fn remote(&self) -> Option<&Arc<crate::nats::NatsBus>> {
-        self.nats.as_ref()
-    }
-
-    pub(crate) fn mailboxes_dir(&self) -> PathBuf {
-        self.root.join("mailboxes")
-    }
+    pub(crate) imp: BusImp,
 }
 
 /// A handle on a bus directory. Cheap to clone; `Send + Sync`.
@@ -189,14 +150,7 @@ impl BusBuilder {
     /// [`Error::UnsupportedFormat`] when it was written by an incompatible version;
     /// [`Error::InvalidName`] for a bad agent name; [`Error::Io`] otherwise.
     pub fn open(self, path: impl AsRef<Path>) -> Result<Bus> {
-        validate_name("agent", &self.opts.agent)?;
-        if let Some(url) = nats_url(path.as_ref()) {
-            return self.connect(url);
-        }
-        let root = path.as_ref().to_owned();
-        read_marker(&root)?;
-        fsutil::ensure_dir(&root.join("mailboxes"))?;
-        Ok(self.into_bus(root))
+        self.open_or_init(path.as_ref(), false)
     }
 
     /// Creates the bus directory if needed (like `mkdir -p`), then opens it. Safe to
@@ -206,114 +160,20 @@ impl BusBuilder {
     ///
     /// As [`open`](Self::open), plus [`Error::Io`] if the directory cannot be created.
     pub fn init(self, path: impl AsRef<Path>) -> Result<Bus> {
+        self.open_or_init(path.as_ref(), true)
+    }
+
+    fn open_or_init(self, path: &Path, create: bool) -> Result<Bus> {
         validate_name("agent", &self.opts.agent)?;
-        if let Some(url) = nats_url(path.as_ref()) {
-            return self.connect(url);
-        }
-        let root = path.as_ref().to_owned();
-        let sync = self.opts.sync();
-        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).ctx("create directory", parent)?;
-        }
-        fsutil::create_dir(&root, self.opts.dir_mode)?;
-        match read_marker(&root) {
-            Ok(()) => {}
-            Err(Error::NotABus { .. }) => {
-                let marker = Marker {
-                    format: FORMAT_VERSION,
-                    created: Some(time::OffsetDateTime::now_utc()),
-                };
-                let bytes = serde_json::to_vec(&marker).expect("marker serializes");
-                fsutil::write_atomic(&root.join(MARKER_FILE), &bytes, self.opts.file_mode, sync)?;
-            }
-            Err(e) => return Err(e),
-        }
-        fsutil::create_dir(&root.join("mailboxes"), self.opts.dir_mode)?;
-        if sync {
-            fsutil::sync_dir(&root)?;
-        }
-        Ok(self.into_bus(root))
-    }
-
-    fn into_bus(self, root: PathBuf) -> Bus {
-        Bus {
-            inner: Arc::new(BusInner {
-                root,
-                opts: self.opts,
-                #[cfg(feature = "nats")]
-                nats: None,
-            }),
-        }
-    }
-
-    /// A bus on a NATS JetStream server (feature `nats`). Nothing needs creating: the
-    /// streams, consumers and KV bucket are made as mailboxes, groups and leases are.
-    #[cfg(feature = "nats")]
-    fn connect(self, url: &str) -> Result<Bus> {
-        let nats = crate::nats::NatsBus::connect(url)?;
+        let imp = backend::open_bus(path, &self.opts, create)?;
         Ok(Bus {
             inner: Arc::new(BusInner {
-                root: PathBuf::from(url),
+                root: path.to_owned(),
                 opts: self.opts,
-                nats: Some(Arc::new(nats)),
+                imp,
             }),
         })
     }
-
-    #[cfg(not(feature = "nats"))]
-    fn connect(self, _url: &str) -> Result<Bus> {
-        Err(Error::Unsupported {
-            operation: "a nats:// bus",
-            backend: "directory",
-            hint: "build agentbus with the `nats` feature",
-        })
-    }
-}
-
-/// The URL, when `path` is a `nats://` URL rather than a directory.
-fn nats_url(path: &Path) -> Option<&str> {
-    path.to_str().filter(|s| s.starts_with("nats://"))
-}
-
-#[derive(Serialize, Deserialize)]
-struct Marker {
-    format: u64,
-    #[serde(
-        default,
-        with = "time::serde::rfc3339::option",
-        skip_serializing_if = "Option::is_none"
-    )]
-    created: Option<time::OffsetDateTime>,
-}
-
-fn read_marker(root: &Path) -> Result<()> {
-    let path = root.join(MARKER_FILE);
-    let bytes = match fsutil::open_read(&path) {
-        Ok(file) => {
-            let mut bytes = Vec::new();
-            io::Read::read_to_end(&mut &file, &mut bytes).ctx("read", &path)?;
-            bytes
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(Error::NotABus {
-                path: root.to_owned(),
-            })
-        }
-        Err(e) => return Err(Error::io("open", path, e)),
-    };
-    let marker: Marker = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-        path: path.clone(),
-        line: 1,
-        reason: format!("not a valid marker: {e}"),
-    })?;
-    if marker.format != FORMAT_VERSION {
-        return Err(Error::UnsupportedFormat {
-            path,
-            found: marker.format,
-            supported: FORMAT_VERSION,
-        });
-    }
-    Ok(())
 }
 
 impl Bus {
@@ -369,66 +229,7 @@ impl Bus {
     /// [`Error::InvalidName`], [`Error::MailboxExists`], [`Error::Io`].
     pub fn create_mailbox(&self, name: &str) -> Result<Mailbox> {
         validate_name("mailbox", name)?;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.inner.remote() {
-            if !nats.create_stream(name, self.inner.opts.max_record_bytes)? {
-                return Err(Error::MailboxExists {
-                    name: name.to_owned(),
-                });
-            }
-            return self.mailbox(name);
-        }
-        let parent = self.inner.mailboxes_dir();
-        let dir = parent.join(name);
-        if std::fs::symlink_metadata(&dir).is_ok() {
-            return Err(Error::MailboxExists {
-                name: name.to_owned(),
-            });
-        }
-        let opts = &self.inner.opts;
-        let tmp = parent.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
-        let built = (|| {
-            fsutil::create_dir(&tmp, opts.dir_mode)?;
-            let meta = MailboxMeta {
-                format: FORMAT_VERSION,
-                segment_bytes: opts.segment_bytes,
-                max_record_bytes: opts.max_record_bytes,
-            };
-            let bytes = serde_json::to_vec(&meta).expect("meta serializes");
-            fsutil::write_atomic(&tmp.join("mailbox.json"), &bytes, opts.file_mode, false)?;
-            fsutil::open_lock(&tmp.join("lock"), opts.file_mode)?;
-            for sub in ["log", "keys"] {
-                fsutil::create_dir(&tmp.join(sub), opts.dir_mode)?;
-            }
-            let first = tmp.join("log").join(log::segment_name(1));
-            let seg = fsutil::open_append(&first, opts.file_mode)?;
-            if opts.sync() {
-                seg.sync_all().ctx("fsync", &first)?;
-                for d in ["log", "keys", ""] {
-                    fsutil::sync_dir(&tmp.join(d))?;
-                }
-            }
-            Ok(())
-        })();
-        let renamed = built.and_then(|()| match std::fs::rename(&tmp, &dir) {
-            Ok(()) => Ok(()),
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST))
-                    || e.kind() == io::ErrorKind::AlreadyExists =>
-            {
-                Err(Error::MailboxExists {
-                    name: name.to_owned(),
-                })
-            }
-            Err(e) => Err(Error::io("rename", &dir, e)),
-        });
-        if let Err(e) = renamed {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if opts.sync() {
-            fsutil::sync_dir(&parent)?;
-        }
+        self.inner.imp.create_mailbox(name)?;
         self.mailbox(name)
     }
 
@@ -440,11 +241,13 @@ impl Bus {
     /// [`Error::InvalidName`], [`Error::Io`].
     pub fn mailbox(&self, name: &str) -> Result<Mailbox> {
         validate_name("mailbox", name)?;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.inner.remote() {
-            return Mailbox::open_nats(self.inner.clone(), nats.clone(), name, || self.mailboxes());
+        match self.inner.imp.open_mailbox(name)? {
+            Some(open) => Ok(Mailbox::new(self.inner.clone(), name, open)),
+            None => Err(Error::MailboxNotFound {
+                name: name.to_owned(),
+                existing: self.mailboxes()?,
+            }),
         }
-        Mailbox::open(self.inner.clone(), name, || self.mailboxes())
     }
 
     /// Opens a mailbox, creating it if it does not exist yet.
@@ -465,10 +268,6 @@ impl Bus {
     ///
     /// [`Error::Io`] if the mailboxes directory cannot be listed.
     pub fn mailboxes(&self) -> Result<Vec<String>> {
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.inner.remote() {
-            return nats.mailbox_names();
-        }
-        fsutil::list_names(&self.inner.mailboxes_dir(), false)
+        self.inner.imp.mailbox_names()
     }
 }

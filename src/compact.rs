@@ -1,44 +1,9 @@
 //! Compaction (removing consumed segments) and statistics.
 
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use serde::Serialize;
-
-use crate::error::IoContext;
-use crate::{fsutil, log, Bus, GroupStats, Mailbox, Result};
-
-/// What [`Mailbox::compact`] removed.
-#[derive(Debug, Clone, Serialize)]
-#[non_exhaustive]
-pub struct CompactReport {
-    /// The mailbox.
-    pub mailbox: String,
-    /// The lowest seq still unsettled in some group (`None` without groups).
-    pub floor: Option<u64>,
-    /// The segment files removed.
-    pub removed: Vec<PathBuf>,
-    /// Their total size in bytes.
-    pub bytes: u64,
-}
-
-/// Counters of one mailbox and its groups, from [`Mailbox::stats`].
-#[derive(Debug, Clone, Serialize)]
-#[non_exhaustive]
-pub struct MailboxStats {
-    /// The mailbox.
-    pub mailbox: String,
-    /// Messages ever published: the newest seq.
-    pub published: u64,
-    /// The oldest seq still stored (compaction removes older ones).
-    pub first_seq: u64,
-    /// Segment files.
-    pub segments: u64,
-    /// Bytes stored in segments.
-    pub bytes: u64,
-    /// One entry per consumer group.
-    pub groups: Vec<GroupStats>,
-}
+use crate::report::{CompactReport, MailboxStats};
+use crate::{Bus, Mailbox, Result};
 
 impl Mailbox {
     /// Removes the oldest segments whose messages every group has settled (acked,
@@ -73,60 +38,7 @@ impl Mailbox {
     ///
     /// [`Error::Io`](crate::Error::Io).
     pub fn compact(&self, retention: Option<Duration>) -> Result<CompactReport> {
-        #[cfg(feature = "nats")]
-        if self.remote().is_some() {
-            let _ = retention;
-            return Err(crate::Error::unsupported(
-                "compact",
-                "set the stream's limits (max_age, max_bytes) in JetStream instead",
-            ));
-        }
-        // No group may be created while we decide what to remove.
-        let _no_new_groups = self.groups_lock(false)?;
-        let mut floor: Option<u64> = None;
-        for name in self.groups()? {
-            let f = self.group(&name)?.floor()?;
-            floor = Some(floor.map_or(f, |m: u64| m.min(f)));
-        }
-        let log_dir = self.path().join("log");
-        let segments = log::list_segments(&log_dir)?;
-        let cutoff = retention.map(|r| SystemTime::now() - r);
-        let mut report = CompactReport {
-            mailbox: self.name().to_owned(),
-            floor,
-            removed: Vec::new(),
-            bytes: 0,
-        };
-        for pair in segments.windows(2) {
-            let (first, next_first) = (pair[0], pair[1]);
-            let settled = match floor {
-                // Every record of this segment is below the next segment's first seq.
-                Some(f) => next_first <= f,
-                None => cutoff.is_some(),
-            };
-            if !settled {
-                break;
-            }
-            let path = log_dir.join(log::segment_name(first));
-            let meta = std::fs::symlink_metadata(&path).ctx("stat", &path)?;
-            if let Some(cutoff) = cutoff {
-                if meta.modified().ctx("stat", &path)? > cutoff {
-                    break;
-                }
-            }
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                // A concurrent compaction got there first.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(crate::Error::io("remove", path, e)),
-            }
-            report.bytes += meta.len();
-            report.removed.push(path);
-        }
-        if !report.removed.is_empty() && self.bus().opts.sync() {
-            fsutil::sync_dir(&log_dir)?;
-        }
-        Ok(report)
+        self.imp().compact(retention)
     }
 
     /// Counters of this mailbox and each of its groups.
@@ -136,22 +48,7 @@ impl Mailbox {
     /// [`Error::Io`](crate::Error::Io), [`Error::Corrupt`](crate::Error::Corrupt) if the
     /// newest record is damaged.
     pub fn stats(&self) -> Result<MailboxStats> {
-        let log_dir = self.path().join("log");
-        #[cfg(feature = "nats")]
-        let segments = if self.remote().is_some() {
-            Vec::new()
-        } else {
-            log::list_segments(&log_dir)?
-        };
-        #[cfg(not(feature = "nats"))]
-        let segments = log::list_segments(&log_dir)?;
-        let mut bytes = 0;
-        for first in &segments {
-            let path = log_dir.join(log::segment_name(*first));
-            if let Ok(meta) = std::fs::symlink_metadata(&path) {
-                bytes += meta.len();
-            }
-        }
+        let (segments, bytes) = self.imp().storage()?;
         let groups = self
             .groups()?
             .iter()
@@ -161,7 +58,7 @@ impl Mailbox {
             mailbox: self.name().to_owned(),
             published: self.last_seq()?,
             first_seq: self.first_seq()?,
-            segments: segments.len() as u64,
+            segments,
             bytes,
             groups,
         })

@@ -323,15 +323,6 @@ impl Error {
         }
     }
 
-    #[cfg(feature = "nats")]
-    pub(crate) fn unsupported(operation: &'static str, hint: &'static str) -> Self {
-        Error::Unsupported {
-            operation,
-            backend: "nats",
-            hint,
-        }
-    }
-
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             op,

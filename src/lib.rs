@@ -94,17 +94,18 @@
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+mod backend;
 mod bus;
+mod clock;
 mod compact;
+mod dir;
 mod doctor;
 mod encode;
 mod error;
 mod filter;
-mod fsutil;
 mod group;
 mod handoff;
 mod lease;
-mod log;
 mod mailbox;
 mod message;
 mod name;
@@ -112,30 +113,33 @@ mod name;
 mod nats;
 mod read;
 mod receiver;
-mod record;
+mod report;
 mod watch;
 
+pub use backend::CLOCK_GRACE;
 pub use bus::{
     Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_POLL_INTERVAL,
-    DEFAULT_SEGMENT_BYTES, FORMAT_VERSION, MARKER_FILE,
+    DEFAULT_SEGMENT_BYTES,
 };
-pub use compact::{CompactReport, MailboxStats};
-pub use doctor::{DoctorReport, Problem, ProblemKind};
+pub use dir::{FORMAT_VERSION, MARKER_FILE};
 pub use error::{Error, Result};
 pub use filter::Filter;
-pub use group::{Delivery, Group, GroupOptions, GroupStats, StartAt, DEAD_LETTER_HEADER};
+pub use group::{Delivery, Group, GroupOptions, StartAt};
 pub use handoff::{
     Answer, Handoff, HandoffBuilder, HandoffInbox, LeaseRef, ReceivedHandoff, SentHandoff,
     ACCEPTED_TYPE, HANDOFF_GROUP, HANDOFF_TYPE, REJECTED_TYPE,
 };
-pub use lease::{Lease, LeaseInfo, LeaseRequest, CLOCK_GRACE};
+pub use lease::{Lease, LeaseRequest};
 pub use mailbox::Mailbox;
-pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};
+pub use message::{Artifact, Message, NewMessage, Receipt, DEAD_LETTER_HEADER, MAX_KEY_LEN};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use read::Messages;
 #[cfg(feature = "tokio")]
 pub use receiver::RecvStream;
 pub use receiver::{Consumer, Envelope, Follower, RecvTimeoutError, TryRecvError};
+pub use report::{
+    CompactReport, DoctorReport, GroupStats, LeaseInfo, MailboxStats, Problem, ProblemKind,
+};
 pub use watch::{Waker, WatchMode};
 
 #[cfg(doctest)]

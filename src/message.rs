@@ -388,3 +388,26 @@ impl NewMessage {
         })
     }
 }
+
+/// The header a dead letter carries: JSON with the source mailbox, group, seq, id, the
+/// reason and every attempt.
+pub const DEAD_LETTER_HEADER: &str = "dead_letter";
+
+impl NewMessage {
+    /// A new message with the same content as `message` (type, from, subject, body,
+    /// payload, artifacts, correlation id, priority, headers other than
+    /// [`DEAD_LETTER_HEADER`]): for replaying a dead letter into its mailbox.
+    pub fn replay_of(message: &Message) -> NewMessage {
+        let mut m = NewMessage::new(message.kind.clone()).from(message.from.clone());
+        m.subject = message.subject.clone();
+        m.body = message.body.clone();
+        m.payload = message.payload.clone();
+        m.artifacts = message.artifacts.clone();
+        m.correlation_id = message.correlation_id.clone();
+        m.causation_id = message.causation_id.clone();
+        m.priority = message.priority;
+        m.headers = message.headers.clone();
+        m.headers.remove(DEAD_LETTER_HEADER);
+        m
+    }
+}

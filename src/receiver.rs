@@ -299,32 +299,17 @@ impl Bus {
 
     fn follow_mode(&self, mailboxes: &[&str], mode: WatchMode) -> Result<Follower> {
         let mut sources = Vec::new();
-        let mut dirs = Vec::new();
         for name in mailboxes {
             let mb = self.mailbox(name)?;
             let next = mb.last_seq()? + 1;
-            dirs.push(mb.path().join("log"));
             let messages = mb.messages().from_seq(next);
             sources.push((mb, messages));
-        }
-        let poll = self.inner.opts.poll_interval;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.inner.remote() {
-            let subjects = mailboxes.iter().map(|m| nats.subject(m)).collect();
-            // Subscribed before the first look, so nothing sent after it is missed.
-            let watch = Watch::subjects(nats, subjects, mode, poll);
-            return Ok(Follower {
-                sources,
-                filter: Filter::new(),
-                turn: 0,
-                watch,
-            });
         }
         Ok(Follower {
             sources,
             filter: Filter::new(),
             turn: 0,
-            watch: Watch::new(&dirs, mode, poll),
+            watch: self.inner.imp.watch_mailboxes(mailboxes, mode),
         })
     }
 }
@@ -407,8 +392,7 @@ impl Group {
     ///
     /// [`Error::InvalidName`] for a bad consumer name.
     pub fn consumer(&self, consumer: &str) -> Result<Consumer> {
-        let opts = &self.mailbox().bus().opts;
-        self.consumer_with(consumer, opts.watch_mode)
+        self.consumer_with(consumer, self.mailbox().bus().opts.watch_mode)
     }
 
     /// Like [`consumer`](Self::consumer) with an explicit [`WatchMode`].
@@ -418,23 +402,11 @@ impl Group {
     /// [`Error::InvalidName`] for a bad consumer name.
     pub fn consumer_with(&self, consumer: &str, mode: WatchMode) -> Result<Consumer> {
         crate::validate_name("consumer", consumer)?;
-        let opts = &self.mailbox().bus().opts;
-        #[cfg(feature = "nats")]
-        if let Some(nats) = self.mailbox().bus().remote() {
-            let subjects = vec![nats.subject(self.mailbox().name())];
-            return Ok(Consumer {
-                group: self.clone(),
-                name: consumer.to_owned(),
-                visibility: self.visibility(),
-                watch: Watch::subjects(nats, subjects, mode, opts.poll_interval),
-            });
-        }
-        let dirs = [self.mailbox().path().join("log"), self.dir().to_owned()];
         Ok(Consumer {
             group: self.clone(),
             name: consumer.to_owned(),
             visibility: self.visibility(),
-            watch: Watch::new(&dirs, mode, opts.poll_interval),
+            watch: self.imp().watch(mode),
         })
     }
 }
@@ -459,8 +431,8 @@ impl Consumer {
     /// When a nacked or expired message becomes due again, if that is the next thing
     /// to wake for (redeliveries produce no file-system event).
     fn due(&self) -> Option<Instant> {
-        let due_ms = self.group.next_due_ms().ok().flatten()?;
-        let wait = due_ms.saturating_sub(crate::group::now_ms()).max(0) as u64;
+        let due_ms = self.group.imp().next_due_ms().ok().flatten()?;
+        let wait = due_ms.saturating_sub(crate::clock::now_ms()).max(0) as u64;
         Some(Instant::now() + Duration::from_millis(wait))
     }
 

@@ -1,16 +1,15 @@
-//! Wake-ups: hints from a `notify` watcher on directories, with a timer fallback.
+//! Wake-ups: hints from a backend (a `notify` watcher on directories, a JetStream
+//! subscription), with a timer fallback.
 //!
 //! Every wake-up is only a hint: whoever waits re-reads durable state (a file from its
-//! stored offset, a lease file) after waking, so an event that never arrives (dropped,
-//! queue overflow, a file system without events) can only delay a wake-up by at most
-//! the poll interval, never lose one. Directories are watched, not files, because a
-//! file replaced by rename would orphan a file watch.
+//! stored offset, a lease file, a stream) after waking, so an event that never arrives
+//! (dropped, queue overflow, a file system without events) can only delay a wake-up by
+//! at most the poll interval, never lose one.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use notify::{RecursiveMode, Watcher};
+use crate::backend::WatchSource;
 
 /// How a waiter learns that something changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,78 +79,46 @@ impl Hints {
     }
 }
 
-/// Watches some directories; see the module docs.
+/// What a waiter sleeps on: hints from a backend's source, and the timer.
 #[derive(Debug)]
 pub(crate) struct Watch {
     hints: Arc<Hints>,
-    /// Kept alive for its events; `None` in poll-only mode.
-    _watcher: Option<notify::RecommendedWatcher>,
-    /// On a NATS bus: the subscription whose messages are the hints.
-    #[cfg(feature = "nats")]
-    _subscription: Option<crate::nats::HintTask>,
+    /// Kept alive for its hints; `None` when polling or manual.
+    source: Option<WatchSource>,
     poll: Duration,
 }
 
+/// How long "never" is for the timer of a [`WatchMode::Manual`] watch.
+const MANUAL_POLL: Duration = Duration::from_secs(86_400 * 365);
+
 impl Watch {
-    pub(crate) fn new(dirs: &[PathBuf], mode: WatchMode, poll: Duration) -> Watch {
+    /// A watch in `mode`, re-checking every `poll`; in [`WatchMode::Auto`], `source`
+    /// starts what bumps the hints (`None`: it could not, and the timer alone serves).
+    pub(crate) fn start(
+        mode: WatchMode,
+        poll: Duration,
+        source: impl FnOnce(Arc<Hints>) -> Option<WatchSource>,
+    ) -> Watch {
         let hints = Arc::new(Hints::default());
-        let (watcher, poll) = match mode {
-            WatchMode::Manual => (None, Duration::from_secs(86_400 * 365)),
+        let (source, poll) = match mode {
+            WatchMode::Manual => (None, MANUAL_POLL),
             WatchMode::PollOnly => (None, poll),
-            WatchMode::Auto => match start_watcher(dirs, hints.clone()) {
-                Ok(w) => (Some(w), poll),
-                Err(e) => {
-                    log::warn!(
-                        "agentbus: cannot watch {dirs:?} ({e}); polling every {poll:?} instead"
-                    );
-                    (None, poll)
-                }
-            },
+            WatchMode::Auto => (source(hints.clone()), poll),
         };
         Watch {
             hints,
-            _watcher: watcher,
-            #[cfg(feature = "nats")]
-            _subscription: None,
+            source,
             poll,
         }
-    }
-
-    /// Watches NATS subjects instead of directories: every message published on them
-    /// is a hint. Falls back to polling, with a logged warning, if the subscription
-    /// cannot be made.
-    #[cfg(feature = "nats")]
-    pub(crate) fn subjects(
-        nats: &crate::nats::NatsBus,
-        subjects: Vec<String>,
-        mode: WatchMode,
-        poll: Duration,
-    ) -> Watch {
-        let mut watch = Watch::new(&[], WatchMode::PollOnly, poll);
-        match mode {
-            WatchMode::Manual => watch.poll = Duration::from_secs(86_400 * 365),
-            WatchMode::PollOnly => {}
-            WatchMode::Auto => match nats.hint(subjects.clone(), watch.hints.clone()) {
-                Ok(task) => watch._subscription = Some(task),
-                Err(e) => log::warn!(
-                    "agentbus: cannot subscribe to {subjects:?} ({e}); polling every {poll:?} instead"
-                ),
-            },
-        }
-        watch
     }
 
     pub(crate) fn hints(&self) -> &Arc<Hints> {
         &self.hints
     }
 
-    /// Whether `notify` events are arriving (false when polling or manual).
+    /// Whether events are arriving (false when polling or manual).
     pub(crate) fn has_events(&self) -> bool {
-        #[cfg(feature = "nats")]
-        if self._subscription.is_some() {
-            return true;
-        }
-        self._watcher.is_some()
+        self.source.is_some()
     }
 
     /// The current hint generation; read it *before* checking state, then pass it to
@@ -183,26 +150,4 @@ impl Watch {
         let until = deadline.map_or(poll_until, |d| d.min(poll_until));
         self.hints.wait(seen, until);
     }
-}
-
-fn start_watcher(
-    dirs: &[PathBuf],
-    hints: Arc<Hints>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // A change, a rescan request (queue overflow) or an error: all are hints. Mere
-        // accesses (open, close, read) are not: a waiter opening files in the watched
-        // directory would otherwise wake itself, again and again. Every write also
-        // produces a Modify event, so nothing that matters is lost by skipping them.
-        if let Ok(e) = &event {
-            if matches!(e.kind, notify::EventKind::Access(_)) && !e.need_rescan() {
-                return;
-            }
-        }
-        hints.bump();
-    })?;
-    for dir in dirs {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-    }
-    Ok(watcher)
 }

@@ -211,3 +211,22 @@ pub(crate) fn list_names(dir: &Path, missing_ok: bool) -> Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+/// Renames a directory built under a temporary name into place; `exists()` is the
+/// error when the target exists already (someone else created it meanwhile).
+pub(crate) fn rename_new_dir(
+    tmp: &Path,
+    dir: &Path,
+    exists: impl FnOnce() -> crate::Error,
+) -> Result<()> {
+    match fs::rename(tmp, dir) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST))
+                || e.kind() == io::ErrorKind::AlreadyExists =>
+        {
+            Err(exists())
+        }
+        Err(e) => Err(crate::Error::io("rename", dir, e)),
+    }
+}

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::record;
 use crate::error::IoContext;
-use crate::{record, Error, Result};
+use crate::{Error, Result};
 
 /// Segment file name for a segment whose first record has `first_seq`.
 pub(crate) fn segment_name(first_seq: u64) -> String {
@@ -316,7 +317,7 @@ impl Segment {
     /// Opens the segment starting at `first` in `log_dir`; `Ok(None)` if it does not exist.
     pub(crate) fn open(log_dir: &Path, first: u64, limit: usize) -> Result<Option<Segment>> {
         let path = log_dir.join(segment_name(first));
-        match crate::fsutil::open_read(&path) {
+        match super::fsutil::open_read(&path) {
             Ok(file) => Ok(Some(Segment {
                 first,
                 path,

@@ -1,0 +1,64 @@
+//! Compaction: removing the oldest segments every group has settled.
+
+use std::time::{Duration, SystemTime};
+
+use super::group::{groups_lock, Group};
+use super::segment as log;
+use super::{fsutil, Mailbox};
+use crate::backend::MailboxBackend;
+use crate::error::IoContext;
+use crate::report::CompactReport;
+use crate::Result;
+
+/// Removes the oldest segments of `mailbox` whose messages every group has settled
+/// (see [`Mailbox::compact`](crate::Mailbox::compact) for the rules).
+pub(crate) fn compact(mailbox: &Mailbox, retention: Option<Duration>) -> Result<CompactReport> {
+    // No group may be created while we decide what to remove.
+    let _no_new_groups = groups_lock(mailbox, false)?;
+    let mut floor: Option<u64> = None;
+    for name in mailbox.group_names()? {
+        if let Some(group) = Group::open(mailbox, &name)? {
+            let f = group.floor()?;
+            floor = Some(floor.map_or(f, |m: u64| m.min(f)));
+        }
+    }
+    let log_dir = mailbox.log_dir();
+    let segments = log::list_segments(log_dir)?;
+    let cutoff = retention.map(|r| SystemTime::now() - r);
+    let mut report = CompactReport {
+        mailbox: mailbox.name().to_owned(),
+        floor,
+        removed: Vec::new(),
+        bytes: 0,
+    };
+    for pair in segments.windows(2) {
+        let (first, next_first) = (pair[0], pair[1]);
+        let settled = match floor {
+            // Every record of this segment is below the next segment's first seq.
+            Some(f) => next_first <= f,
+            None => cutoff.is_some(),
+        };
+        if !settled {
+            break;
+        }
+        let path = log_dir.join(log::segment_name(first));
+        let meta = std::fs::symlink_metadata(&path).ctx("stat", &path)?;
+        if let Some(cutoff) = cutoff {
+            if meta.modified().ctx("stat", &path)? > cutoff {
+                break;
+            }
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            // A concurrent compaction got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(crate::Error::io("remove", path, e)),
+        }
+        report.bytes += meta.len();
+        report.removed.push(path);
+    }
+    if !report.removed.is_empty() && mailbox.bus().opts().sync() {
+        fsutil::sync_dir(log_dir)?;
+    }
+    Ok(report)
+}

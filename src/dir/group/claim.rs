@@ -1,0 +1,290 @@
+//! Claims: redeliveries first (expired claims, nacks whose delay is over), then new
+//! messages from the cursor.
+
+use std::time::Duration;
+
+use super::state::{flush_run, Entry, Op, Rec};
+use super::{read_at, Group, Loaded};
+use crate::backend::{cap_reason, AttemptNote, Claimed};
+use crate::clock::{datetime_ms, ms, now_ms, ts_ms};
+use crate::dir::read::LogSpec;
+use crate::{Error, Message, Result};
+
+/// One claim call in progress: who claims, until when, and what it has gathered.
+struct Claiming<'a> {
+    consumer: &'a str,
+    max: usize,
+    now: i64,
+    until: i64,
+    /// State records to write, in order.
+    records: Vec<Rec>,
+    /// The messages claimed, with their attempt.
+    out: Vec<(Message, u32)>,
+}
+
+impl Claiming<'_> {
+    fn full(&self) -> bool {
+        self.out.len() >= self.max
+    }
+
+    fn record(&self, seq: u64, attempt: u32) -> Rec {
+        let mut r = Rec::new(seq, Op::Claim, self.now);
+        r.attempt = Some(attempt);
+        r.consumer = Some(self.consumer.to_owned());
+        r.until = Some(self.until);
+        r
+    }
+
+    fn claimed(&self, message: Message, attempt: u32) -> Claimed {
+        Claimed {
+            message,
+            attempt,
+            consumer: self.consumer.to_owned(),
+            deadline: datetime_ms(self.until),
+        }
+    }
+}
+
+impl Group {
+    /// Claims up to `max` messages for `consumer`: redeliveries first, oldest seq
+    /// first, then new messages in seq order. Everything is written with one `write()`.
+    pub(super) fn claim_batch(
+        &self,
+        consumer: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<Claimed>> {
+        let spec = self.spec();
+        self.locked(|g, loaded| {
+            let now = now_ms();
+            let mut c = Claiming {
+                consumer,
+                max,
+                now,
+                until: now.saturating_add(ms(visibility)),
+                records: Vec::new(),
+                out: Vec::new(),
+            };
+            g.redeliveries(loaded, &spec, &mut c)?;
+            g.new_messages(loaded, &mut c)?;
+            // New-message claims were applied as they were read (the reader moved on);
+            // apply the redelivery claims now, then write everything at once.
+            for r in &c.records {
+                if r.op == Op::Claim && r.attempt.unwrap_or(1) > 1 {
+                    loaded.state.apply(r);
+                }
+            }
+            g.write(loaded, &c.records)?;
+            let out = std::mem::take(&mut c.out);
+            Ok(out.into_iter().map(|(m, a)| c.claimed(m, a)).collect())
+        })
+    }
+
+    /// Redeliveries that are due, oldest seq first. A message out of deliveries is
+    /// buried on the way; one that can no longer be read is recorded as dead.
+    fn redeliveries(
+        &self,
+        loaded: &mut Loaded,
+        spec: &LogSpec,
+        c: &mut Claiming<'_>,
+    ) -> Result<()> {
+        let due: Vec<(u64, Entry)> = loaded
+            .state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.visible_at <= c.now)
+            .map(|(s, e)| (*s, e.clone()))
+            .collect();
+        for (seq, entry) in due {
+            if c.full() {
+                break;
+            }
+            let message = match read_at(spec, entry.at, seq) {
+                Ok(m) => m,
+                // Damaged (or gone) since it was delivered: it can never be delivered
+                // again, so it is dead, with the reason, rather than a claim error
+                // for ever.
+                Err(Error::Corrupt { reason, .. }) => {
+                    let mut r = Rec::new(seq, Op::Dead, c.now);
+                    r.reason = Some(cap_reason(&format!("undeliverable: {reason}")));
+                    self.append(loaded, &[r])?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if entry.attempt >= self.inner.meta.max_deliveries {
+                let mut history = entry.history.clone();
+                if entry.consumer.is_some() {
+                    history.push(AttemptNote {
+                        attempt: entry.attempt,
+                        consumer: entry.consumer.clone(),
+                        outcome: "expired".into(),
+                        reason: None,
+                        at: entry.visible_at,
+                    });
+                }
+                let reason = history
+                    .last()
+                    .and_then(|n| n.reason.clone())
+                    .unwrap_or_else(|| "claim expired".into());
+                self.bury(loaded, &message, &history, &reason, c.now)?;
+                continue;
+            }
+            c.records.push(c.record(seq, entry.attempt + 1));
+            c.out.push((message, entry.attempt + 1));
+        }
+        Ok(())
+    }
+
+    /// New messages from the cursor. Their claims are applied one by one (with each
+    /// message's position), and written as one `claim_range` record per run of
+    /// consecutive seqs. Filtered messages are skipped; damage at the cursor is
+    /// recorded as dead with the reason, never silently skipped.
+    fn new_messages(&self, loaded: &mut Loaded, c: &mut Claiming<'_>) -> Result<()> {
+        let mut run: Vec<Rec> = Vec::new();
+        while !c.full() {
+            let reader = self.reader(loaded);
+            match reader.next() {
+                None => break,
+                Some(Ok(message)) if !self.inner.meta.filter.matches(&message) => {
+                    let mut r = Rec::new(message.seq, Op::Skip, c.now);
+                    r.next = reader.cursor();
+                    loaded.state.apply(&r);
+                    flush_run(&mut run, &mut c.records);
+                    c.records.push(r);
+                }
+                Some(Ok(message)) => {
+                    let mut r = c.record(message.seq, 1);
+                    r.at = reader.last_start();
+                    r.next = reader.cursor();
+                    r.ts = Some(ts_ms(message.ts));
+                    loaded.state.apply(&r);
+                    run.push(r);
+                    c.out.push((message, 1));
+                }
+                Some(Err(Error::Corrupt { path, line, reason })) => {
+                    // The seqs the damage covers are recorded as dead with the reason
+                    // (and `doctor` reports the damage). A duplicate hides no seq and
+                    // needs no record.
+                    let Some((first, last)) = reader.last_gap() else {
+                        continue;
+                    };
+                    let mut r = Rec::new(last, Op::Dead, c.now);
+                    r.first = Some(first);
+                    r.reason = Some(cap_reason(&format!(
+                        "damaged record at {}:{line}: {reason}",
+                        path.display()
+                    )));
+                    r.next = reader.cursor();
+                    loaded.state.apply(&r);
+                    flush_run(&mut run, &mut c.records);
+                    c.records.push(r);
+                }
+                Some(Err(e)) => return Err(e),
+            }
+        }
+        flush_run(&mut run, &mut c.records);
+        Ok(())
+    }
+
+    /// The live delivery of `seq` as `attempt`: it checks that this claim is still the
+    /// current one, so a consumer whose claim ran out cannot nack or extend the claim
+    /// of whoever got the message next.
+    pub(super) fn live_claim(&self, seq: u64, attempt: u32) -> Result<Claimed> {
+        let spec = self.spec();
+        self.locked(|g, loaded| {
+            if seq >= loaded.state.next {
+                return Err(g.not_delivered(seq));
+            }
+            let entry = loaded
+                .state
+                .entries
+                .get(&seq)
+                .ok_or_else(|| g.stale(seq, "already settled"))?;
+            if entry.attempt != attempt {
+                return Err(g.stale(
+                    seq,
+                    format!("the current delivery is attempt {}", entry.attempt),
+                ));
+            }
+            let consumer = match &entry.consumer {
+                Some(c) if entry.visible_at > now_ms() => c.clone(),
+                _ => return Err(g.stale(seq, "the claim ran out or was given back")),
+            };
+            Ok(Claimed {
+                message: read_at(&spec, entry.at, seq)?,
+                attempt,
+                consumer,
+                deadline: datetime_ms(entry.visible_at),
+            })
+        })
+    }
+
+    /// Claims exactly message `seq` for `consumer`, if it can be delivered now without
+    /// jumping the queue: a message waiting for redelivery, or the next deliverable
+    /// message at the cursor (passing over what the group's filter skips). `None` if it
+    /// is settled, claimed by someone else, or another message comes first.
+    pub(super) fn claim_exactly(
+        &self,
+        consumer: &str,
+        seq: u64,
+        visibility: Duration,
+    ) -> Result<Option<Claimed>> {
+        let spec = self.spec();
+        self.locked(|g, loaded| {
+            let now = now_ms();
+            let c = Claiming {
+                consumer,
+                max: 1,
+                now,
+                until: now.saturating_add(ms(visibility)),
+                records: Vec::new(),
+                out: Vec::new(),
+            };
+            if seq < loaded.state.next {
+                let Some(entry) = loaded.state.entries.get(&seq).cloned() else {
+                    return Ok(None);
+                };
+                // Claimed by someone, or nacked with a delay not yet over; or out of
+                // deliveries (a normal claim dead-letters it).
+                if entry.visible_at > now || entry.attempt >= g.inner.meta.max_deliveries {
+                    return Ok(None);
+                }
+                let message = read_at(&spec, entry.at, seq)?;
+                g.append(loaded, &[c.record(seq, entry.attempt + 1)])?;
+                return Ok(Some(c.claimed(message, entry.attempt + 1)));
+            }
+            let mut records = Vec::new();
+            let filter = &g.inner.meta.filter;
+            let found = loop {
+                let reader = g.reader(loaded);
+                match reader.next() {
+                    Some(Ok(m)) if m.seq < seq && !filter.matches(&m) => {
+                        let mut r = Rec::new(m.seq, Op::Skip, now);
+                        r.next = reader.cursor();
+                        loaded.state.apply(&r);
+                        records.push(r);
+                    }
+                    Some(Ok(m)) if m.seq == seq && filter.matches(&m) => {
+                        let mut r = c.record(seq, 1);
+                        r.at = reader.last_start();
+                        r.next = reader.cursor();
+                        r.ts = Some(ts_ms(m.ts));
+                        loaded.state.apply(&r);
+                        records.push(r);
+                        break Some(m);
+                    }
+                    // Something else comes first (or damage a normal claim will record):
+                    // leave it, and forget how far this reader got.
+                    Some(Ok(_)) | Some(Err(Error::Corrupt { .. })) | None => {
+                        loaded.reader = None;
+                        break None;
+                    }
+                    Some(Err(e)) => return Err(e),
+                }
+            };
+            g.write(loaded, &records)?;
+            Ok(found.map(|m| c.claimed(m, 1)))
+        })
+    }
+}

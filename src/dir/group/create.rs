@@ -1,0 +1,91 @@
+//! Creating a group: built under a temporary name, renamed into place.
+
+use std::fs::File;
+
+use super::state::{Checkpoint, GroupState};
+use super::state_path;
+use crate::backend::GroupMeta;
+use crate::dir::fsutil::{self, Flock};
+use crate::dir::{Mailbox, FORMAT_VERSION};
+use crate::{Error, Result};
+
+/// Creates group `name` of `mailbox`, starting at its first stored message or, with
+/// `from_end`, after its last one.
+pub(crate) fn create(
+    mailbox: &Mailbox,
+    name: &str,
+    meta: &GroupMeta,
+    from_end: bool,
+) -> Result<()> {
+    let exists = || Error::GroupExists {
+        mailbox: mailbox.name().to_owned(),
+        name: name.to_owned(),
+    };
+    let opts = mailbox.bus().opts();
+    let groups = mailbox.dir().join("groups");
+    fsutil::create_dir(&groups, opts.dir_mode)?;
+    let dir = groups.join(name);
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        return Err(exists());
+    }
+    // Compaction holds this lock shared while it decides what to remove: a group
+    // created meanwhile would otherwise lose the segments it starts in.
+    let _creating = groups_lock(mailbox, true)?;
+    let start = if from_end {
+        mailbox.last_seq()? + 1
+    } else {
+        mailbox.first_seq()?
+    };
+    let sync = opts.sync();
+    let tmp = groups.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
+    let built = (|| {
+        fsutil::create_dir(&tmp, opts.dir_mode)?;
+        let write = |file: &str, bytes: Vec<u8>| {
+            fsutil::write_atomic(&tmp.join(file), &bytes, opts.file_mode, sync)
+        };
+        write(
+            "group.json",
+            serde_json::to_vec(meta).expect("metadata serializes"),
+        )?;
+        let cp = Checkpoint {
+            format: FORMAT_VERSION,
+            gen: 0,
+            offset: 0,
+            state: GroupState::new(start),
+        };
+        write(
+            "checkpoint.json",
+            serde_json::to_vec(&cp).expect("checkpoint serializes"),
+        )?;
+        fsutil::open_append(&state_path(&tmp, 0), opts.file_mode)?;
+        fsutil::open_lock(&tmp.join("lock"), opts.file_mode)?;
+        if sync {
+            fsutil::sync_dir(&tmp)?;
+        }
+        Ok(())
+    })();
+    let renamed = built.and_then(|()| fsutil::rename_new_dir(&tmp, &dir, exists));
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if sync {
+        fsutil::sync_dir(&groups)?;
+    }
+    Ok(())
+}
+
+/// Takes `groups/.lock` of `mailbox` (exclusive when creating a group, shared when
+/// compacting).
+pub(crate) fn groups_lock(mailbox: &Mailbox, exclusive: bool) -> Result<Flock<File>> {
+    let opts = mailbox.bus().opts();
+    let groups = mailbox.dir().join("groups");
+    fsutil::create_dir(&groups, opts.dir_mode)?;
+    let path = groups.join(".lock");
+    let file = fsutil::open_lock(&path, opts.file_mode)?;
+    if exclusive {
+        Flock::exclusive(file, &path)
+    } else {
+        Flock::shared(file, &path)
+    }
+}

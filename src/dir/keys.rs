@@ -1,0 +1,144 @@
+//! The idempotency index of a mailbox.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::read::{LogSpec, Reader};
+use super::segment::{self as log, Line};
+use super::{fsutil, record};
+use crate::error::IoContext;
+use crate::{Error, Result};
+
+/// The idempotency index: `keys/<hh>.jsonl`, 256 buckets by CRC-32C of the key, each
+/// line `{"crc":..,"seq":N,"key":K,"id":U}`. Only touched under the mailbox lock.
+pub(crate) struct KeyIndex<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) mode: u32,
+    pub(crate) sync: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyEntry<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    key: std::borrow::Cow<'a, str>,
+    id: Uuid,
+}
+
+impl KeyIndex<'_> {
+    fn scanned_path(&self) -> PathBuf {
+        self.dir.join("scanned")
+    }
+
+    /// The watermark: every keyed record up to this seq is indexed. 0 when unknown,
+    /// which only costs a longer scan.
+    pub(crate) fn scanned(&self) -> u64 {
+        let mut buf = [0u8; 21];
+        fsutil::open_read(&self.scanned_path())
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0))
+            .ok()
+            .and_then(|()| std::str::from_utf8(&buf[..20]).ok()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Moves the watermark. Not synced: a watermark lost to a power cut only makes the
+    /// next keyed send scan a little more.
+    pub(crate) fn set_scanned(&self, seq: u64) {
+        let path = self.scanned_path();
+        if let Ok(f) = fsutil::open_lock(&path, self.mode) {
+            let line = format!("{seq:020}\n");
+            let _ = std::os::unix::fs::FileExt::write_all_at(&f, line.as_bytes(), 0);
+        }
+    }
+
+    /// Indexes the keyed records with seqs in `(from, to]` that are not indexed yet.
+    pub(crate) fn catch_up(&self, spec: &LogSpec, from: u64, to: u64) -> Result<()> {
+        for item in Reader::new(spec.clone()).from_seq(from + 1) {
+            match item {
+                Ok(m) if m.seq > to => break,
+                Ok(m) => {
+                    if let Some(key) = m.idempotency_key.as_deref() {
+                        if self.lookup(key)?.is_none() {
+                            self.insert(key, m.seq, m.id)?;
+                        }
+                    }
+                }
+                // Damage is reported by readers and `doctor`; a damaged record's key
+                // cannot be known.
+                Err(Error::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn bucket(&self, key: &str) -> PathBuf {
+        self.dir.join(format!(
+            "{:02x}.jsonl",
+            crc32c::crc32c(key.as_bytes()) & 0xff
+        ))
+    }
+
+    pub(crate) fn lookup(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
+        let path = self.bucket(key);
+        let file = match fsutil::open_read(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", path, e)),
+        };
+        let mut reader = log::LineReader::new(0, 64 * 1024);
+        let mut line_no = 0;
+        loop {
+            match reader.next(&file).ctx("read", &path)? {
+                Line::Complete { start, end, .. } => {
+                    line_no += 1;
+                    // The index is derived data: a damaged entry is skipped here (and
+                    // reported by `doctor`) rather than stopping every keyed send.
+                    let bytes = reader.bytes(start, end);
+                    if let Ok(entry) = log::decode::<KeyEntry<'_>>(bytes, &path, line_no) {
+                        if entry.key == key {
+                            return Ok(Some((entry.seq, entry.id)));
+                        }
+                    }
+                }
+                Line::TooLong { .. } => line_no += 1,
+                Line::Partial { .. } | Line::Eof => return Ok(None),
+            }
+        }
+    }
+
+    pub(crate) fn insert(&self, key: &str, seq: u64, id: Uuid) -> Result<()> {
+        let path = self.bucket(key);
+        let created = !path.exists();
+        let file = fsutil::open_append(&path, self.mode)?;
+        // A torn line left by a crash would glue onto ours: cut it first.
+        let size = file.metadata().ctx("stat", &path)?.len();
+        if size > 0 {
+            let info = log::read_tail(&file, &path, size, 64 * 1024).unwrap_or(log::TailInfo {
+                complete_len: size,
+                last: None,
+            });
+            if info.complete_len < size {
+                file.set_len(info.complete_len).ctx("truncate", &path)?;
+            }
+        }
+        let entry = KeyEntry {
+            seq,
+            key: key.into(),
+            id,
+        };
+        let mut line = Vec::with_capacity(key.len() + 120);
+        record::encode_value(&entry, &mut line);
+        (&file).write_all(&line).ctx("append", &path)?;
+        if self.sync {
+            file.sync_data().ctx("fdatasync", &path)?;
+            if created {
+                fsutil::sync_dir(self.dir)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,464 @@
+//! A directory mailbox: the append path.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::fsutil::Flock;
+use super::keys::KeyIndex;
+use super::read::{LogSpec, Reader};
+use super::segment as log;
+use super::{fsutil, record, Bus};
+use crate::backend::{Backend, GroupImp, GroupMeta, MailboxBackend, Prepared, ReaderImp};
+use crate::error::IoContext;
+use crate::report::CompactReport;
+use crate::{Error, Receipt, Result};
+
+/// A mailbox directory. Cheap to clone.
+///
+/// Any number of threads and processes may append at once: each append holds an
+/// exclusive `flock` on the mailbox's `lock` file and writes the whole record with one
+/// `write()`, so records never interleave and `seq` is contiguous.
+#[derive(Debug, Clone)]
+pub(crate) struct Mailbox {
+    inner: Arc<MailboxInner>,
+}
+
+#[derive(Debug)]
+struct MailboxInner {
+    bus: Bus,
+    name: String,
+    dir: PathBuf,
+    log_dir: PathBuf,
+    keys_dir: PathBuf,
+    segment_bytes: u64,
+    max_record_bytes: usize,
+    writer: Mutex<Writer>,
+}
+
+/// Per-handle append state. Everything here is a cache of what is on disk, checked
+/// against the file size under the lock before each append.
+#[derive(Debug)]
+struct Writer {
+    lock_path: PathBuf,
+    lock: File,
+    tail: Option<Tail>,
+    buf: Vec<u8>,
+    /// Every keyed record up to this seq is in the key index (`None`: unknown, read
+    /// `keys/scanned`).
+    indexed: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Tail {
+    first: u64,
+    path: PathBuf,
+    file: File,
+    /// The file length we last saw (after our own appends).
+    len: u64,
+    next_seq: u64,
+}
+
+impl Mailbox {
+    pub(crate) fn open(
+        bus: Bus,
+        name: &str,
+        dir: PathBuf,
+        segment_bytes: u64,
+        max_record_bytes: usize,
+    ) -> Result<Mailbox> {
+        let lock_path = dir.join("lock");
+        let lock = fsutil::open_lock(&lock_path, bus.opts().file_mode)?;
+        Ok(Mailbox {
+            inner: Arc::new(MailboxInner {
+                name: name.to_owned(),
+                log_dir: dir.join("log"),
+                keys_dir: dir.join("keys"),
+                dir,
+                segment_bytes,
+                max_record_bytes,
+                writer: Mutex::new(Writer {
+                    lock_path,
+                    lock,
+                    tail: None,
+                    buf: Vec::new(),
+                    indexed: None,
+                }),
+                bus,
+            }),
+        })
+    }
+
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub(crate) fn log_dir(&self) -> &Path {
+        &self.inner.log_dir
+    }
+
+    pub(crate) fn max_record_bytes(&self) -> usize {
+        self.inner.max_record_bytes
+    }
+
+    pub(crate) fn log_spec(&self) -> LogSpec {
+        LogSpec {
+            dir: self.inner.log_dir.clone(),
+            limit: self.inner.max_record_bytes,
+            segment_bytes: self.inner.segment_bytes,
+        }
+    }
+
+    pub(crate) fn first_seq(&self) -> Result<u64> {
+        Ok(log::list_segments(&self.inner.log_dir)?
+            .first()
+            .copied()
+            .unwrap_or(1))
+    }
+
+    /// Reads only the end of the newest segment.
+    pub(crate) fn last_seq(&self) -> Result<u64> {
+        let log_dir = &self.inner.log_dir;
+        for first in log::list_segments(log_dir)?.into_iter().rev() {
+            let path = log_dir.join(log::segment_name(first));
+            let file = match fsutil::open_read(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("open", path, e)),
+            };
+            let size = file.metadata().ctx("stat", &path)?.len();
+            let limit = self.inner.max_record_bytes;
+            let tail = log::read_tail(&file, &path, size, limit)?;
+            return Ok(tail.last.map_or(first.saturating_sub(1), |r| r.seq));
+        }
+        Ok(0)
+    }
+
+    /// The receipt of the message sent with idempotency `key`, if any (the index is
+    /// brought up to date first, as for a keyed send).
+    fn find_key_locked(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
+        let mut guard = self.lock_writer();
+        let w = &mut *guard;
+        let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
+        let last = self.sync_tail(&mut w.tail)?.next_seq - 1;
+        let keys = self.key_index();
+        self.index_keys_through(&keys, &mut w.indexed, last)?;
+        keys.lookup(key)
+    }
+
+    fn key_index(&self) -> KeyIndex<'_> {
+        let opts = self.inner.bus.opts();
+        KeyIndex {
+            dir: &self.inner.keys_dir,
+            mode: opts.file_mode,
+            sync: opts.sync(),
+        }
+    }
+
+    /// Indexes the keys of records up to `last` that no writer indexed (it died in
+    /// between, or it does not index: an outside writer). Called with the lock held.
+    fn index_keys_through(
+        &self,
+        keys: &KeyIndex<'_>,
+        indexed: &mut Option<u64>,
+        last: u64,
+    ) -> Result<()> {
+        let from = indexed.unwrap_or_else(|| keys.scanned());
+        if from < last {
+            keys.catch_up(&self.log_spec(), from, last)?;
+        }
+        *indexed = Some(last);
+        Ok(())
+    }
+
+    /// Runs `f` while holding this mailbox's append lock (in-process mutex and `flock`),
+    /// so no writer can append meanwhile. The cached tail is dropped afterwards, since
+    /// `f` may have changed the files.
+    pub(crate) fn with_append_lock<R>(&self, f: impl FnOnce() -> R) -> Result<R> {
+        let mut guard = self.lock_writer();
+        let w = &mut *guard;
+        let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
+        let result = f();
+        w.tail = None;
+        Ok(result)
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        self.inner.writer.lock().unwrap_or_else(|poisoned| {
+            // A panic mid-append: forget the cached tail, the next append re-reads it.
+            let mut w = poisoned.into_inner();
+            w.tail = None;
+            w
+        })
+    }
+
+    pub(crate) fn append_batch(&self, batch: &[Prepared]) -> Result<Vec<Receipt>> {
+        let inner = &*self.inner;
+        let opts = inner.bus.opts();
+        let mut guard = self.lock_writer();
+        let w = &mut *guard;
+        let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
+
+        let tail = self.sync_tail(&mut w.tail)?;
+        let keys = self.key_index();
+        let last = tail.next_seq - 1;
+        let keyed = batch.iter().any(|p| p.key.is_some());
+        if keyed {
+            self.index_keys_through(&keys, &mut w.indexed, last)?;
+        }
+
+        w.buf.clear();
+        let mut receipts: Vec<Receipt> = Vec::with_capacity(batch.len());
+        let mut new_keys: HashMap<&str, usize> = HashMap::new();
+        let mut seq = tail.next_seq;
+        for p in batch {
+            if let Some(key) = p.key.as_deref() {
+                if let Some(&i) = new_keys.get(key) {
+                    let original = Receipt {
+                        duplicate: true,
+                        ..receipts[i].clone()
+                    };
+                    receipts.push(original);
+                    continue;
+                }
+                if let Some((seq, id)) = keys.lookup(key)? {
+                    receipts.push(self.receipt(id, seq, true));
+                    continue;
+                }
+                new_keys.insert(key, receipts.len());
+            }
+            record::encode_line(seq, &p.tail, &mut w.buf);
+            receipts.push(self.receipt(p.id, seq, false));
+            seq += 1;
+        }
+        if w.buf.is_empty() {
+            return Ok(receipts);
+        }
+
+        // One write() in the normal case; more only if the kernel takes part of it
+        // (which happens on errors such as a full disk).
+        let mut written = 0;
+        let failure = loop {
+            match (&tail.file).write(&w.buf[written..]) {
+                Ok(0) => break Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) if written + n == w.buf.len() => break None,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        let mut committed = w.buf.len();
+        if let Some(e) = &failure {
+            // Keep the records that reached the file whole (a reader may have seen them
+            // already); cut only the incomplete one.
+            committed = memchr::memrchr(b'\n', &w.buf[..written]).map_or(0, |i| i + 1);
+            if tail.file.set_len(tail.len + committed as u64).is_err() {
+                let err = Error::io("append", &tail.path, clone_io(e));
+                w.tail = None;
+                w.indexed = None;
+                return Err(err);
+            }
+        }
+        if committed > 0 && opts.sync() {
+            if let Err(e) = tail.file.sync_data() {
+                let err = Error::io("fdatasync", &tail.path, e);
+                w.tail = None;
+                w.indexed = None;
+                return Err(err);
+            }
+        }
+        let count = memchr::memchr_iter(b'\n', &w.buf[..committed]).count() as u64;
+        tail.len += committed as u64;
+        tail.next_seq += count;
+        let new_last = tail.next_seq - 1;
+        let stored = |r: &Receipt| !r.duplicate && r.seq <= new_last;
+
+        // The messages are in the log; index their keys. Should that fail, the messages
+        // still stand (an error would invite a duplicating retry): the watermark stays
+        // behind, and the next keyed send indexes them from the log.
+        let mut indexed = true;
+        for (key, &i) in &new_keys {
+            let r = &receipts[i];
+            if stored(r) && keys.insert(key, r.seq, r.id).is_err() {
+                indexed = false;
+                break;
+            }
+        }
+        if w.indexed == Some(last) && indexed {
+            w.indexed = Some(new_last);
+            if keyed {
+                keys.set_scanned(new_last);
+            }
+        } else {
+            w.indexed = None;
+        }
+
+        match failure {
+            None => Ok(receipts),
+            Some(source) => {
+                let path = tail.path.clone();
+                let committed: Vec<Receipt> = receipts.into_iter().filter(stored).collect();
+                if committed.is_empty() {
+                    Err(Error::io("append", path, source))
+                } else {
+                    Err(Error::BatchIncomplete {
+                        path,
+                        committed,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn receipt(&self, id: Uuid, seq: u64, duplicate: bool) -> Receipt {
+        Receipt {
+            id,
+            seq,
+            mailbox: self.inner.name.clone(),
+            duplicate,
+        }
+    }
+
+    /// Brings the cached tail up to date with the file system. Called with the lock
+    /// held; repairs a torn final line left by a writer that crashed mid-append.
+    fn sync_tail<'t>(&self, cached: &'t mut Option<Tail>) -> Result<&'t mut Tail> {
+        let inner = &*self.inner;
+        let opts = inner.bus.opts();
+        let mut tail = match cached.take() {
+            Some(t) => t,
+            None => {
+                let first = log::list_segments(&inner.log_dir)?
+                    .last()
+                    .copied()
+                    .unwrap_or(1);
+                self.open_segment(first, u64::MAX)?
+            }
+        };
+        loop {
+            let size = file_len(&tail.file).ctx("stat", &tail.path)?;
+            if size != tail.len {
+                let info = log::read_tail(&tail.file, &tail.path, size, inner.max_record_bytes)?;
+                if info.complete_len < size {
+                    tail.file
+                        .set_len(info.complete_len)
+                        .ctx("truncate torn tail", &tail.path)?;
+                    if opts.sync() {
+                        tail.file.sync_data().ctx("fdatasync", &tail.path)?;
+                    }
+                }
+                tail.len = info.complete_len;
+                tail.next_seq = info.last.as_ref().map_or(tail.first, |r| r.seq + 1);
+            }
+            if tail.len < inner.segment_bytes {
+                return Ok(cached.insert(tail));
+            }
+            // Full: move on to the segment named after the next seq (another writer may
+            // have created it and written to it already).
+            tail = self.open_segment(tail.next_seq, u64::MAX)?;
+        }
+    }
+
+    /// Opens a segment for appending. Under `Sync`, also fsyncs the log directory: the
+    /// segment may have been created by a writer that died before doing so, and records
+    /// in a file whose directory entry is not durable are not durable either. This
+    /// happens once per segment per handle.
+    fn open_segment(&self, first: u64, len: u64) -> Result<Tail> {
+        let path = self.inner.log_dir.join(log::segment_name(first));
+        let file = fsutil::open_append(&path, self.inner.bus.opts().file_mode)?;
+        if self.inner.bus.opts().sync() {
+            fsutil::sync_dir(&self.inner.log_dir)?;
+        }
+        Ok(Tail {
+            first,
+            path,
+            file,
+            len,
+            next_seq: first,
+        })
+    }
+}
+
+/// The file's length. `lseek(SEEK_END)` is cheaper than `fstat` (which fills a whole
+/// `statx`), and the send path asks once per append. Moving the file offset is harmless:
+/// appends use `O_APPEND` and every read is positional.
+fn file_len(mut file: &File) -> io::Result<u64> {
+    file.seek(io::SeekFrom::End(0))
+}
+
+fn clone_io(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), e.to_string())
+}
+
+impl Backend for Mailbox {
+    fn kind(&self) -> &'static str {
+        "directory"
+    }
+}
+
+impl MailboxBackend for Mailbox {
+    fn record_len(&self, tail_len: usize) -> usize {
+        record::encoded_len(u64::MAX, tail_len)
+    }
+
+    fn append(&self, batch: Vec<Prepared>) -> Result<Vec<Receipt>> {
+        self.append_batch(&batch)
+    }
+
+    fn first_seq(&self) -> Result<u64> {
+        Mailbox::first_seq(self)
+    }
+
+    fn last_seq(&self) -> Result<u64> {
+        Mailbox::last_seq(self)
+    }
+
+    fn reader(&self) -> ReaderImp {
+        ReaderImp::Dir(Reader::new(self.log_spec()))
+    }
+
+    fn find_key(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
+        self.find_key_locked(key)
+    }
+
+    fn storage(&self) -> Result<(u64, u64)> {
+        let segments = log::list_segments(&self.inner.log_dir)?;
+        let mut bytes = 0;
+        for first in &segments {
+            let path = self.inner.log_dir.join(log::segment_name(*first));
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                bytes += meta.len();
+            }
+        }
+        Ok((segments.len() as u64, bytes))
+    }
+
+    fn compact(&self, retention: Option<Duration>) -> Result<CompactReport> {
+        super::compact::compact(self, retention)
+    }
+
+    fn create_group(&self, name: &str, meta: &GroupMeta, from_end: bool) -> Result<()> {
+        super::group::create(self, name, meta, from_end)
+    }
+
+    fn open_group(&self, name: &str) -> Result<Option<(GroupMeta, GroupImp)>> {
+        Ok(super::Group::open(self, name)?.map(|g| (g.meta().clone(), GroupImp::Dir(g))))
+    }
+
+    fn group_names(&self) -> Result<Vec<String>> {
+        fsutil::list_names(&self.inner.dir.join("groups"), true)
+    }
+}

@@ -1,0 +1,513 @@
+//! Groups on JetStream: a durable pull consumer of the mailbox's stream.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use futures_util::StreamExt;
+use time::OffsetDateTime;
+
+use super::{dec, decode, enc, nats_err, Mailbox, NatsBus};
+use crate::backend::MailboxBackend;
+use crate::backend::{Backend, Claimed, DeadLetterTo, GroupBackend, GroupMeta, Settle};
+use crate::report::GroupStats;
+use crate::watch::{Watch, WatchMode};
+use crate::{Error, Result};
+
+/// A group on JetStream. Each handle remembers the deliveries it claimed (their reply
+/// subjects), so settling goes through the handle that claimed.
+#[derive(Debug)]
+pub(crate) struct Group {
+    mailbox: Mailbox,
+    name: String,
+    meta: GroupMeta,
+    /// The consumer's `ack_wait`: the visibility timeout of every claim.
+    ack_wait: Duration,
+    /// The consumer handle, opened on first use.
+    consumer: OnceLock<PullConsumer>,
+    /// The live deliveries this handle claimed, by seq. A settled or superseded claim
+    /// is removed.
+    held: Mutex<HashMap<u64, Held>>,
+}
+
+/// A delivery a NATS group handle holds: what [`Group::in_flight`] reports, and the
+/// reply subject its acks go to.
+#[derive(Debug, Clone)]
+struct Held {
+    attempt: u32,
+    consumer: String,
+    deadline: OffsetDateTime,
+    reply: String,
+}
+
+/// A durable pull consumer: a group on JetStream.
+pub(crate) type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
+
+/// A message fetched for a group, not decided on yet.
+pub(crate) struct Fetched {
+    pub(crate) seq: u64,
+    pub(crate) attempt: u32,
+    pub(crate) reply: String,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// What the server says about a group.
+pub(crate) struct ConsumerState {
+    pub(crate) ack_wait: Duration,
+    pub(crate) description: Option<String>,
+    pub(crate) delivered_seq: u64,
+    pub(crate) ack_floor_seq: u64,
+    pub(crate) ack_pending: u64,
+    pub(crate) redelivered: u64,
+    pub(crate) num_pending: u64,
+}
+
+/// How a group's consumer is set up.
+pub(crate) struct ConsumerConfig {
+    pub(crate) description: String,
+    pub(crate) start_seq: Option<u64>,
+    pub(crate) ack_wait: Duration,
+    pub(crate) max_deliver: i64,
+}
+
+/// Creates group `name` on `mailbox` (its dead-letter mailbox exists already).
+pub(crate) fn create(
+    mailbox: &Mailbox,
+    name: &str,
+    meta: &GroupMeta,
+    from_end: bool,
+) -> Result<()> {
+    let config = ConsumerConfig {
+        description: serde_json::to_string(meta).expect("metadata serializes"),
+        start_seq: if from_end {
+            Some(mailbox.last_seq()? + 1)
+        } else {
+            None
+        },
+        ack_wait: Duration::from_millis(meta.visibility_ms.max(1)),
+        // Unlimited on the server: a delivery past `max_deliveries` is buried by the
+        // client that sees it, and one that dies first leaves it to be redelivered and
+        // buried by the next.
+        max_deliver: -1,
+    };
+    if !mailbox
+        .bus()
+        .conn()
+        .create_consumer(mailbox.name(), name, config)?
+    {
+        return Err(Error::GroupExists {
+            mailbox: mailbox.name().to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl Group {
+    /// Opens group `name` of `mailbox`; `None` if its consumer does not exist.
+    pub(crate) fn open(mailbox: &Mailbox, name: &str) -> Result<Option<Group>> {
+        let conn = mailbox.bus().conn();
+        let Some(state) = conn.consumer_state(mailbox.name(), name)? else {
+            return Ok(None);
+        };
+        let meta: GroupMeta = state
+            .description
+            .as_deref()
+            .and_then(|d| serde_json::from_str(d).ok())
+            .ok_or_else(|| Error::Corrupt {
+                path: mailbox.path().join(name),
+                line: 1,
+                reason: "the consumer was not made by agentbus (no group settings)".into(),
+            })?;
+        Ok(Some(Group {
+            mailbox: mailbox.clone(),
+            name: name.to_owned(),
+            meta,
+            ack_wait: state.ack_wait,
+            consumer: OnceLock::new(),
+            held: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub(crate) fn meta(&self) -> &GroupMeta {
+        &self.meta
+    }
+
+    fn conn(&self) -> &NatsBus {
+        self.mailbox.bus().conn()
+    }
+
+    /// Fetches until `max` deliveries are in hand or nothing is waiting. Messages past
+    /// `max_deliveries` are buried on the way, messages the filter passes over are
+    /// acked (skipped), and records that are not messages are termed with a warning.
+    fn claim_batch(&self, consumer: &str, max: usize) -> Result<Vec<Claimed>> {
+        let mut out = Vec::new();
+        let mut fetched = Vec::new();
+        match self.claim_into(consumer, max, &mut out, &mut fetched) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                // Give back at once what will not be handed out, so no attempt is
+                // spent on a claim nobody saw.
+                let conn = self.conn();
+                for d in &out {
+                    let held = self.held_map().remove(&d.message.seq);
+                    if let Some(h) = held {
+                        let _ = conn.settle(&h.reply, AckKind::Nak(None));
+                    }
+                }
+                for f in fetched {
+                    let _ = conn.settle(&f.reply, AckKind::Nak(None));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn claim_into(
+        &self,
+        consumer: &str,
+        max: usize,
+        out: &mut Vec<Claimed>,
+        pending: &mut Vec<Fetched>,
+    ) -> Result<()> {
+        let conn = self.conn();
+        while out.len() < max {
+            let handle = match self.consumer.get() {
+                Some(c) => c,
+                None => {
+                    let c = conn.consumer(self.mailbox.name(), &self.name)?;
+                    self.consumer.get_or_init(|| c)
+                }
+            };
+            *pending = conn.fetch(handle, max - out.len())?;
+            if pending.is_empty() {
+                break;
+            }
+            pending.reverse();
+            while let Some(f) = pending.pop() {
+                let message = match decode(conn.url(), self.mailbox.name(), f.seq, &f.payload) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        log::warn!("agentbus: group {}: {e}; terminating it", self.name);
+                        conn.settle(&f.reply, AckKind::Term)?;
+                        continue;
+                    }
+                };
+                if f.attempt > self.meta.max_deliveries {
+                    self.dead_letter_to().send(
+                        &message,
+                        &[],
+                        "the last claim ran out or was nacked",
+                    )?;
+                    conn.settle(&f.reply, AckKind::Term)?;
+                    continue;
+                }
+                if !self.meta.filter.matches(&message) {
+                    conn.settle(&f.reply, AckKind::Ack)?;
+                    continue;
+                }
+                let held = Held {
+                    attempt: f.attempt,
+                    consumer: consumer.to_owned(),
+                    deadline: OffsetDateTime::now_utc() + self.ack_wait,
+                    reply: f.reply,
+                };
+                out.push(held.claimed(message));
+                self.held_map().insert(f.seq, held);
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter_to(&self) -> DeadLetterTo<'_> {
+        let bus = self.mailbox.bus();
+        DeadLetterTo {
+            bus,
+            agent: &bus.opts().agent,
+            mailbox: self.mailbox.name(),
+            group: &self.name,
+            meta: &self.meta,
+        }
+    }
+
+    fn held_map(&self) -> MutexGuard<'_, HashMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Acks, naks, extends or terms a delivery this handle holds, and waits for the
+    /// server to confirm it.
+    fn settle_held(&self, seq: u64, attempt: Option<u32>, kind: AckKind) -> Result<()> {
+        let stale = |why: String| Error::StaleDelivery {
+            group: self.name.clone(),
+            seq,
+            reason: why,
+        };
+        let reply = match self.held_map().get(&seq) {
+            Some(Held { attempt: a, .. }) if attempt.is_some_and(|want| want != *a) => {
+                return Err(stale(format!("redelivered meanwhile (now attempt {a})")))
+            }
+            Some(h) => h.reply.clone(),
+            // A delivery acked twice (it was settled through this handle).
+            None if matches!(kind, AckKind::Ack) && attempt.is_some() => return Ok(()),
+            None if attempt.is_none() => {
+                return Err(
+                    self.unsupported("settling by seq a message this handle has not claimed")
+                )
+            }
+            None => return Err(stale("already settled".into())),
+        };
+        self.conn().settle(&reply, kind)?;
+        let mut held = self.held_map();
+        if matches!(kind, AckKind::Progress) {
+            // +WPI restarts the whole ack_wait.
+            if let Some(h) = held.get_mut(&seq) {
+                h.deadline = OffsetDateTime::now_utc() + self.ack_wait;
+            }
+        } else {
+            held.remove(&seq);
+        }
+        Ok(())
+    }
+}
+
+impl Held {
+    fn claimed(&self, message: crate::Message) -> Claimed {
+        Claimed {
+            message,
+            attempt: self.attempt,
+            consumer: self.consumer.clone(),
+            deadline: self.deadline,
+        }
+    }
+}
+
+impl GroupBackend for Group {
+    /// Every claim is for the consumer's `ack_wait`, whatever `visibility` says.
+    fn claim(&self, consumer: &str, max: usize, visibility: Duration) -> Result<Vec<Claimed>> {
+        let _ = visibility;
+        self.claim_batch(consumer, max)
+    }
+
+    fn in_flight(&self, seq: u64) -> Result<Option<Claimed>> {
+        let Some(held) = self.held_map().get(&seq).cloned() else {
+            return Ok(None);
+        };
+        Ok(match self.conn().get(self.mailbox.name(), seq) {
+            Ok(Some(message)) => Some(held.claimed(message)),
+            _ => None,
+        })
+    }
+
+    fn ack(&self, seq: u64, attempt: Option<u32>) -> Result<bool> {
+        self.settle_held(seq, attempt, AckKind::Ack).map(|()| true)
+    }
+
+    /// A nack's reason and an extension's length are not sent: JetStream keeps no
+    /// reasons, and `+WPI` restarts the whole `ack_wait`.
+    fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {
+        let kind = match how {
+            Settle::Nack { delay, .. } if delay.is_zero() => AckKind::Nak(None),
+            Settle::Nack { delay, .. } => AckKind::Nak(Some(delay)),
+            Settle::Extend(_) => AckKind::Progress,
+            Settle::Term { .. } => AckKind::Term,
+        };
+        self.settle_held(seq, attempt, kind)
+    }
+
+    /// The consumer's counters. JetStream counts by stream sequence, so `delivered`
+    /// and `acked` are the highest delivered and fully acked seqs, and `dead`,
+    /// `termed` and `skipped` are not tracked (0); see README "Scaling out".
+    fn stats(&self) -> Result<GroupStats> {
+        let st = self
+            .conn()
+            .consumer_state(self.mailbox.name(), &self.name)?
+            .ok_or_else(|| Error::GroupNotFound {
+                mailbox: self.mailbox.name().to_owned(),
+                name: self.name.clone(),
+                existing: Vec::new(),
+            })?;
+        Ok(GroupStats {
+            group: self.name.clone(),
+            delivered: st.delivered_seq,
+            acked: st.ack_floor_seq,
+            in_flight: st.ack_pending,
+            pending: st.num_pending,
+            redelivered: st.redelivered,
+            dead: 0,
+            termed: 0,
+            skipped: 0,
+            lag: st.num_pending,
+            next_seq: st.delivered_seq + 1,
+            oldest_unacked_ms: None,
+        })
+    }
+
+    /// The server redelivers; the consumer's poll timer looks for it.
+    fn next_due_ms(&self) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
+    fn watch(&self, mode: WatchMode) -> Watch {
+        let conn = self.conn();
+        let subjects = vec![conn.subject(self.mailbox.name())];
+        let poll = self.mailbox.bus().opts().poll_interval;
+        super::watch::watch_subjects(conn, subjects, mode, poll)
+    }
+}
+
+impl NatsBus {
+    /// Creates a durable pull consumer; `false` if it already existed.
+    pub(crate) fn create_consumer(
+        &self,
+        mailbox: &str,
+        group: &str,
+        config: ConsumerConfig,
+    ) -> Result<bool> {
+        if self.consumer_state(mailbox, group)?.is_some() {
+            return Ok(false);
+        }
+        let js = self.js.clone();
+        let stream = self.stream_name(mailbox);
+        let durable = enc(group);
+        let replicas = self.replicas;
+        self.run(async move {
+            let s = js
+                .get_stream_no_info(&stream)
+                .await
+                .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
+            s.create_consumer(pull::Config {
+                durable_name: Some(durable.clone()),
+                description: Some(config.description),
+                deliver_policy: match config.start_seq {
+                    Some(seq) => jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: seq,
+                    },
+                    None => jetstream::consumer::DeliverPolicy::All,
+                },
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_deliver: config.max_deliver,
+                max_ack_pending: -1,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err(format!("create consumer {durable} on {stream}"), e))
+        })?;
+        Ok(true)
+    }
+
+    /// The consumer's settings and counters, or `None` if it does not exist.
+    pub(crate) fn consumer_state(
+        &self,
+        mailbox: &str,
+        group: &str,
+    ) -> Result<Option<ConsumerState>> {
+        let js = self.js.clone();
+        let stream = self.stream_name(mailbox);
+        let durable = enc(group);
+        self.run(async move {
+            let s = js
+                .get_stream_no_info(&stream)
+                .await
+                .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
+            match s.consumer_info(&durable).await {
+                Ok(info) => Ok(Some(ConsumerState {
+                    ack_wait: info.config.ack_wait,
+                    description: info.config.description.clone(),
+                    delivered_seq: info.delivered.stream_sequence,
+                    ack_floor_seq: info.ack_floor.stream_sequence,
+                    ack_pending: info.num_ack_pending as u64,
+                    redelivered: info.num_redelivered as u64,
+                    num_pending: info.num_pending,
+                })),
+                Err(e)
+                    if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
+                        || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j)
+                            if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(nats_err(
+                    format!("look up consumer {durable} on {stream}"),
+                    e,
+                )),
+            }
+        })
+    }
+
+    /// The groups of a mailbox, sorted.
+    pub(crate) fn consumer_names(&self, mailbox: &str) -> Result<Vec<String>> {
+        let js = self.js.clone();
+        let stream = self.stream_name(mailbox);
+        let mut names = self.run(async move {
+            let s = js
+                .get_stream_no_info(&stream)
+                .await
+                .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
+            let mut names = Vec::new();
+            let mut list = s.consumer_names();
+            while let Some(name) = list.next().await {
+                let name = name.map_err(|e| nats_err("list consumers", e))?;
+                names.extend(dec(&name));
+            }
+            Ok::<_, Error>(names)
+        })?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// A handle on the group's consumer, for [`fetch`](Self::fetch).
+    pub(crate) fn consumer(&self, mailbox: &str, group: &str) -> Result<PullConsumer> {
+        let js = self.js.clone();
+        let stream = self.stream_name(mailbox);
+        let durable = enc(group);
+        self.run(async move {
+            js.get_consumer_from_stream(&durable, &stream)
+                .await
+                .map_err(|e| nats_err(format!("open consumer {durable} on {stream}"), e))
+        })
+    }
+
+    /// Fetches up to `max` messages for the group without waiting for more.
+    pub(crate) fn fetch(&self, consumer: &PullConsumer, max: usize) -> Result<Vec<Fetched>> {
+        let consumer = consumer.clone();
+        self.run(async move {
+            let op = || format!("fetch from consumer {}", consumer.cached_info().name);
+            let mut batch = consumer
+                .fetch()
+                .max_messages(max)
+                .messages()
+                .await
+                .map_err(|e| nats_err(op(), e))?;
+            let mut out = Vec::new();
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| nats_err(op(), e))?;
+                let info = m.info().map_err(|e| nats_err(op(), e))?;
+                let (seq, attempt) = (info.stream_sequence, info.delivered.max(1) as u32);
+                out.push(Fetched {
+                    seq,
+                    attempt,
+                    reply: m.reply.as_ref().map(|r| r.to_string()).unwrap_or_default(),
+                    payload: m.payload.to_vec(),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Settles a delivery through its reply subject and waits for the server's
+    /// confirmation.
+    pub(crate) fn settle(&self, reply: &str, kind: AckKind) -> Result<()> {
+        let js = self.js.clone();
+        let reply = reply.to_owned();
+        self.run(async move {
+            jetstream::message::Acker::new(js, Some(reply.clone().into()))
+                .double_ack_with(kind)
+                .await
+                .map_err(|e| nats_err("settle a delivery", e))
+        })
+    }
+}

@@ -1,0 +1,263 @@
+//! Leases on JetStream: one KV entry per lease, changed only by compare-and-set on
+//! its revision. The revision of the write that granted a lease is its token, so tokens
+//! strictly increase across every grant for as long as the bucket exists.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{kv, stream};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::{dec, enc, nats_err, NatsBus};
+use crate::backend::{LeaseChange, LeaseState};
+use crate::clock::{datetime_ms, ms, now_ms};
+use crate::report::LeaseInfo;
+use crate::{Error, Result};
+
+/// The value of a lease entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Value {
+    holder: Option<String>,
+    /// The grant's token; 0 in the write that grants, whose revision is the token.
+    #[serde(default)]
+    token: u64,
+    acquired_at: i64,
+    expires_at: i64,
+    #[serde(default)]
+    renewals: u32,
+}
+
+fn parse(name: &str, current: Option<(u64, &[u8])>) -> Result<LeaseState> {
+    let Some((revision, bytes)) = current else {
+        return Ok(LeaseState::default());
+    };
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
+        path: format!("lease {name}").into(),
+        line: revision,
+        reason: format!("not a lease value: {e}"),
+    })?;
+    Ok(LeaseState {
+        seq: revision,
+        token: if v.token == 0 { revision } else { v.token },
+        holder: v.holder,
+        acquired_at: v.acquired_at,
+        expires_at: v.expires_at,
+        renewals: v.renewals,
+        process_bound: false,
+    })
+}
+
+fn encode(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("a lease value serializes")
+}
+
+/// The lease's current state (a default one if it was never granted).
+pub(crate) fn state(nats: &NatsBus, name: &str) -> Result<LeaseState> {
+    let owned = name.to_owned();
+    let (_, state) = nats.lease_update(name, move |cur| Ok((None, parse(&owned, cur)?)))?;
+    Ok(state)
+}
+
+/// Grants the lease to `holder` unless someone holds it: `Ok((token, expires_at))`, or
+/// the holder's state.
+pub(crate) fn grant(
+    nats: &NatsBus,
+    name: &str,
+    holder: &str,
+    ttl: Duration,
+) -> Result<std::result::Result<(u64, i64), LeaseState>> {
+    let (owned, holder) = (name.to_owned(), holder.to_owned());
+    let (revision, outcome) = nats.lease_update(name, move |cur| {
+        let state = parse(&owned, cur)?;
+        let now = now_ms();
+        if state.held_at(now) {
+            return Ok((None, Err(state)));
+        }
+        let v = Value {
+            holder: Some(holder.clone()),
+            token: 0,
+            acquired_at: now,
+            expires_at: now.saturating_add(ms(ttl)),
+            renewals: 0,
+        };
+        Ok((Some(encode(&v)), Ok(v.expires_at)))
+    })?;
+    Ok(outcome.map(|expires_at| (revision, expires_at)))
+}
+
+/// Renews, releases or transfers grant `token` of `holder`, under the same checks
+/// as the directory's: only the current grant may change, and only a release is
+/// allowed after expiry.
+pub(crate) fn change(
+    nats: &NatsBus,
+    name: &str,
+    holder: &str,
+    token: u64,
+    change: LeaseChange,
+) -> Result<LeaseInfo> {
+    let (owned, holder) = (name.to_owned(), holder.to_owned());
+    let release = matches!(change, LeaseChange::Release);
+    let (revision, v) = nats.lease_update(name, move |cur| {
+        let state = parse(&owned, cur)?;
+        let now = now_ms();
+        let stale = |reason: String| Error::StaleLease {
+            name: owned.clone(),
+            holder: state.holder.clone().filter(|_| state.held_at(now)),
+            token: state.token,
+            reason,
+        };
+        if token != state.token || state.holder.as_deref() != Some(holder.as_str()) {
+            return Err(stale(format!(
+                "token {token} of {holder:?} is not the current grant"
+            )));
+        }
+        if !release && now >= state.expires_at {
+            return Err(stale("the lease has expired; acquire it again".into()));
+        }
+        let v = match &change {
+            LeaseChange::Renew(ttl) => Value {
+                holder: Some(holder.clone()),
+                token,
+                acquired_at: state.acquired_at,
+                expires_at: now.saturating_add(ms(*ttl)),
+                renewals: state.renewals + 1,
+            },
+            LeaseChange::Release => Value {
+                holder: None,
+                token,
+                acquired_at: state.acquired_at,
+                expires_at: state.expires_at,
+                renewals: state.renewals,
+            },
+            LeaseChange::Transfer(to, ttl) => Value {
+                holder: Some(to.clone()),
+                token: 0,
+                acquired_at: now,
+                expires_at: now.saturating_add(ms(*ttl)),
+                renewals: 0,
+            },
+        };
+        Ok((Some(encode(&v)), v))
+    })?;
+    Ok(LeaseInfo {
+        name: name.to_owned(),
+        token: if v.token == 0 { revision } else { v.token },
+        holder: v.holder,
+        acquired_at: datetime_ms(v.acquired_at),
+        expires_at: datetime_ms(v.expires_at),
+        renewals: v.renewals,
+        process_bound: false,
+    })
+}
+
+impl NatsBus {
+    fn lease_store(&self) -> Result<kv::Store> {
+        if let Some(store) = self.leases.get() {
+            return Ok(store.clone());
+        }
+        let js = self.js.clone();
+        let bucket = self.bucket();
+        let replicas = self.replicas;
+        let store = self.run(async move {
+            match js.get_key_value(&bucket).await {
+                Ok(store) => Ok(store),
+                Err(_) => {
+                    // The bucket's stream, as `create_key_value` would make it. That
+                    // call first asks for the account's limits, whose answer 2.9
+                    // servers word in a way this client cannot parse.
+                    js.create_stream(stream::Config {
+                        name: format!("KV_{bucket}"),
+                        description: Some("agentbus leases".into()),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        max_messages_per_subject: 1,
+                        storage: stream::StorageType::File,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        // Reads go to the leader: a replica's direct answer may lag,
+                        // and a lease decision must see the latest grant.
+                        allow_direct: false,
+                        num_replicas: replicas,
+                        discard: stream::DiscardPolicy::New,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| nats_err(format!("create KV bucket {bucket}"), e))?;
+                    js.get_key_value(&bucket)
+                        .await
+                        .map_err(|e| nats_err(format!("open KV bucket {bucket}"), e))
+                }
+            }
+        })?;
+        Ok(self.leases.get_or_init(|| store).clone())
+    }
+
+    /// Read-modify-write of a lease entry with compare-and-set on its revision:
+    /// `decide` sees the current (revision, value) and returns the new value, or
+    /// `None` to leave it. A concurrent writer makes the write fail; then `decide`
+    /// runs again on what that writer left. Returns the revision written (or the
+    /// current one) and the value `decide` last saw.
+    pub(crate) fn lease_update<T: Send + 'static>(
+        &self,
+        lease: &str,
+        mut decide: impl FnMut(Option<(u64, &[u8])>) -> Result<(Option<Vec<u8>>, T)> + Send + 'static,
+    ) -> Result<(u64, T)> {
+        let store = self.lease_store()?;
+        let key = enc(lease);
+        self.run(async move {
+            let op = || format!("update lease {key}");
+            loop {
+                let entry = store.entry(&key).await.map_err(|e| nats_err(op(), e))?;
+                let current = entry.as_ref().and_then(|e| match e.operation {
+                    kv::Operation::Put => Some((e.revision, &e.value[..])),
+                    _ => None,
+                });
+                let (write, seen) = decide(current)?;
+                let Some(bytes) = write else {
+                    return Ok((entry.map_or(0, |e| e.revision), seen));
+                };
+                let written = match &entry {
+                    Some(e) => store
+                        .update(&key, bytes.into(), e.revision)
+                        .await
+                        .map_err(|e| {
+                            (
+                                e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                                e.to_string(),
+                            )
+                        }),
+                    None => store.create(&key, bytes.into()).await.map_err(|e| {
+                        (
+                            e.kind() == kv::CreateErrorKind::AlreadyExists,
+                            e.to_string(),
+                        )
+                    }),
+                };
+                match written {
+                    Ok(revision) => return Ok((revision, seen)),
+                    Err((true, _)) => continue,
+                    Err((false, e)) => return Err(nats_err(op(), e)),
+                }
+            }
+        })
+    }
+
+    /// Every lease entry: (name, revision, value).
+    pub(crate) fn lease_entries(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        let store = self.lease_store()?;
+        self.run(async move {
+            let op = || "list leases".to_owned();
+            let mut keys = store.keys().await.map_err(|e| nats_err(op(), e))?;
+            let mut out = Vec::new();
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(|e| nats_err(op(), e))?;
+                if let Some(e) = store.entry(&key).await.map_err(|e| nats_err(op(), e))? {
+                    if e.operation == kv::Operation::Put {
+                        out.extend(dec(&key).map(|k| (k, e.revision, e.value.to_vec())));
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(out)
+        })
+    }
+}

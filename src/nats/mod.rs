@@ -1,0 +1,458 @@
+//! The NATS JetStream backend (cargo feature `nats`).
+//!
+//! A [`Bus`](crate::Bus) opened from a `nats://host:port[/namespace][?replicas=N]` URL
+//! keeps its state in a JetStream server instead of a directory:
+//!
+//! | agentbus | JetStream |
+//! | --- | --- |
+//! | mailbox `m` | stream `<ns>_MB_<m>` with the one subject `agentbus.<ns>.<m>` |
+//! | `seq` | the stream sequence |
+//! | idempotency key | the `Nats-Msg-Id` header (duplicate window 24 h) |
+//! | group `g` | durable pull consumer `g` (explicit ack, `ack_wait` = visibility) |
+//! | ack, nack + delay, extend, term | `+ACK`, `-NAK {delay}`, `+WPI`, `+TERM`, each confirmed |
+//! | dead letters | the message is copied to the dead-letter mailbox, then termed |
+//! | lease `l` | key `l` of the KV bucket `<ns>_LEASES`; the grant's revision is the token |
+//! | wake-ups | a core subscription to the subjects, plus the poll timer |
+//!
+//! Names are mapped with `.` → `_D` and `_` → `_U`, which JetStream names allow and
+//! which cannot collide.
+//!
+//! | file | what it holds |
+//! | --- | --- |
+//! | `mod.rs` | the connection, its runtime, the URL and name mapping; [`Bus`] |
+//! | `mailbox` | streams: create, publish, read by seq; [`Mailbox`] |
+//! | `read` | [`Reader`]: a stream in seq order |
+//! | `group` | durable pull consumers: fetch, settle; [`Group`] |
+//! | `lease` | the lease bucket and its compare-and-set |
+//! | `watch` | subscriptions whose messages are wake-up hints |
+//!
+//! The blocking API runs each request on a small runtime owned by the bus and waits for
+//! it on the calling thread, so it can be called from any thread, inside an async
+//! runtime or not.
+
+use std::future::Future;
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::Duration;
+use std::time::Instant;
+
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::{self, kv};
+
+use crate::backend::{
+    Backend, BusBackend, Granted, LeaseChange, LeaseGrant, LeaseState, MailboxImp, OpenMailbox,
+    Options,
+};
+use crate::report::LeaseInfo;
+use crate::watch::{Watch, WatchMode};
+use crate::{Error, Message, Result};
+
+mod group;
+mod lease;
+mod mailbox;
+mod read;
+mod watch;
+
+pub(crate) use group::Group;
+pub(crate) use mailbox::Mailbox;
+pub(crate) use read::Reader;
+pub(crate) use watch::HintTask;
+
+/// The URL scheme that selects this backend.
+const SCHEME: &str = "nats://";
+
+/// The namespace when the URL names none.
+const DEFAULT_NAMESPACE: &str = "agentbus";
+
+/// How long JetStream remembers an idempotency key (`Nats-Msg-Id`).
+pub(crate) const DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// A connection to a JetStream server, shared by every handle of one bus.
+pub(crate) struct NatsBus {
+    url: String,
+    namespace: String,
+    replicas: usize,
+    rt: Option<tokio::runtime::Runtime>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    leases: OnceLock<kv::Store>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("url", &self.url)
+            .field("namespace", &self.namespace)
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for NatsBus {
+    fn drop(&mut self) {
+        // Never blocks, so a bus may be dropped inside another async runtime.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+pub(crate) fn nats_err(operation: impl Into<String>, e: impl std::fmt::Display) -> Error {
+    Error::Nats {
+        operation: operation.into(),
+        reason: e.to_string(),
+    }
+}
+
+/// `nats://host:port[/namespace][?replicas=N]` → (server URL, namespace, replicas).
+fn parse_url(url: &str) -> Result<(String, String, usize)> {
+    let bad = |reason: &str| nats_err(format!("parse URL {url:?}"), reason);
+    let rest = url
+        .strip_prefix(SCHEME)
+        .ok_or_else(|| bad("it must start with nats://"))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (server, namespace) = rest.split_once('/').unwrap_or((rest, ""));
+    if server.is_empty() {
+        return Err(bad("no host"));
+    }
+    let namespace = match namespace.trim_end_matches('/') {
+        "" => DEFAULT_NAMESPACE.to_owned(),
+        ns => ns.to_owned(),
+    };
+    crate::validate_name("namespace", &namespace)?;
+    let mut replicas = 1;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("replicas", n)) => {
+                replicas = n
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=5).contains(n))
+                    .ok_or_else(|| bad("replicas must be 1 to 5"))?;
+            }
+            _ => return Err(bad(&format!("unknown option {pair:?}"))),
+        }
+    }
+    Ok((format!("{SCHEME}{server}"), namespace, replicas))
+}
+
+/// A name made safe for stream, consumer and bucket names: `.` → `_D`, `_` → `_U`.
+pub(crate) fn enc(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        match c {
+            '.' => out.push_str("_D"),
+            '_' => out.push_str("_U"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The inverse of [`enc`]; `None` for a string `enc` cannot produce.
+pub(crate) fn dec(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '_' => match chars.next()? {
+                'D' => out.push('.'),
+                'U' => out.push('_'),
+                _ => return None,
+            },
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+impl NatsBus {
+    /// Connects and checks that JetStream answers.
+    pub(crate) fn connect(url: &str) -> Result<NatsBus> {
+        let (server, namespace, replicas) = parse_url(url)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("agentbus-nats")
+            .enable_all()
+            .build()
+            .map_err(|e| nats_err("start the NATS runtime", e))?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let connected = async {
+                let client = async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_secs(5))
+                    .connect(server.as_str())
+                    .await
+                    .map_err(|e| nats_err(format!("connect to {server}"), e))?;
+                let js = jetstream::new(client.clone());
+                // Any JetStream answer will do ("no such stream" included); a server
+                // without JetStream has no responders for the API.
+                match js.get_stream("agentbus-probe").await {
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+                    Err(e) => return Err(nats_err(format!("use JetStream on {server}"), e)),
+                }
+                Ok::<_, Error>((client, js))
+            };
+            let _ = tx.send(connected.await);
+        });
+        let connected = rx
+            .recv()
+            .map_err(|e| nats_err("connect", e))
+            .and_then(|r| r);
+        let (client, js) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                // Dropping a runtime blocks, which panics inside another runtime.
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
+        Ok(NatsBus {
+            url: url.to_owned(),
+            namespace,
+            replicas,
+            rt: Some(rt),
+            client,
+            js,
+            leases: OnceLock::new(),
+        })
+    }
+
+    /// Runs `f` on the bus's runtime and waits for it on this thread.
+    pub(crate) fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.rt
+            .as_ref()
+            .expect("the runtime lives as long as the bus")
+            .spawn(async move {
+                let _ = tx.send(f.await);
+            });
+        rx.recv().expect("the NATS runtime dropped a request")
+    }
+
+    /// Starts `f` on the bus's runtime without waiting for it.
+    pub(crate) fn detach(&self, f: impl Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.rt {
+            rt.spawn(f);
+        }
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) fn stream_name(&self, mailbox: &str) -> String {
+        format!("{}_MB_{}", enc(&self.namespace), enc(mailbox))
+    }
+
+    pub(crate) fn subject(&self, mailbox: &str) -> String {
+        format!("agentbus.{}.{}", enc(&self.namespace), enc(mailbox))
+    }
+
+    pub(crate) fn bucket(&self) -> String {
+        format!("{}_LEASES", enc(&self.namespace))
+    }
+
+    /// The subject a lease's KV updates are published on.
+    pub(crate) fn lease_subject(&self, lease: &str) -> String {
+        format!("$KV.{}.{}", self.bucket(), enc(lease))
+    }
+}
+
+/// A bus on a JetStream server: the shared connection and this handle's settings.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Bus {
+    conn: Arc<NatsBus>,
+    opts: Arc<Options>,
+}
+
+impl Bus {
+    /// Connects and checks that JetStream answers. Nothing needs creating: the
+    /// streams, consumers and KV bucket are made as mailboxes, groups and leases are.
+    pub(crate) fn connect(url: &str, opts: Options) -> Result<Bus> {
+        Ok(Bus {
+            conn: Arc::new(NatsBus::connect(url)?),
+            opts: Arc::new(opts),
+        })
+    }
+
+    pub(crate) fn conn(&self) -> &NatsBus {
+        &self.conn
+    }
+
+    pub(crate) fn opts(&self) -> &Options {
+        &self.opts
+    }
+}
+
+/// What to do instead, for the operations this backend does not offer.
+fn hint(operation: &'static str) -> &'static str {
+    match operation {
+        "ack_upto" => "a JetStream consumer with explicit acks takes one ack per message",
+        "compact" => "set the stream's limits (max_age, max_bytes) in JetStream instead",
+        "doctor" => "JetStream checks its own storage: see `nats stream report`",
+        "claiming one message by seq" => {
+            "a JetStream consumer delivers in its own order: receive with recv_timeout"
+        }
+        "acting on a delivery claimed through another handle" => {
+            "settle it with the Delivery that claim returned"
+        }
+        "settling by seq a message this handle has not claimed" => {
+            "settle it with the Delivery its claim returned"
+        }
+        "a process-bound lease" => "no lock spans machines: use a TTL and renew it",
+        _ => "not offered on JetStream",
+    }
+}
+
+/// Every JetStream backend type names itself, and its hints, the same way.
+macro_rules! nats_backend {
+    ($($ty:ty),*) => {
+        $(impl Backend for $ty {
+            fn kind(&self) -> &'static str {
+                "nats"
+            }
+
+            fn hint(&self, operation: &'static str) -> &'static str {
+                hint(operation)
+            }
+        })*
+    };
+}
+nats_backend!(Bus, Mailbox, Group);
+
+impl BusBackend for Bus {
+    fn create_mailbox(&self, name: &str) -> Result<()> {
+        if !self.conn.create_stream(name, self.opts.max_record_bytes)? {
+            return Err(Error::MailboxExists {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn open_mailbox(&self, name: &str) -> Result<Option<OpenMailbox>> {
+        let Some(limit) = self.conn.stream_limit(name)? else {
+            return Ok(None);
+        };
+        let mailbox = Mailbox::new(self.clone(), name);
+        Ok(Some(OpenMailbox {
+            path: mailbox.path(),
+            max_record_bytes: if limit == 0 { usize::MAX } else { limit },
+            imp: MailboxImp::Nats(mailbox),
+        }))
+    }
+
+    fn mailbox_names(&self) -> Result<Vec<String>> {
+        self.conn.mailbox_names()
+    }
+
+    fn watch_mailboxes(&self, names: &[&str], mode: WatchMode) -> Watch {
+        let subjects = names.iter().map(|m| self.conn.subject(m)).collect();
+        watch::watch_subjects(&self.conn, subjects, mode, self.opts.poll_interval)
+    }
+
+    fn lease_info(&self, name: &str) -> Result<Option<LeaseInfo>> {
+        let state = lease::state(&self.conn, name)?;
+        let now = crate::clock::now_ms();
+        Ok((state.token != 0).then(|| state.info(name, now)))
+    }
+
+    fn lease_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .conn
+            .lease_entries()?
+            .into_iter()
+            .map(|e| e.0)
+            .collect())
+    }
+
+    fn grant_lease(&self, request: &LeaseGrant<'_>) -> Result<Result<Granted, LeaseState>> {
+        if request.process_bound {
+            return Err(self.unsupported("a process-bound lease"));
+        }
+        let started = Instant::now();
+        let granted = lease::grant(&self.conn, request.name, request.holder, request.ttl)?;
+        Ok(granted.map(|(token, expires_at)| Granted {
+            token,
+            expires_at: crate::clock::datetime_ms(expires_at),
+            started,
+            alive: None,
+        }))
+    }
+
+    fn change_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        token: u64,
+        change: LeaseChange,
+    ) -> Result<LeaseInfo> {
+        lease::change(&self.conn, name, holder, token, change)
+    }
+
+    fn release_lease_in_background(&self, name: &str, holder: &str, token: u64) {
+        // Never blocking: the release runs on the bus's runtime.
+        let (conn, name, holder) = (self.conn.clone(), name.to_owned(), holder.to_owned());
+        self.conn.detach(async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                lease::change(&conn, &name, &holder, token, LeaseChange::Release)
+            })
+            .await;
+        });
+    }
+
+    fn watch_lease(&self, name: &str, mode: WatchMode) -> Result<Watch> {
+        let subjects = vec![self.conn.lease_subject(name)];
+        Ok(watch::watch_subjects(
+            &self.conn,
+            subjects,
+            mode,
+            self.opts.poll_interval,
+        ))
+    }
+}
+
+/// A stored record back to a message with its stream sequence.
+pub(crate) fn decode(url: &str, stream: &str, seq: u64, payload: &[u8]) -> Result<Message> {
+    let mut m: Message = serde_json::from_slice(payload).map_err(|e| Error::Corrupt {
+        path: format!("{url}/{stream}").into(),
+        line: seq,
+        reason: format!("not an agentbus message: {e}"),
+    })?;
+    m.seq = seq;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_one_to_one() {
+        for name in ["a", "a.b", "a_b", "a._b", "a_.b", "x-y_z.w", "_D", "a__"] {
+            assert_eq!(dec(&enc(name)).as_deref(), Some(name));
+            assert!(!enc(name).contains('.'));
+        }
+        assert_ne!(enc("a._b"), enc("a_.b"));
+        assert_eq!(dec("a_x"), None);
+    }
+
+    #[test]
+    fn urls_parse() {
+        let (server, ns, replicas) = parse_url("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(
+            (server.as_str(), ns.as_str(), replicas),
+            ("nats://127.0.0.1:4222", "agentbus", 1)
+        );
+        let (_, ns, replicas) = parse_url("nats://h:1/team.a?replicas=3").unwrap();
+        assert_eq!((ns.as_str(), replicas), ("team.a", 3));
+        assert!(parse_url("nats://h:1/../x").is_err());
+        assert!(parse_url("nats://h:1?replicas=9").is_err());
+        assert!(parse_url("nats://h:1?color=red").is_err());
+        assert!(parse_url("nats:///ns").is_err());
+    }
+}
