@@ -1,0 +1,25 @@
+use std::io::Write;
+
+use clap::Args;
+
+use super::{mailboxes, open_bus, secs};
+use crate::output::{emit, Failure};
+use crate::Cli;
+
+/// Remove segments that every group has settled.
+#[derive(Args, Debug)]
+pub struct CompactArgs {
+    /// Only this mailbox.
+    mailbox: Option<String>,
+    /// Keep segments written in the last SECS seconds.
+    #[arg(long)]
+    retention: Option<f64>,
+}
+
+pub fn run(cli: &Cli, args: &CompactArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let retention = args.retention.map(secs).transpose()?;
+    for mb in mailboxes(&open_bus(cli)?, args.mailbox.as_deref())? {
+        emit(out, &mb.compact(retention)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+use std::io::Write;
+
+use agentbus::{Error, GroupOptions, StartAt};
+use clap::Subcommand;
+use serde_json::json;
+
+use super::{open_bus, secs};
+use crate::output::{emit, Failure};
+use crate::Cli;
+
+/// Create or list consumer groups.
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Create a consumer group on a mailbox.
+    Create {
+        /// The mailbox.
+        mailbox: String,
+        /// The group.
+        group: String,
+        /// Deliveries before a message is dead-lettered.
+        #[arg(long, default_value_t = 5)]
+        max_deliveries: u32,
+        /// Default visibility timeout of a claim, in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        visibility: f64,
+        /// Dead-letter mailbox (default `<mailbox>.dlq`).
+        #[arg(long)]
+        dead_letter: Option<String>,
+        /// Deliver only messages sent from now on.
+        #[arg(long)]
+        from_end: bool,
+        /// Succeed if the group already exists.
+        #[arg(long)]
+        exist_ok: bool,
+        /// Only deliver messages of this type to the group (repeatable).
+        #[arg(long = "type")]
+        kinds: Vec<String>,
+        /// Only deliver messages from this agent to the group (repeatable).
+        #[arg(long = "from")]
+        senders: Vec<String>,
+    },
+    /// List the groups of a mailbox.
+    List {
+        /// The mailbox.
+        mailbox: String,
+    },
+}
+
+pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Failure> {
+    match cmd {
+        GroupCommand::Create {
+            mailbox,
+            group,
+            max_deliveries,
+            visibility,
+            dead_letter,
+            from_end,
+            exist_ok,
+            kinds,
+            senders,
+        } => {
+            let mailbox = open_bus(cli)?.mailbox(mailbox)?;
+            let mut filter = agentbus::Filter::new();
+            for k in kinds {
+                filter = filter.of_type(k);
+            }
+            for f in senders {
+                filter = filter.sender(f);
+            }
+            let mut opts = GroupOptions::new()
+                .filter(filter)
+                .max_deliveries(*max_deliveries)
+                .visibility(secs(*visibility)?)
+                .start(if *from_end {
+                    StartAt::End
+                } else {
+                    StartAt::Beginning
+                });
+            if let Some(dl) = dead_letter {
+                opts = opts.dead_letter(dl);
+            }
+            let created = match mailbox.create_group_with(group, opts) {
+                Ok(_) => true,
+                Err(Error::GroupExists { .. }) if *exist_ok => false,
+                Err(e) => return Err(e.into()),
+            };
+            emit(
+                out,
+                &json!({"mailbox": mailbox.name(), "group": group, "created": created}),
+            )
+        }
+        GroupCommand::List { mailbox } => {
+            let mailbox = open_bus(cli)?.mailbox(mailbox)?;
+            for name in mailbox.groups()? {
+                let g = mailbox.group(&name)?;
+                emit(
+                    out,
+                    &json!({
+                        "mailbox": mailbox.name(),
+                        "group": name,
+                        "max_deliveries": g.max_deliveries(),
+                        "visibility": g.visibility().as_secs_f64(),
+                        "dead_letter": g.dead_letter_mailbox(),
+                    }),
+                )?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `agentbus`: the command-line face of the agentbus crate, for shell, Python and cron
+//! agents sharing a bus directory with Rust programs.
+//!
+//! Output is JSON, one object per line, on stdout; errors are one JSON object on stderr
+//! and a non-zero exit (the codes are listed in `output.rs`).
+//!
+//! This file holds the global flags, the list of verbs and the dispatch; each verb, its
+//! arguments beside the code that runs it, is a module under `commands/`.
+
+mod commands;
+mod output;
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use commands::{
+    ack, compact, doctor, extend, group, handoff, init, lease, mailbox, nack, recv, replay, send,
+    stats, term, watch,
+};
+use output::{report, Failure};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agentbus",
+    version,
+    about = "Mailboxes, leases and handoffs for agents sharing a directory"
+)]
+struct Cli {
+    /// The bus: a directory, or with the `nats` feature a NATS JetStream server,
+    /// `nats://host:port[/namespace]`. `--bus` is the same option.
+    #[arg(
+        long,
+        visible_alias = "bus",
+        global = true,
+        env = "AGENTBUS_DIR",
+        default_value = ".agentbus"
+    )]
+    dir: PathBuf,
+    /// When a write counts as done: `sync` (fdatasync, survives power loss) or `flush`
+    /// (survives a crash of this process).
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTBUS_DURABILITY",
+        default_value = "sync"
+    )]
+    durability: DurabilityArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum DurabilityArg {
+    Sync,
+    Flush,
+}
+
+/// The verbs, in the order `agentbus --help` lists them. Each one's help text is the
+/// doc comment of its arguments type.
+#[derive(Subcommand, Debug)]
+enum Command {
+    Init(init::InitArgs),
+    #[command(subcommand)]
+    Mailbox(mailbox::MailboxCommand),
+    Send(send::SendArgs),
+    Recv(recv::RecvArgs),
+    Watch(watch::WatchArgs),
+    Ack(ack::AckArgs),
+    Nack(nack::NackArgs),
+    Extend(extend::ExtendArgs),
+    Term(term::TermArgs),
+    #[command(subcommand)]
+    Group(group::GroupCommand),
+    Stats(stats::StatsArgs),
+    Compact(compact::CompactArgs),
+    Replay(replay::ReplayArgs),
+    #[command(subcommand)]
+    Lease(lease::LeaseCommand),
+    #[command(subcommand)]
+    Handoff(handoff::HandoffCommand),
+    Doctor(doctor::DoctorArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return report(Failure::Usage(e.to_string().trim_end().to_owned())),
+    };
+    let mut out = io::stdout().lock();
+    match run(cli, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            let _ = out.flush();
+            report(f)
+        }
+    }
+}
+
+fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Init(args) => init::run(&cli, args, out),
+        Command::Mailbox(cmd) => mailbox::run(&cli, cmd, out),
+        Command::Send(args) => send::run(&cli, args, out),
+        Command::Recv(args) => recv::run(&cli, args, out),
+        Command::Watch(args) => watch::run(&cli, args, out),
+        Command::Ack(args) => ack::run(&cli, args, out),
+        Command::Nack(args) => nack::run(&cli, args, out),
+        Command::Extend(args) => extend::run(&cli, args, out),
+        Command::Term(args) => term::run(&cli, args, out),
+        Command::Group(cmd) => group::run(&cli, cmd, out),
+        Command::Stats(args) => stats::run(&cli, args, out),
+        Command::Compact(args) => compact::run(&cli, args, out),
+        Command::Replay(args) => replay::run(&cli, args, out),
+        Command::Lease(cmd) => lease::run(&cli, cmd, out),
+        Command::Handoff(cmd) => handoff::run(&cli, cmd, out),
+        Command::Doctor(args) => doctor::run(&cli, args, out),
+    }
+}
