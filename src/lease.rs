@@ -79,7 +79,7 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidName`], [`Error::Corrupt`], [`Error::Io`].
+    /// [`Error::InvalidName`](crate::Error::InvalidName), [`Error::Corrupt`](crate::Error::Corrupt), [`Error::Io`](crate::Error::Io).
     pub fn lease_info(&self, name: &str) -> Result<Option<LeaseInfo>> {
         validate_name("lease", name)?;
         self.inner.imp.lease_info(name)
@@ -89,7 +89,7 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`], [`Error::Corrupt`].
+    /// [`Error::Io`](crate::Error::Io), [`Error::Corrupt`](crate::Error::Corrupt).
     pub fn leases(&self) -> Result<Vec<LeaseInfo>> {
         let mut out = Vec::new();
         for name in self.lease_names()? {
@@ -108,7 +108,7 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleLease`] naming the real holder if `token` is not the current grant
+    /// [`Error::StaleLease`](crate::Error::StaleLease) naming the real holder if `token` is not the current grant
     /// to `holder`, or it has expired or been released.
     pub fn renew_lease(
         &self,
@@ -126,7 +126,7 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleLease`] if `token` is not the current grant to `holder`.
+    /// [`Error::StaleLease`](crate::Error::StaleLease) if `token` is not the current grant to `holder`.
     pub fn release_lease(&self, name: &str, holder: &str, token: u64) -> Result<()> {
         validate_name("lease", name)?;
         let change = LeaseChange::Release;
@@ -142,8 +142,8 @@ impl Bus {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleLease`] if `token` is not the current, live grant to `holder`;
-    /// [`Error::InvalidName`] for a bad `to`.
+    /// [`Error::StaleLease`](crate::Error::StaleLease) if `token` is not the current, live grant to `holder`;
+    /// [`Error::InvalidName`](crate::Error::InvalidName) for a bad `to`.
     pub fn transfer_lease(
         &self,
         name: &str,
@@ -184,8 +184,8 @@ impl LeaseRequest<'_> {
     ///
     /// # Errors
     ///
-    /// [`Error::LeaseHeld`] naming the holder and its expiry; [`Error::InvalidName`];
-    /// [`Error::Io`].
+    /// [`Error::LeaseHeld`](crate::Error::LeaseHeld) naming the holder and its expiry; [`Error::InvalidName`](crate::Error::InvalidName);
+    /// [`Error::Io`](crate::Error::Io).
     pub fn try_acquire(self) -> Result<Lease> {
         validate_name("lease", &self.name)?;
         validate_name("agent", &self.holder)?;
@@ -198,7 +198,7 @@ impl LeaseRequest<'_> {
     ///
     /// # Errors
     ///
-    /// As [`try_acquire`](Self::try_acquire); [`Error::LeaseHeld`] when `timeout` ran
+    /// As [`try_acquire`](Self::try_acquire); [`Error::LeaseHeld`](crate::Error::LeaseHeld) when `timeout` ran
     /// out.
     pub fn acquire(self, timeout: Duration) -> Result<Lease> {
         validate_name("lease", &self.name)?;
@@ -293,7 +293,7 @@ impl Lease {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleLease`] if it expired or was taken over meanwhile.
+    /// [`Error::StaleLease`](crate::Error::StaleLease) if it expired or was taken over meanwhile.
     pub fn renew(&mut self, ttl: Duration) -> Result<()> {
         let started = Instant::now();
         let info = self
@@ -309,7 +309,7 @@ impl Lease {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleLease`] if someone else holds it now (it had expired).
+    /// [`Error::StaleLease`](crate::Error::StaleLease) if someone else holds it now (it had expired).
     pub fn release(mut self) -> Result<()> {
         self.done = true;
         self.bus.release_lease(&self.name, &self.holder, self.token)
@@ -319,7 +319,7 @@ impl Lease {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleLease`] if this grant is no longer current.
+    /// [`Error::StaleLease`](crate::Error::StaleLease) if this grant is no longer current.
     pub fn transfer(mut self, to: &str, ttl: Duration) -> Result<LeaseInfo> {
         self.done = true;
         self.bus

@@ -86,6 +86,69 @@
 //! is not promised (network file systems, writers that skip the lock protocol, ...).
 //! The on-disk format, for tools that write records directly, is in `FORMAT.md`.
 //!
+//! # Architecture
+//!
+//! For contributors: where things are, and the rules that keep them there (in the
+//! manner of rust-analyzer's `architecture.md`).
+//!
+//! **Layers.** Arrows point down; nothing below imports from above.
+//!
+//! ```text
+//! handoff, receiver                 built from the facades only (no backend code)
+//! bus mailbox group lease read      facades: docs, validation, shared fields,
+//! compact doctor                    one forward per operation
+//! ──────────── backend.rs ────────  the seam: traits, enums, vocabulary
+//! dir/                nats/         the backends
+//! message filter report clock error name encode watch     backend-free
+//! ```
+//!
+//! - **Backend-free modules** hold what every layer speaks: [`Message`], [`Filter`],
+//!   the [`Error`], the reports ([`GroupStats`], [`LeaseInfo`], ...), wall-clock
+//!   milliseconds (`clock`), the message encoder, and the hints a waiter sleeps on
+//!   (`watch`).
+//! - **The seam** (`backend.rs`) writes down once what a backend provides: the traits
+//!   `BusBackend`, `MailboxBackend`, `GroupBackend` and `ReadBackend`, and an enum per
+//!   concept (`BusImp`, `MailboxImp`, `GroupImp`, `ReaderImp`) with one arm per
+//!   backend that dereferences to its trait. Its vocabulary (`Prepared`, `GroupMeta`,
+//!   `Claimed`, `Settle`, `LeaseGrant`, `LeaseChange`, `LeaseState`) is all the
+//!   backends share with the facades. An operation a backend cannot express is a
+//!   trait default that answers [`Error::Unsupported`] with that backend's hint. The
+//!   URL switch (`open_bus`) picks the backend. `#[cfg(feature = "nats")]` appears
+//!   only there, on the enum arms and on `mod nats`.
+//! - **The directory backend** (`dir/`) is everything that touches files: `fsutil`
+//!   (no-follow opens, `flock`), `record` (the CRC line codec), `segment`, `read`,
+//!   `mailbox` (the append path), `keys` (the idempotency index), `group/` (state
+//!   records and their fold, checkpoints, claims, creation), `lease`, `compact`,
+//!   `doctor`, `watch` (`notify`). FORMAT.md is its contract with outside tools.
+//! - **The JetStream backend** (`nats/`): the connection and its runtime, the URL and
+//!   name mapping (`mod.rs`), streams (`mailbox`), reading by seq (`read`), durable
+//!   pull consumers (`group`), the lease bucket (`lease`), subscriptions as wake-up
+//!   hints (`watch`).
+//! - **The CLI** (`src/bin/agentbus/`): `main.rs` (global flags, dispatch),
+//!   `output.rs` (JSON lines, error JSON, exit codes), `commands/<verb>.rs` (each
+//!   verb's `Args` beside its `run`). It uses the public API only.
+//!
+//! **Where a change goes.**
+//!
+//! - *A new verb*: one file in `src/bin/agentbus/commands/`, one line in the dispatch.
+//! - *A new capability both backends can express*: a method on the seam's trait, its
+//!   implementation in `dir/` and `nats/`, a one-line forward in the facade, and a
+//!   behaviour in `tests/backends.rs` that runs on both.
+//! - *A capability built from mailboxes, groups and leases* (handoffs; joins, gates,
+//!   traces): a facade-level module with no backend code at all.
+//! - *A new backend*: a folder beside `dir/` and `nats/` implementing the four traits,
+//!   an arm in each enum, a branch in `open_bus`, and the shared suite run against it.
+//!
+//! **Invariants each layer keeps.**
+//!
+//! - Facades validate every name before forwarding; backends may assume valid names.
+//! - Backends never call a facade: dead letters go through the seam
+//!   (`DeadLetterTo`), so no cycle forms between `group.rs` and its backends.
+//! - The directory backend changes a file only under that file's `flock`, writes a
+//!   record with one `write()`, and never follows a symlink (`fsutil`).
+//! - Every JetStream request is awaited on the bus's own runtime, so the blocking API
+//!   works from any thread, inside another runtime too.
+//!
 //! # Locking
 //!
 //! agentbus locks with `flock(2)` through [`std::fs::File::lock`] (stable since Rust

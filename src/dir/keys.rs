@@ -56,7 +56,7 @@ impl KeyIndex<'_> {
 
     /// Indexes the keyed records with seqs in `(from, to]` that are not indexed yet.
     pub(crate) fn catch_up(&self, spec: &LogSpec, from: u64, to: u64) -> Result<()> {
-        for item in Reader::new(spec.clone()).from_seq(from + 1) {
+        for item in Reader::new(spec.clone()).starting_at(from + 1) {
             match item {
                 Ok(m) if m.seq > to => break,
                 Ok(m) => {

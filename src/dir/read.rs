@@ -79,7 +79,7 @@ impl Reader {
     }
 
     /// Starts at `seq` (inclusive) instead of the beginning.
-    pub(crate) fn from_seq(mut self, seq: u64) -> Self {
+    pub(crate) fn starting_at(mut self, seq: u64) -> Self {
         self.from_seq = seq.max(1);
         self
     }
@@ -91,7 +91,7 @@ impl Reader {
     /// Starts reading at `pos` instead of searching for a seq. If compaction removed
     /// that segment meanwhile, falls back to searching for `pos.seq`.
     pub(crate) fn at(spec: LogSpec, pos: Position) -> Self {
-        let mut m = Reader::new(spec).from_seq(pos.seq);
+        let mut m = Reader::new(spec).starting_at(pos.seq);
         m.resume = Some(pos);
         m
     }

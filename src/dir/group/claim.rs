@@ -193,14 +193,7 @@ impl Group {
     pub(super) fn live_claim(&self, seq: u64, attempt: u32) -> Result<Claimed> {
         let spec = self.spec();
         self.locked(|g, loaded| {
-            if seq >= loaded.state.next {
-                return Err(g.not_delivered(seq));
-            }
-            let entry = loaded
-                .state
-                .entries
-                .get(&seq)
-                .ok_or_else(|| g.stale(seq, "already settled"))?;
+            let entry = g.unsettled(loaded, seq)?;
             if entry.attempt != attempt {
                 return Err(g.stale(
                     seq,

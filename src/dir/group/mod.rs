@@ -174,6 +174,18 @@ impl Group {
         self.inner.mailbox.log_spec()
     }
 
+    /// The entry of delivered, unsettled message `seq`.
+    fn unsettled<'l>(&self, loaded: &'l Loaded, seq: u64) -> Result<&'l Entry> {
+        if seq >= loaded.state.next {
+            return Err(self.not_delivered(seq));
+        }
+        loaded
+            .state
+            .entries
+            .get(&seq)
+            .ok_or_else(|| self.stale(seq, "already settled"))
+    }
+
     fn stale(&self, seq: u64, why: impl Into<String>) -> Error {
         Error::StaleDelivery {
             group: self.name().to_owned(),
@@ -217,14 +229,7 @@ impl Group {
         };
         self.locked(|g, loaded| {
             let now = now_ms();
-            if seq >= loaded.state.next {
-                return Err(g.not_delivered(seq));
-            }
-            let entry = loaded
-                .state
-                .entries
-                .get(&seq)
-                .ok_or_else(|| g.stale(seq, "already settled"))?;
+            let entry = g.unsettled(loaded, seq)?;
             if attempt.is_some_and(|a| a != entry.attempt) {
                 return Err(g.stale(
                     seq,
@@ -646,7 +651,7 @@ fn read_at(spec: &LogSpec, at: Position, seq: u64) -> Result<Message> {
 fn reader_at(spec: &LogSpec, next: u64, pos: Option<Position>) -> Reader {
     match pos {
         Some(pos) if pos.seq == next => Reader::at(spec.clone(), pos),
-        _ => Reader::new(spec.clone()).from_seq(next),
+        _ => Reader::new(spec.clone()).starting_at(next),
     }
 }
 
