@@ -186,6 +186,25 @@ pub enum Error {
     #[error("invalid message: {0}")]
     InvalidMessage(String),
 
+    /// A reader fell behind compaction: the segments holding seqs `missed_from` to
+    /// `first_available - 1` were removed (every group had settled them) before it got
+    /// to them. Nothing is damaged: the reader goes on at `first_available`. A reader
+    /// that must see every message needs a consumer group, which compaction waits for.
+    #[error(
+        "seqs {missed_from} to {} of {} were compacted away before this reader got to \
+         them (every group had settled them); reading goes on at seq {first_available}",
+        first_available - 1,
+        path.display()
+    )]
+    Compacted {
+        /// The log directory.
+        path: PathBuf,
+        /// The first seq the reader missed.
+        missed_from: u64,
+        /// The oldest seq still stored, where reading goes on.
+        first_available: u64,
+    },
+
     /// A request to the NATS server failed (the `nats` backend), or a `nats://` URL is
     /// not valid.
     #[error("NATS: {operation}: {reason}")]
@@ -272,6 +291,7 @@ impl Error {
             Error::UnsupportedFormat { .. } => "unsupported_format",
             Error::RecordTooLarge { .. } => "record_too_large",
             Error::Corrupt { .. } => "corrupt",
+            Error::Compacted { .. } => "compacted",
             Error::InvalidMessage(_) => "invalid_message",
             Error::Nats { .. } => "nats",
             Error::Unsupported { .. } => "unsupported",
@@ -290,6 +310,7 @@ impl Error {
             | Error::NotABus { path }
             | Error::UnsupportedFormat { path, .. }
             | Error::Corrupt { path, .. }
+            | Error::Compacted { path, .. }
             | Error::ArtifactMissing { path }
             | Error::ArtifactSizeMismatch { path, .. }
             | Error::ArtifactDigestMismatch { path, .. } => Some(path),

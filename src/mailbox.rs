@@ -83,12 +83,13 @@ impl Mailbox {
         self.inner.imp.first_seq()
     }
 
-    /// The seq of the newest complete message, 0 for an empty mailbox. Reads only the
-    /// end of the newest segment.
+    /// The seq of the newest complete record, 0 for an empty mailbox. Reads only the
+    /// end of the newest segment. A damaged last record counts (readers report it as
+    /// [`Error::Corrupt`](crate::Error::Corrupt) at its seq and go on), so the intact
+    /// records before it stay readable and followable.
     ///
     /// # Errors
     ///
-    /// [`Error::Corrupt`](crate::Error::Corrupt) if the last record is damaged;
     /// [`Error::Io`](crate::Error::Io).
     pub fn last_seq(&self) -> Result<u64> {
         self.inner.imp.last_seq()

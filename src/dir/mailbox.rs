@@ -129,7 +129,8 @@ impl Mailbox {
             .unwrap_or(1))
     }
 
-    /// Reads only the end of the newest segment.
+    /// Reads only the end of the newest segment (all of it when its last record is
+    /// damaged).
     pub(crate) fn last_seq(&self) -> Result<u64> {
         let log_dir = &self.inner.log_dir;
         for first in log::list_segments(log_dir)?.into_iter().rev() {
@@ -141,8 +142,17 @@ impl Mailbox {
             };
             let size = file.metadata().ctx("stat", &path)?.len();
             let limit = self.inner.max_record_bytes;
-            let tail = log::read_tail(&file, &path, size, limit)?;
-            return Ok(tail.last.map_or(first.saturating_sub(1), |r| r.seq));
+            return match log::read_tail(&file, &path, size, limit) {
+                Ok(tail) => Ok(tail.last.map_or(first.saturating_sub(1), |r| r.seq)),
+                // A damaged last record still holds a seq (readers report it and go
+                // on): count to where a reader of this segment gets.
+                Err(Error::Corrupt { .. }) => {
+                    let mut reader = Reader::new(self.log_spec()).starting_at(first);
+                    for _ in reader.by_ref() {}
+                    Ok(reader.next_seq() - 1)
+                }
+                Err(e) => Err(e),
+            };
         }
         Ok(0)
     }

@@ -280,6 +280,18 @@ impl Reader {
         };
         let first = next.first;
         let old = std::mem::replace(seg, next);
+        if first > self.expected && self.oldest_segment()? == Some(first) {
+            // Everything between was removed by compaction, which removes only a
+            // prefix of the log: nothing is damaged, this reader was behind.
+            let err = Error::Compacted {
+                path: self.spec.dir.clone(),
+                missed_from: self.expected,
+                first_available: first,
+            };
+            self.last_gap = Some((self.expected, first - 1));
+            self.expected = first;
+            return Ok(AtEnd::Damage(err));
+        }
         if first > self.expected {
             let err = Error::Corrupt {
                 path: old.path,
@@ -302,6 +314,11 @@ impl Reader {
             }));
         }
         Ok(AtEnd::Continue)
+    }
+
+    /// The first seq of the oldest segment left.
+    fn oldest_segment(&self) -> Result<Option<u64>> {
+        Ok(log::list_segments(&self.spec.dir)?.first().copied())
     }
 
     /// The segment after the current one, if one exists yet: the one named after the

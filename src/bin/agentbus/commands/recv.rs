@@ -80,8 +80,9 @@ fn read(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure>
         .filter(filter);
     let deadline = Instant::now() + secs(args.wait)?;
     let max = args.max.unwrap_or(usize::MAX);
-    // Damaged records are reported on stderr as they come, and reading goes on; the
-    // exit status says whether there were any. They do not count against `--max`.
+    // Damaged records (and seqs compacted away before we got to them) are reported on
+    // stderr as they come, and reading goes on; the exit status says whether there
+    // were any. They do not count against `--max`.
     let (mut printed, mut damaged) = (0, false);
     while printed < max {
         let until = if printed == 0 {
@@ -94,7 +95,9 @@ fn read(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure>
                 emit(out, &envelope.message)?;
                 printed += 1;
             }
-            Err(agentbus::RecvTimeoutError::Bus(e @ Error::Corrupt { .. })) => {
+            Err(agentbus::RecvTimeoutError::Bus(
+                e @ (Error::Corrupt { .. } | Error::Compacted { .. }),
+            )) => {
                 let _ = out.flush();
                 eprintln!("{}", error_json(&e));
                 damaged = true;
