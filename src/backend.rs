@@ -273,6 +273,12 @@ pub(crate) trait GroupBackend: Backend + Debug + Send + Sync {
         let _ = seq;
         Err(self.unsupported("ack_upto"))
     }
+    /// Delivers settled message `seq` again (attempt 1): `false` if it is not
+    /// settled.
+    fn requeue(&self, seq: u64) -> Result<bool> {
+        let _ = seq;
+        Err(self.unsupported("requeue"))
+    }
     /// Nacks, extends or terms the live claim of `seq` (as `attempt`, if given).
     fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()>;
     /// The group's counters.
@@ -414,16 +420,77 @@ impl DeadLetterTo<'_> {
         });
         let mut copy = NewMessage::replay_of(message)
             .causation_id(message.id.to_string())
-            .idempotency_key(format!(
+            .idempotency_key(bounded_key(format!(
                 "dead/{}/{}/{}",
                 self.mailbox, self.group, message.id
-            ));
+            )));
         copy.headers
             .insert(crate::DEAD_LETTER_HEADER.into(), info.to_string());
         let prepared = prepare(copy, self.agent, &*dlq.imp, dlq.max_record_bytes)?;
         dlq.imp.append(vec![prepared])?;
         Ok(reason)
     }
+}
+
+/// Where damage stands in a group's path: the seqs it covers (none for a duplicate
+/// record, which hides no seq) and the line.
+#[derive(Debug)]
+pub(crate) struct Damage<'a> {
+    pub(crate) seqs: Option<(u64, u64)>,
+    pub(crate) path: &'a std::path::Path,
+    pub(crate) line: u64,
+    pub(crate) reason: &'a str,
+}
+
+impl DeadLetterTo<'_> {
+    /// Tells the dead-letter mailbox (created if missing) about damage the group passed
+    /// over, exactly once per place (its idempotency key), and logs a warning.
+    pub(crate) fn send_damage(&self, damage: &Damage<'_>) -> Result<()> {
+        let (first, last) = damage.seqs.unzip();
+        let info = serde_json::json!({
+            "mailbox": self.mailbox,
+            "group": self.group,
+            "first_seq": first,
+            "last_seq": last,
+            "path": damage.path,
+            "line": damage.line,
+            "reason": cap_reason(damage.reason),
+        });
+        log::warn!(
+            "agentbus: group {} of mailbox {} passed over damage: {info}",
+            self.group,
+            self.mailbox
+        );
+        let place = match damage.seqs {
+            Some((first, last)) => format!("{first}-{last}"),
+            None => format!("{}:{}", damage.path.display(), damage.line),
+        };
+        let mut notice = NewMessage::new(crate::DAMAGED_TYPE)
+            .subject(format!("damaged record in mailbox {}", self.mailbox))
+            .idempotency_key(bounded_key(format!(
+                "damaged/{}/{}/{place}",
+                self.mailbox, self.group
+            )));
+        notice
+            .headers
+            .insert(crate::DEAD_LETTER_HEADER.into(), info.to_string());
+        let dlq = open_or_create_mailbox(self.bus, &self.meta.dead_letter)?;
+        let prepared = prepare(notice, self.agent, &*dlq.imp, dlq.max_record_bytes)?;
+        dlq.imp.append(vec![prepared])?;
+        Ok(())
+    }
+}
+
+/// `key` if it fits [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) (long mailbox and group names
+/// can make it longer), else a digest of it that does.
+fn bounded_key(key: String) -> String {
+    if key.len() <= crate::MAX_KEY_LEN {
+        return key;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}/sha256:{hex}", &key[..key.find('/').unwrap_or(0)])
 }
 
 /// Opens mailbox `name` of `bus`, creating it if it does not exist yet.

@@ -457,6 +457,23 @@ impl Group {
         self.imp().settle(seq, None, Settle::Term { reason })
     }
 
+    /// Delivers settled message `seq` again, as attempt 1: a damaged record once it is
+    /// repaired (the group passed over it and sent a [`DAMAGED_TYPE`](crate::DAMAGED_TYPE)
+    /// notice to the dead-letter mailbox), or a dead-lettered message once its consumer
+    /// is fixed, in place rather than as a copy ([`NewMessage::replay_of`](crate::NewMessage::replay_of)).
+    /// Returns `false` if the message is not settled (waiting or in flight already).
+    ///
+    /// State files holding a requeue need this release of agentbus or later.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotDelivered`] if the group never reached `seq`;
+    /// [`Error::Corrupt`] if the record is still damaged (repair it first) or no longer
+    /// in the log (compacted); [`Error::Unsupported`] on JetStream.
+    pub fn requeue(&self, seq: u64) -> Result<bool> {
+        self.imp().requeue(seq)
+    }
+
     /// The group's counters.
     ///
     /// # Errors

@@ -194,7 +194,9 @@ pub use handoff::{
 };
 pub use lease::{Lease, LeaseRequest};
 pub use mailbox::Mailbox;
-pub use message::{Artifact, Message, NewMessage, Receipt, DEAD_LETTER_HEADER, MAX_KEY_LEN};
+pub use message::{
+    Artifact, Message, NewMessage, Receipt, DAMAGED_TYPE, DEAD_LETTER_HEADER, MAX_KEY_LEN,
+};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use read::Messages;
 #[cfg(feature = "tokio")]

@@ -393,6 +393,12 @@ impl NewMessage {
 /// reason and every attempt.
 pub const DEAD_LETTER_HEADER: &str = "dead_letter";
 
+/// The type of the notice a group sends to its dead-letter mailbox when damaged records
+/// (or missing seqs) stand in its path: its [`DEAD_LETTER_HEADER`] says where
+/// (`mailbox`, `group`, `first_seq`, `last_seq`, `path`, `line`) and why (`reason`).
+/// Once the record is repaired, [`Group::requeue`](crate::Group::requeue) delivers it.
+pub const DAMAGED_TYPE: &str = "agentbus.damaged";
+
 impl NewMessage {
     /// A new message with the same content as `message` (type, from, subject, body,
     /// payload, artifacts, correlation id, priority, headers other than

@@ -114,3 +114,132 @@ fn a_follower_behind_compaction_is_told_so_and_goes_on() {
     }
     assert_eq!(last, 60);
 }
+
+/// The notices in `mailbox`'s dead-letter mailbox, as their `dead_letter` headers.
+fn damage_notices(bus: &Bus, mailbox: &str) -> Vec<serde_json::Value> {
+    let Ok(dlq) = bus.mailbox(&format!("{mailbox}.dlq")) else {
+        return Vec::new();
+    };
+    dlq.messages()
+        .map(Result::unwrap)
+        .filter(|m| m.kind == agentbus::DAMAGED_TYPE)
+        .map(|m| serde_json::from_str(&m.headers[agentbus::DEAD_LETTER_HEADER]).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_group_reports_damage_in_its_path_and_delivers_the_record_once_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = common::flush_bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    let group = mb.create_group("workers").unwrap();
+    for body in ["alpha", "bravo", "charlie"] {
+        mb.send(NewMessage::new("t").body(body)).unwrap();
+    }
+    let seg = common::first_segment(dir.path(), "main");
+    let intact = std::fs::read_to_string(&seg).unwrap();
+    std::fs::write(&seg, intact.replacen("bravo", "brave", 1)).unwrap();
+
+    let got: Vec<u64> = group
+        .claim("w", 10)
+        .unwrap()
+        .iter()
+        .map(|d| d.seq())
+        .collect();
+    assert_eq!(got, [1, 3]);
+    assert_eq!(group.stats().unwrap().dead, 1);
+    let notices = damage_notices(&bus, "main");
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    let n = &notices[0];
+    assert_eq!(
+        (n["group"].as_str(), n["first_seq"].as_u64()),
+        (Some("workers"), Some(2))
+    );
+    assert_eq!(
+        (n["last_seq"].as_u64(), n["line"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert!(n["reason"].as_str().unwrap().contains("checksum"), "{n}");
+    assert!(group.claim("w", 10).unwrap().is_empty());
+    assert_eq!(damage_notices(&bus, "main").len(), 1, "reported once");
+
+    // Still damaged: requeueing says so.
+    assert!(matches!(group.requeue(2), Err(Error::Corrupt { .. })));
+    // Repaired: requeued, it is delivered as a first attempt.
+    std::fs::write(&seg, &intact).unwrap();
+    assert!(group.requeue(2).unwrap());
+    assert!(!group.requeue(2).unwrap(), "already waiting");
+    let d = group.claim_one("w").unwrap().expect("the repaired record");
+    assert_eq!((d.seq(), d.attempt), (2, 1));
+    assert_eq!(d.message.body.as_deref(), Some("bravo"));
+    d.ack().unwrap();
+    let st = group.stats().unwrap();
+    assert_eq!((st.acked, st.pending, st.in_flight), (1, 0, 2));
+    assert!(matches!(group.requeue(9), Err(Error::NotDelivered { .. })));
+}
+
+#[test]
+fn a_group_reports_a_duplicate_record_that_hides_no_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = common::flush_bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    let group = mb.create_group("workers").unwrap();
+    mb.send(NewMessage::new("t").body("alpha")).unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+    // An outside tool appends a copy of record 1 (seq 1 again).
+    let text = std::fs::read_to_string(&seg).unwrap();
+    std::fs::write(&seg, format!("{text}{text}")).unwrap();
+
+    let got: Vec<u64> = group
+        .claim("w", 10)
+        .unwrap()
+        .iter()
+        .map(|d| d.seq())
+        .collect();
+    assert_eq!(got, [1]);
+    let notices = damage_notices(&bus, "main");
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0]["first_seq"].is_null());
+    assert_eq!(notices[0]["line"], 2);
+    assert!(notices[0]["reason"].as_str().unwrap().contains("found 1"));
+}
+
+#[test]
+fn the_cli_warns_of_damage_a_group_passes_over_and_requeues_it_once_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = with_damaged_last_record(dir.path());
+    bus.mailbox("main").unwrap().create_group("g").unwrap();
+    let seg = common::first_segment(dir.path(), "main");
+
+    let out = common::cli(dir.path())
+        .args(["recv", "main", "--group", "g", "--max", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("\"warning\"") && stderr.contains("passed over damage"),
+        "{stderr}"
+    );
+    assert_eq!(common::ok(out)[0]["seq"], 1);
+
+    let text = std::fs::read_to_string(&seg).unwrap();
+    std::fs::write(&seg, text.replacen("brave", "bravo", 1)).unwrap();
+    let requeued = common::ok(
+        common::cli(dir.path())
+            .args(["group", "requeue", "main", "g", "2"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(requeued[0]["requeued"], true);
+    let got = common::ok(
+        common::cli(dir.path())
+            .args(["recv", "main", "--group", "g"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        (got[0]["seq"].as_u64(), got[0]["body"].as_str()),
+        (Some(2), Some("bravo"))
+    );
+}

@@ -304,6 +304,7 @@ fn hint(operation: &'static str) -> &'static str {
             "settle it with the Delivery its claim returned"
         }
         "a process-bound lease" => "no lock spans machines: use a TTL and renew it",
+        "requeue" => "replay the dead letter instead (NewMessage::replay_of)",
         _ => "not offered on JetStream",
     }
 }

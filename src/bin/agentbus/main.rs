@@ -20,7 +20,7 @@ use commands::{
     ack, compact, doctor, extend, group, handoff, init, lease, mailbox, nack, recv, replay, send,
     stats, term, watch,
 };
-use output::{report, Failure};
+use output::{print_warnings, report, Failure};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,6 +85,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    print_warnings();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

@@ -109,3 +109,29 @@ pub fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+/// Prints the library's warnings (damage a group passed over, a watcher that could not
+/// start) on stderr, one JSON object per line: `{"warning": "..."}`.
+struct StderrWarnings;
+
+impl log::Log for StderrWarnings {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("{}", json!({"warning": record.args().to_string()}));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs [`StderrWarnings`] as the logger.
+pub fn print_warnings() {
+    static LOGGER: StderrWarnings = StderrWarnings;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}

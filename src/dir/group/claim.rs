@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::state::{flush_run, Entry, Op, Rec};
 use super::{read_at, Group, Loaded};
-use crate::backend::{cap_reason, AttemptNote, Claimed};
+use crate::backend::{cap_reason, AttemptNote, Claimed, Damage};
 use crate::clock::{datetime_ms, ms, now_ms, ts_ms};
 use crate::dir::read::LogSpec;
 use crate::{Error, Message, Result};
@@ -66,13 +66,13 @@ impl Group {
                 out: Vec::new(),
             };
             g.redeliveries(loaded, &spec, &mut c)?;
+            let redelivered = c.records.len();
             g.new_messages(loaded, &mut c)?;
             // New-message claims were applied as they were read (the reader moved on);
-            // apply the redelivery claims now, then write everything at once.
-            for r in &c.records {
-                if r.op == Op::Claim && r.attempt.unwrap_or(1) > 1 {
-                    loaded.state.apply(r);
-                }
+            // apply the redelivery claims (the first records) now, then write
+            // everything at once.
+            for r in &c.records[..redelivered] {
+                loaded.state.apply(r);
             }
             g.write(loaded, &c.records)?;
             let out = std::mem::take(&mut c.out);
@@ -163,10 +163,19 @@ impl Group {
                     c.out.push((message, 1));
                 }
                 Some(Err(Error::Corrupt { path, line, reason })) => {
-                    // The seqs the damage covers are recorded as dead with the reason
-                    // (and `doctor` reports the damage). A duplicate hides no seq and
-                    // needs no record.
-                    let Some((first, last)) = reader.last_gap() else {
+                    // Never passed over silently: the dead-letter mailbox gets a notice
+                    // of where and why (`doctor` reports the damage too), and the seqs
+                    // it covers are recorded as dead with the reason. A duplicate hides
+                    // no seq and needs no record.
+                    let seqs = reader.last_gap();
+                    let damage = Damage {
+                        seqs,
+                        path: &path,
+                        line,
+                        reason: &reason,
+                    };
+                    self.dead_letter_to().send_damage(&damage)?;
+                    let Some((first, last)) = seqs else {
                         continue;
                     };
                     let mut r = Rec::new(last, Op::Dead, c.now);

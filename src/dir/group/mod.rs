@@ -186,6 +186,18 @@ impl Group {
             .ok_or_else(|| self.stale(seq, "already settled"))
     }
 
+    /// Where this group's dead letters and damage notices go.
+    fn dead_letter_to(&self) -> DeadLetterTo<'_> {
+        let bus = self.inner.mailbox.bus();
+        DeadLetterTo {
+            bus,
+            agent: &bus.opts().agent,
+            mailbox: self.inner.mailbox.name(),
+            group: self.name(),
+            meta: &self.inner.meta,
+        }
+    }
+
     fn stale(&self, seq: u64, why: impl Into<String>) -> Error {
         Error::StaleDelivery {
             group: self.name().to_owned(),
@@ -259,6 +271,37 @@ impl Group {
             r.until = Some(now.saturating_add(ms(delay)));
             r.reason = reason;
             g.append(loaded, &[r])
+        })
+    }
+
+    /// Delivers settled message `seq` again, from its place in the log, which must
+    /// hold it intact now.
+    fn requeue_seq(&self, seq: u64) -> Result<bool> {
+        let spec = self.spec();
+        self.locked(|g, loaded| {
+            if seq >= loaded.state.next {
+                return Err(g.not_delivered(seq));
+            }
+            if loaded.state.entries.contains_key(&seq) {
+                return Ok(false);
+            }
+            let mut reader = Reader::new(spec).starting_at(seq);
+            let message = match reader.next() {
+                Some(Ok(m)) if m.seq == seq => m,
+                Some(Err(e @ Error::Corrupt { .. })) => return Err(e),
+                _ => {
+                    return Err(Error::Corrupt {
+                        path: g.spec().dir,
+                        line: 0,
+                        reason: format!("seq {seq} is not in the log (compacted, or missing)"),
+                    })
+                }
+            };
+            let mut r = Rec::new(seq, Op::Requeue, now_ms());
+            r.at = reader.last_start();
+            r.ts = Some(ts_ms(message.ts));
+            g.append(loaded, &[r])?;
+            Ok(true)
         })
     }
 
@@ -531,15 +574,7 @@ impl Group {
         reason: &str,
         now: i64,
     ) -> Result<()> {
-        let bus = self.inner.mailbox.bus();
-        let reason = DeadLetterTo {
-            bus,
-            agent: &bus.opts().agent,
-            mailbox: self.inner.mailbox.name(),
-            group: self.name(),
-            meta: &self.inner.meta,
-        }
-        .send(message, history, reason)?;
+        let reason = self.dead_letter_to().send(message, history, reason)?;
         let mut r = Rec::new(message.seq, Op::Dead, now);
         r.reason = Some(reason);
         self.append(loaded, &[r])
@@ -593,6 +628,10 @@ impl GroupBackend for Group {
 
     fn ack_upto(&self, seq: u64) -> Result<u64> {
         self.ack_through(seq)
+    }
+
+    fn requeue(&self, seq: u64) -> Result<bool> {
+        self.requeue_seq(seq)
     }
 
     fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {

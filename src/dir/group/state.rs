@@ -95,6 +95,10 @@ pub(crate) enum Op {
     Dead,
     /// Passed over by the group's filter.
     Skip,
+    /// A settled message (a damaged record since repaired, a dead letter) delivered
+    /// again, from `at`. Written only by `Group::requeue`: state files that hold one
+    /// need this release or later.
+    Requeue,
 }
 
 impl Rec {
@@ -228,6 +232,28 @@ impl GroupState {
             Op::Term => {
                 if self.entries.remove(&r.seq).is_some() {
                     self.termed += 1;
+                }
+            }
+            Op::Requeue => {
+                if r.seq < self.next && !self.entries.contains_key(&r.seq) {
+                    let Some(at) = r.at else { return };
+                    self.entries.insert(
+                        r.seq,
+                        Entry {
+                            attempt: 0,
+                            consumer: None,
+                            visible_at: r.t,
+                            at,
+                            ts: r.ts,
+                            history: vec![AttemptNote {
+                                attempt: 0,
+                                consumer: None,
+                                outcome: "requeued".into(),
+                                reason: r.reason.clone(),
+                                at: r.t,
+                            }],
+                        },
+                    );
                 }
             }
             Op::Skip => {

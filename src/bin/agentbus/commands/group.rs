@@ -44,6 +44,17 @@ pub enum GroupCommand {
         /// The mailbox.
         mailbox: String,
     },
+    /// Deliver a settled message again, as attempt 1: a damaged record once repaired
+    /// (see the `agentbus.damaged` notice in the dead-letter mailbox), or a dead letter
+    /// once its consumer is fixed. Prints `{"requeued": false}` if it was not settled.
+    Requeue {
+        /// The mailbox.
+        mailbox: String,
+        /// The group.
+        group: String,
+        /// The message's seq.
+        seq: u64,
+    },
 }
 
 pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Failure> {
@@ -105,6 +116,18 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
                 )?;
             }
             Ok(())
+        }
+        GroupCommand::Requeue {
+            mailbox,
+            group,
+            seq,
+        } => {
+            let group = open_bus(cli)?.mailbox(mailbox)?.group(group)?;
+            let requeued = group.requeue(*seq)?;
+            emit(
+                out,
+                &json!({"mailbox": mailbox, "group": group.name(), "seq": seq, "requeued": requeued}),
+            )
         }
     }
 }
