@@ -142,6 +142,35 @@ impl BusBuilder {
         self
     }
 
+    /// Applies the environment the CLI reads, where set: `AGENTBUS_AGENT` (the agent
+    /// name, [`agent`](Self::agent)) and `AGENTBUS_DURABILITY` (`sync` or `flush`), so
+    /// a Rust agent and a shell script in one project share a bus and an identity
+    /// without glue code. See also [`Bus::from_env`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSetting`] for an `AGENTBUS_DURABILITY` other than `sync` or
+    /// `flush`.
+    pub fn with_env(mut self) -> Result<Self> {
+        if let Ok(agent) = std::env::var("AGENTBUS_AGENT") {
+            self.opts.agent = agent;
+        }
+        if let Ok(value) = std::env::var("AGENTBUS_DURABILITY") {
+            self.opts.durability = match value.as_str() {
+                "sync" => Durability::Sync,
+                "flush" => Durability::Flush,
+                _ => {
+                    return Err(Error::InvalidSetting {
+                        name: "AGENTBUS_DURABILITY",
+                        value,
+                        expected: "sync or flush",
+                    })
+                }
+            };
+        }
+        Ok(self)
+    }
+
     /// Opens an existing bus.
     ///
     /// # Errors
@@ -200,6 +229,26 @@ impl Bus {
     /// See [`BusBuilder::open`].
     pub fn open(path: impl AsRef<Path>) -> Result<Bus> {
         Bus::builder().open(path)
+    }
+
+    /// Opens the bus the CLI would: the directory (or `nats://` URL) in
+    /// `AGENTBUS_DIR`, else `.agentbus`, with the agent name and durability from the
+    /// environment ([`BusBuilder::with_env`]).
+    ///
+    /// ```no_run
+    /// # fn main() -> agentbus::Result<()> {
+    /// // AGENTBUS_DIR=/srv/project/.agentbus AGENTBUS_AGENT=reviewer ./my-agent
+    /// let bus = agentbus::Bus::from_env()?;
+    /// let inbox = bus.mailbox("reviewer")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`BusBuilder::with_env`] and [`BusBuilder::open`].
+    pub fn from_env() -> Result<Bus> {
+        let dir = std::env::var_os("AGENTBUS_DIR").unwrap_or_else(|| ".agentbus".into());
+        Bus::builder().with_env()?.open(PathBuf::from(dir))
     }
 
     /// Creates (if needed) and opens a bus with default options.

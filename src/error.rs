@@ -12,6 +12,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// message like `fdatasync .agentbus/mailboxes/main/log/00000000000000000001.jsonl:
 /// Input/output error` tells an operator exactly where to look. [`Error::code`] gives a
 /// stable, machine-readable code (the CLI prints it as `{"error": code, ...}`).
+///
+/// The receivers' errors convert with `?` ([`TryRecvError`](crate::TryRecvError) and
+/// [`RecvTimeoutError`](crate::RecvTimeoutError) become [`Error::Empty`] and
+/// [`Error::Timeout`]). There is deliberately no `From<std::io::Error>` or
+/// `From<serde_json::Error>`: an agentbus error always names what it was doing, which a
+/// bare conversion cannot. In a function that mixes agentbus with other I/O, return
+/// `Box<dyn std::error::Error>` (or `anyhow::Result`): `Error` converts into both.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -227,6 +234,41 @@ pub enum Error {
         hint: &'static str,
     },
 
+    /// A group exists with other settings than the ones asked for
+    /// ([`Mailbox::create_or_open_group`](crate::Mailbox::create_or_open_group)). Open
+    /// it with [`Mailbox::group`](crate::Mailbox::group) to use its settings, or give it
+    /// another name.
+    #[error("group {name:?} of mailbox {mailbox:?} exists with other settings: {differences}")]
+    GroupSettingsDiffer {
+        /// The mailbox.
+        mailbox: String,
+        /// The group.
+        name: String,
+        /// Each setting that differs, as `name: existing (asked: new)`.
+        differences: String,
+    },
+
+    /// A setting (an environment variable, say) has a value agentbus cannot use.
+    #[error("{name}={value:?} is not valid: expected {expected}")]
+    InvalidSetting {
+        /// The setting, for example `"AGENTBUS_DURABILITY"`.
+        name: &'static str,
+        /// The value found.
+        value: String,
+        /// What it may be.
+        expected: &'static str,
+    },
+
+    /// Nothing arrived before the deadline: a
+    /// [`RecvTimeoutError::Timeout`](crate::RecvTimeoutError::Timeout) passed on with `?`.
+    #[error("timed out waiting for a message")]
+    Timeout,
+
+    /// Nothing was waiting: a [`TryRecvError::Empty`](crate::TryRecvError::Empty) passed
+    /// on with `?`.
+    #[error("no message is waiting")]
+    Empty,
+
     /// An artifact named by a message does not exist (or is not a regular file).
     #[error("artifact {} is missing", path.display())]
     ArtifactMissing {
@@ -295,6 +337,10 @@ impl Error {
             Error::InvalidMessage(_) => "invalid_message",
             Error::Nats { .. } => "nats",
             Error::Unsupported { .. } => "unsupported",
+            Error::GroupSettingsDiffer { .. } => "group_settings_differ",
+            Error::InvalidSetting { .. } => "invalid_setting",
+            Error::Timeout => "timeout",
+            Error::Empty => "empty",
             Error::BatchIncomplete { .. } => "batch_incomplete",
             Error::ArtifactMissing { .. } => "artifact_missing",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
@@ -332,6 +378,8 @@ impl Error {
                 | Error::MailboxExists { .. }
                 | Error::GroupNotFound { .. }
                 | Error::GroupExists { .. }
+                | Error::GroupSettingsDiffer { .. }
+                | Error::InvalidSetting { .. }
                 | Error::NotDelivered { .. }
         )
     }

@@ -6,18 +6,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::Message;
 
-/// Which messages to take: by type, sender, minimum priority, header values and
-/// correlation id. An empty filter takes everything; each part that is set must match.
+/// Which messages to take: by type (or every type but some), sender, minimum priority,
+/// header values and correlation id. An empty filter takes everything; each part that
+/// is set must match.
 ///
 /// ```
 /// use agentbus::Filter;
 /// let urgent_tasks = Filter::new().of_type("task").min_priority(5).header("team", "docs");
+/// // Everything but alerts, including types added later.
+/// let no_alerts = Filter::new().not_type("alert");
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[must_use]
 pub struct Filter {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    not_types: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     senders: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,6 +42,14 @@ impl Filter {
     /// Also accept messages of this type (any of the types given).
     pub fn of_type(mut self, kind: impl Into<String>) -> Self {
         self.types.push(kind.into());
+        self
+    }
+
+    /// Refuse messages of this type (call again to refuse several); the other types
+    /// pass, including ones added later. A group stores it in `group.json`
+    /// (`not_types`): such a group needs this release of agentbus or later.
+    pub fn not_type(mut self, kind: impl Into<String>) -> Self {
+        self.not_types.push(kind.into());
         self
     }
 
@@ -72,6 +85,7 @@ impl Filter {
     /// Whether `message` passes.
     pub fn matches(&self, message: &Message) -> bool {
         (self.types.is_empty() || self.types.contains(&message.kind))
+            && !self.not_types.contains(&message.kind)
             && (self.senders.is_empty() || self.senders.contains(&message.from))
             && self.min_priority.is_none_or(|p| message.priority >= p)
             && self

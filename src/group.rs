@@ -250,6 +250,77 @@ impl Mailbox {
         self.group(name)
     }
 
+    /// Opens group `name`, creating it with `opts` if it does not exist: what a consumer
+    /// that restarts calls, safe to race with another process doing the same. An
+    /// existing group must have the settings `opts` asks for (where to start only
+    /// matters at creation).
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use agentbus::GroupOptions;
+    /// let bus = agentbus::Bus::init(dir.path())?;
+    /// let jobs = bus.create_mailbox("jobs")?;
+    /// let opts = GroupOptions::new().max_deliveries(3);
+    /// let first = jobs.create_or_open_group("workers", opts.clone())?;
+    /// let again = jobs.create_or_open_group("workers", opts)?; // after a restart
+    /// assert_eq!(again.max_deliveries(), first.max_deliveries());
+    /// let other = jobs.create_or_open_group("workers", GroupOptions::new().max_deliveries(9));
+    /// assert!(matches!(other, Err(agentbus::Error::GroupSettingsDiffer { .. })));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GroupSettingsDiffer`] naming each setting that differs; as
+    /// [`create_group_with`](Self::create_group_with) otherwise.
+    pub fn create_or_open_group(&self, name: &str, opts: GroupOptions) -> Result<Group> {
+        let wanted = (
+            opts.max_deliveries,
+            opts.visibility.as_millis() as u64,
+            opts.dead_letter
+                .clone()
+                .unwrap_or_else(|| format!("{}.dlq", self.name())),
+            opts.filter.clone(),
+        );
+        let group = match self.create_group_with(name, opts) {
+            Err(Error::GroupExists { .. }) => self.group(name)?,
+            other => return other,
+        };
+        let meta = &group.inner.meta;
+        let mut differences = Vec::new();
+        if meta.max_deliveries != wanted.0 {
+            differences.push(format!(
+                "max_deliveries: {} (asked: {})",
+                meta.max_deliveries, wanted.0
+            ));
+        }
+        if meta.visibility_ms != wanted.1 {
+            differences.push(format!(
+                "visibility_ms: {} (asked: {})",
+                meta.visibility_ms, wanted.1
+            ));
+        }
+        if meta.dead_letter != wanted.2 {
+            differences.push(format!(
+                "dead_letter: {} (asked: {})",
+                meta.dead_letter, wanted.2
+            ));
+        }
+        if meta.filter != wanted.3 {
+            differences.push(format!("filter: {:?} (asked: {:?})", meta.filter, wanted.3));
+        }
+        if differences.is_empty() {
+            Ok(group)
+        } else {
+            Err(Error::GroupSettingsDiffer {
+                mailbox: self.name().to_owned(),
+                name: name.to_owned(),
+                differences: differences.join("; "),
+            })
+        }
+    }
+
     /// Opens an existing consumer group.
     ///
     /// # Errors

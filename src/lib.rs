@@ -161,6 +161,7 @@ mod backend;
 mod bus;
 mod clock;
 mod compact;
+mod dead_letter;
 mod dir;
 mod doctor;
 mod encode;
@@ -184,6 +185,7 @@ pub use bus::{
     Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_POLL_INTERVAL,
     DEFAULT_SEGMENT_BYTES,
 };
+pub use dead_letter::{Damaged, DeadAttempt, DeadLetter, DAMAGED_TYPE, DEAD_LETTER_HEADER};
 pub use dir::{FORMAT_VERSION, MARKER_FILE};
 pub use error::{Error, Result};
 pub use filter::Filter;
@@ -194,9 +196,7 @@ pub use handoff::{
 };
 pub use lease::{Lease, LeaseRequest};
 pub use mailbox::Mailbox;
-pub use message::{
-    Artifact, Message, NewMessage, Receipt, DAMAGED_TYPE, DEAD_LETTER_HEADER, MAX_KEY_LEN,
-};
+pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use read::Messages;
 #[cfg(feature = "tokio")]
@@ -205,6 +205,9 @@ pub use receiver::{Consumer, Envelope, Follower, RecvTimeoutError, TryRecvError}
 pub use report::{
     CompactReport, DoctorReport, GroupStats, LeaseInfo, MailboxStats, Problem, ProblemKind,
 };
+/// The `serde_json` this crate is built with, for payloads and handoff state, so the
+/// versions cannot drift apart.
+pub use serde_json;
 pub use watch::{Waker, WatchMode};
 
 #[cfg(doctest)]

@@ -32,6 +32,11 @@ impl Messages {
         self.narrow(|f| f.of_type(kind))
     }
 
+    /// Every type but this one; call again to refuse several.
+    pub fn not_type(self, kind: impl Into<String>) -> Self {
+        self.narrow(|f| f.not_type(kind))
+    }
+
     /// Only messages from this agent; call again to accept several senders.
     pub fn sender(self, agent: impl Into<String>) -> Self {
         self.narrow(|f| f.sender(agent))

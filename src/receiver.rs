@@ -66,6 +66,42 @@ impl RecvTimeoutError {
     }
 }
 
+/// `?` in a function returning [`Result`]: [`TryRecvError::Empty`] becomes
+/// [`Error::Empty`].
+impl From<TryRecvError> for Error {
+    fn from(e: TryRecvError) -> Error {
+        match e {
+            TryRecvError::Empty => Error::Empty,
+            TryRecvError::Bus(e) => e,
+        }
+    }
+}
+
+/// `?` in a function returning [`Result`]: [`RecvTimeoutError::Timeout`] becomes
+/// [`Error::Timeout`].
+///
+/// ```
+/// # fn main() -> agentbus::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// use std::time::Duration;
+/// let bus = agentbus::Bus::init(dir.path())?;
+/// bus.create_mailbox("main")?;
+/// let mut rx = bus.follow(&["main"])?;
+/// let waited = (|| -> agentbus::Result<agentbus::Envelope> {
+///     Ok(rx.recv_timeout(Duration::from_millis(10))?)
+/// })();
+/// assert!(matches!(waited, Err(agentbus::Error::Timeout)));
+/// # Ok(()) }
+/// ```
+impl From<RecvTimeoutError> for Error {
+    fn from(e: RecvTimeoutError) -> Error {
+        match e {
+            RecvTimeoutError::Timeout => Error::Timeout,
+            RecvTimeoutError::Bus(e) => e,
+        }
+    }
+}
+
 /// A `Stream` of a receiver's items, from `into_stream` (feature `tokio`).
 #[cfg(feature = "tokio")]
 pub struct RecvStream<R, T> {
