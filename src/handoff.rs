@@ -28,6 +28,9 @@ pub const REJECTED_TYPE: &str = "handoff.rejected";
 /// The consumer group that tracks the handoffs of a mailbox.
 pub const HANDOFF_GROUP: &str = "handoffs";
 
+/// How long [`ReceivedHandoff::accept`] holds the lease it takes over (renew it).
+const ACCEPTED_LEASE_TTL: Duration = Duration::from_secs(300);
+
 /// A lease passed along with a handoff: the sender holds it with `token`; accepting
 /// the handoff transfers it to the receiver with a new, higher token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,6 +328,7 @@ impl HandoffBuilder<'_> {
                 receipt,
                 reply,
                 reply_from,
+                lease: self.handoff.lease.clone(),
             }),
             Err(e) => {
                 // Nothing was handed off: a lease given by handle is released, since
@@ -366,6 +370,8 @@ pub struct SentHandoff {
     reply: Mailbox,
     /// The reply mailbox's next seq when the handoff was sent: answers come after it.
     reply_from: u64,
+    /// The lease that went along, as the handoff names it.
+    lease: Option<LeaseRef>,
 }
 
 /// The receiver's answer to a handoff.
@@ -439,6 +445,28 @@ impl LeaseAnswer {
 }
 
 impl SentHandoff {
+    /// After a rejection (or no answer): takes the lease that went along back as a
+    /// renewable [`Lease`](crate::Lease), renewed for `ttl`. `None` if no lease went
+    /// along.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleLease`] if the receiver accepted meanwhile (the lease is theirs)
+    /// or it expired.
+    pub fn lease_back(&self, ttl: Duration) -> Result<Option<crate::Lease>> {
+        let Some(l) = &self.lease else {
+            return Ok(None);
+        };
+        let bus = Bus {
+            inner: self.reply.bus().clone(),
+        };
+        let started = Instant::now();
+        let info = bus.renew_lease(&l.name, &l.holder, l.token, ttl)?;
+        Ok(Some(crate::Lease::held(
+            &bus, &info, &l.holder, ttl, started,
+        )))
+    }
+
     /// Waits up to `timeout` for the receiver's answer in the reply mailbox; `None`
     /// when none came in time (the handoff stays pending in the receiver's stats).
     ///
@@ -487,6 +515,34 @@ pub struct ReceivedHandoff {
 }
 
 impl HandoffInbox {
+    /// The next handoff, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_timeout`](Self::recv_timeout), without the timeout.
+    pub fn recv(&mut self) -> Result<ReceivedHandoff> {
+        let delivery = self.consumer.recv()?;
+        ReceivedHandoff::from_delivery(&self.bus, delivery)
+    }
+
+    /// The next handoff, waiting until `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_timeout`](Self::recv_timeout).
+    pub fn recv_deadline(
+        &mut self,
+        deadline: Instant,
+    ) -> std::result::Result<ReceivedHandoff, RecvTimeoutError> {
+        let delivery = self.consumer.recv_deadline(deadline)?;
+        Ok(ReceivedHandoff::from_delivery(&self.bus, delivery)?)
+    }
+
+    /// A blocking iterator: each `next()` is a [`recv`](Self::recv).
+    pub fn iter(&mut self) -> impl Iterator<Item = Result<ReceivedHandoff>> + '_ {
+        std::iter::from_fn(move || Some(self.recv()))
+    }
+
     /// The next handoff, waiting up to `timeout`.
     ///
     /// # Errors
@@ -592,6 +648,24 @@ impl ReceivedHandoff {
     /// [`reject`](Self::reject) with it); [`Error::StaleLease`] if the sender no longer
     /// holds the lease; [`Error::Io`].
     pub fn accept(self, agent: &str) -> Result<Option<LeaseInfo>> {
+        self.accept_for(agent, ACCEPTED_LEASE_TTL)
+    }
+
+    /// [`accept`](Self::accept), keeping the lease as a renewable
+    /// [`Lease`](crate::Lease) held for `ttl` (renew it before it runs out; dropping it
+    /// releases it).
+    ///
+    /// # Errors
+    ///
+    /// As [`accept`](Self::accept).
+    pub fn accept_lease(self, agent: &str, ttl: Duration) -> Result<Option<crate::Lease>> {
+        let bus = self.bus.clone();
+        let started = Instant::now();
+        let info = self.accept_for(agent, ttl)?;
+        Ok(info.map(|info| crate::Lease::held(&bus, &info, agent, ttl, started)))
+    }
+
+    fn accept_for(self, agent: &str, ttl: Duration) -> Result<Option<LeaseInfo>> {
         let reply = self.hold()?;
         if let Some(prior) = self.prior_answer(&reply)? {
             self.done()?;
@@ -611,7 +685,7 @@ impl ReceivedHandoff {
         self.delivery.extend(self.delivery.group().visibility())?;
         let lease = match &self.handoff.lease {
             None => None,
-            Some(l) => Some(self.take_lease(l, agent)?),
+            Some(l) => Some(self.take_lease(l, agent, ttl)?),
         };
         let mut payload = serde_json::json!({ "handoff": self.reference() });
         if let Some(info) = &lease {
@@ -635,7 +709,7 @@ impl ReceivedHandoff {
                     agent,
                     info.token,
                     &l.holder,
-                    Duration::from_secs(300),
+                    ACCEPTED_LEASE_TTL,
                 );
             }
             return Err(e);
@@ -644,8 +718,7 @@ impl ReceivedHandoff {
         Ok(lease)
     }
 
-    fn take_lease(&self, l: &LeaseRef, agent: &str) -> Result<LeaseInfo> {
-        let ttl = Duration::from_secs(300);
+    fn take_lease(&self, l: &LeaseRef, agent: &str, ttl: Duration) -> Result<LeaseInfo> {
         match self
             .bus
             .transfer_lease(&l.name, &l.holder, l.token, agent, ttl)

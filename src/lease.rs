@@ -255,6 +255,28 @@ impl LeaseRequest<'_> {
 }
 
 impl Lease {
+    /// A handle on the grant `info` to `holder`, for `ttl` from `started` (read before
+    /// the grant was made).
+    pub(crate) fn held(
+        bus: &Bus,
+        info: &LeaseInfo,
+        holder: &str,
+        ttl: Duration,
+        started: Instant,
+    ) -> Lease {
+        Lease {
+            bus: bus.clone(),
+            name: info.name.clone(),
+            holder: holder.to_owned(),
+            token: info.token,
+            expires_at: info.expires_at,
+            valid_until: started + ttl,
+            ttl,
+            alive: None,
+            done: false,
+        }
+    }
+
     /// The lease name.
     pub fn name(&self) -> &str {
         &self.name

@@ -247,3 +247,69 @@ fn exclude_filters_pass_every_other_type() {
         &Filter::new().not_type("alert")
     );
 }
+
+#[test]
+fn handoff_leases_come_back_as_renewable_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::builder()
+        .agent("writer")
+        .durability(agentbus::Durability::Flush)
+        .init(dir.path().join("bus"))
+        .unwrap();
+    bus.create_mailbox("main").unwrap();
+    let file = dir.path().join("draft.md");
+    std::fs::write(&file, "# draft").unwrap();
+    let send = |summary: &str| {
+        let lease = bus.lease("chapter").try_acquire().unwrap();
+        bus.handoff("main")
+            .summary(summary)
+            .artifact(&file)
+            .with_lease(lease)
+            .send()
+            .unwrap()
+    };
+
+    // Rejected: the sender takes its lease back as a handle and renews it.
+    let sent = send("first try");
+    let mut inbox = bus.handoff_inbox("main").unwrap();
+    inbox
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .reject("writer", "not yet")
+        .unwrap();
+    assert!(!sent
+        .wait_answer(Duration::from_secs(10))
+        .unwrap()
+        .unwrap()
+        .is_accepted());
+    let mut back = sent
+        .lease_back(Duration::from_secs(60))
+        .unwrap()
+        .expect("a lease went along");
+    assert!(back.is_valid());
+    back.renew(Duration::from_secs(60)).unwrap();
+    let token = back.token();
+    back.release().unwrap();
+
+    // Accepted: the receiver holds a renewable lease, for the TTL it chose.
+    let sent = send("second try");
+    let got = inbox.recv().unwrap();
+    let mut lease = got
+        .accept_lease("reviewer", Duration::from_secs(90))
+        .unwrap()
+        .expect("the lease");
+    assert_eq!(lease.holder(), "reviewer");
+    assert!(lease.token() > token);
+    let left = lease.expires_at() - time::OffsetDateTime::now_utc();
+    assert!(
+        left > time::Duration::seconds(80) && left <= time::Duration::seconds(90),
+        "{left}"
+    );
+    lease.renew(Duration::from_secs(30)).unwrap();
+    assert!(matches!(
+        sent.lease_back(Duration::from_secs(60)),
+        Err(Error::StaleLease { .. })
+    ));
+    drop(lease); // released on drop
+    assert_eq!(bus.lease_info("chapter").unwrap().unwrap().holder, None);
+}
