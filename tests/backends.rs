@@ -9,22 +9,28 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use agentbus::{Bus, Durability, Error, NewMessage};
+use agentbus::{Bus, Durability, Error, Group, NewMessage};
 
 /// Where a test's bus lives, plus a scratch directory for its files.
 struct Env {
     location: String,
     scratch: tempfile::TempDir,
+    nats: bool,
 }
 
 impl Env {
     fn dir() -> Env {
         let scratch = tempfile::tempdir().unwrap();
         let location = scratch.path().join("bus").to_str().unwrap().to_owned();
-        Env { location, scratch }
+        Env {
+            location,
+            scratch,
+            nats: false,
+        }
     }
 
     /// A fresh namespace on the server, so tests never see each other's state.
@@ -50,7 +56,17 @@ impl Env {
         Some(Env {
             location: format!("{}/{ns}", url.trim_end_matches('/')),
             scratch: tempfile::tempdir().unwrap(),
+            nats: true,
         })
+    }
+
+    fn is_nats(&self) -> bool {
+        self.nats
+    }
+
+    /// The bus directory, on the directory backend only: for checks of its files.
+    fn dir_path(&self) -> Option<&Path> {
+        (!self.nats).then(|| Path::new(&self.location))
     }
 
     fn bus(&self, agent: &str) -> Bus {
@@ -62,6 +78,26 @@ impl Env {
             .agent(agent)
             .durability(Durability::Flush)
             .poll_interval(Duration::from_millis(50))
+    }
+
+    /// A new bus handle (as another process would open it) on a group that exists.
+    fn group(&self, agent: &str, mailbox: &str, group: &str) -> Group {
+        self.bus(agent)
+            .mailbox(mailbox)
+            .unwrap()
+            .group(group)
+            .unwrap()
+    }
+}
+
+/// Asserts that `result` is the JetStream backend's typed refusal of something README
+/// "Scaling out" says it cannot do.
+fn assert_unsupported<T: std::fmt::Debug>(result: agentbus::Result<T>) {
+    match result {
+        Err(Error::Unsupported {
+            backend: "nats", ..
+        }) => {}
+        other => panic!("expected Error::Unsupported from nats, got {other:?}"),
     }
 }
 
