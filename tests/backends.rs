@@ -88,6 +88,17 @@ impl Env {
             .group(group)
             .unwrap()
     }
+
+    /// Asserts that `after` is the token of the grant after the one with `before`:
+    /// the next number on the directory; higher on JetStream, whose tokens are revisions
+    /// of the namespace's bucket (strictly increasing, not consecutive: README).
+    fn assert_next_token(&self, before: u64, after: u64) {
+        if self.nats {
+            assert!(after > before, "token {after} after {before}");
+        } else {
+            assert_eq!(after, before + 1, "the next token");
+        }
+    }
 }
 
 /// Asserts that `result` is the JetStream backend's typed refusal of something README
