@@ -3,8 +3,9 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use agentbus::{Bus, Durability};
+use agentbus::{Bus, Delivery, Durability, Group, Mailbox, Message, NewMessage};
 
 /// Environment variable that marks a process as a child spawned by a test.
 pub const CHILD_ENV: &str = "AGENTBUS_TEST_CHILD";
@@ -50,6 +51,55 @@ pub fn open_flush_bus(dir: impl AsRef<Path>) -> Bus {
         .durability(Durability::Flush)
         .open(dir)
         .unwrap()
+}
+
+/// Sends `n` messages of type `job` with bodies `"0"`, `"1"`, ..., in batches of 1000.
+pub fn send_n(mb: &Mailbox, n: usize) {
+    let batch: Vec<_> = (0..n)
+        .map(|i| NewMessage::new("job").body(i.to_string()))
+        .collect();
+    for chunk in batch.chunks(1000) {
+        mb.send_batch(chunk.to_vec()).unwrap();
+    }
+}
+
+/// The seqs of some deliveries, in order.
+pub fn seqs(deliveries: &[Delivery]) -> Vec<u64> {
+    deliveries.iter().map(Delivery::seq).collect()
+}
+
+/// Calls `f` until it returns something, every 20 ms for up to `timeout`; panics
+/// naming `what` if it never does.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Claims one message for `consumer`, waiting up to `timeout` for one to be due.
+pub fn claim_within(group: &Group, consumer: &str, timeout: Duration) -> Delivery {
+    wait_for("a claim", timeout, || group.claim_one(consumer).unwrap())
+}
+
+/// The `dead_letter` header of a dead-lettered message, parsed.
+pub fn dead_letter_info(dead: &Message) -> serde_json::Value {
+    serde_json::from_str(&dead.headers[agentbus::DEAD_LETTER_HEADER]).unwrap()
+}
+
+/// The names of a group's state files (`state.<generation>.jsonl`), sorted.
+pub fn state_files(group_dir: &Path) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(group_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("state."))
+        .collect();
+    v.sort();
+    v
 }
 
 /// The `agentbus` binary built for these tests.
