@@ -215,6 +215,18 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// An artifact's path names something other than a regular file: a directory, a
+    /// FIFO, a device or a socket. Nothing is opened that could block (a FIFO is never
+    /// read).
+    #[error("artifact {} is a {kind}, not a regular file", path.display())]
+    ArtifactNotAFile {
+        /// The artifact's path.
+        path: PathBuf,
+        /// What is there instead: `"directory"`, `"FIFO"`, `"character device"`,
+        /// `"block device"`, `"socket"` or `"special file"`.
+        kind: &'static str,
+    },
+
     /// An artifact's size differs from the size recorded when it was sent.
     #[error("artifact {} has {actual} bytes, expected {expected}", path.display())]
     ArtifactSizeMismatch {
@@ -277,6 +289,7 @@ impl Error {
             Error::Unsupported { .. } => "unsupported",
             Error::BatchIncomplete { .. } => "batch_incomplete",
             Error::ArtifactMissing { .. } => "artifact_missing",
+            Error::ArtifactNotAFile { .. } => "artifact_not_a_file",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
             Error::ArtifactDigestMismatch { .. } => "artifact_digest_mismatch",
         }
@@ -291,6 +304,7 @@ impl Error {
             | Error::UnsupportedFormat { path, .. }
             | Error::Corrupt { path, .. }
             | Error::ArtifactMissing { path }
+            | Error::ArtifactNotAFile { path, .. }
             | Error::ArtifactSizeMismatch { path, .. }
             | Error::ArtifactDigestMismatch { path, .. } => Some(path),
             _ => None,
