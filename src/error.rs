@@ -227,6 +227,16 @@ pub enum Error {
         kind: &'static str,
     },
 
+    /// A setting is out of range, for example a consumer group's `max_deliveries` of 0
+    /// or a zero visibility timeout; nothing was created or changed.
+    #[error("invalid {setting}: {reason}")]
+    InvalidSetting {
+        /// The setting, as the API names it (`"max_deliveries"`, `"visibility"`, ...).
+        setting: &'static str,
+        /// What the valid range is, and what was given.
+        reason: String,
+    },
+
     /// An artifact's size differs from the size recorded when it was sent.
     #[error("artifact {} has {actual} bytes, expected {expected}", path.display())]
     ArtifactSizeMismatch {
@@ -290,6 +300,7 @@ impl Error {
             Error::BatchIncomplete { .. } => "batch_incomplete",
             Error::ArtifactMissing { .. } => "artifact_missing",
             Error::ArtifactNotAFile { .. } => "artifact_not_a_file",
+            Error::InvalidSetting { .. } => "invalid_setting",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
             Error::ArtifactDigestMismatch { .. } => "artifact_digest_mismatch",
         }
@@ -312,14 +323,15 @@ impl Error {
     }
 
     /// True when the request itself was wrong and nothing was written: a bad name, an
-    /// invalid or oversized message, a mailbox that does not exist (or already does),
-    /// or a directory that is not a bus.
+    /// invalid or oversized message, a setting out of range, a mailbox that does not
+    /// exist (or already does), or a directory that is not a bus.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
             self,
             Error::InvalidName { .. }
                 | Error::NotABus { .. }
                 | Error::InvalidMessage(_)
+                | Error::InvalidSetting { .. }
                 | Error::RecordTooLarge { .. }
                 | Error::MailboxNotFound { .. }
                 | Error::MailboxExists { .. }

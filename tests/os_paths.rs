@@ -40,7 +40,10 @@ fn a_bus_directory_whose_name_is_not_utf8_works_and_prints_json() {
     let missing = raw(tmp.path(), b"no-bus\xfe");
     let e = fails(common::cli(&missing).arg("stats").output().unwrap(), 2);
     assert_eq!(e["error"], "not_a_bus");
-    assert!(e["path"].as_str().unwrap().ends_with("no-bus\u{fffd}"), "{e}");
+    assert!(
+        e["path"].as_str().unwrap().ends_with("no-bus\u{fffd}"),
+        "{e}"
+    );
 
     // Compaction prints the paths of the segments it removed.
     let small = raw(tmp.path(), b"small\xff");
@@ -68,7 +71,10 @@ fn a_bus_directory_whose_name_is_not_utf8_works_and_prints_json() {
             .stdout,
     )
     .unwrap();
-    assert!(line.starts_with(r#"{"mailbox":"main","floor":null,"removed":[]"#), "{line}");
+    assert!(
+        line.starts_with(r#"{"mailbox":"main","floor":null,"removed":[]"#),
+        "{line}"
+    );
 }
 
 #[test]
@@ -93,7 +99,10 @@ fn a_body_file_whose_name_is_not_utf8_is_read_or_reported() {
 
     let e = fails(send(&raw(dir.path(), b"gone\xfe.txt")), 1);
     assert_eq!(e["error"], "io");
-    assert!(e["path"].as_str().unwrap().ends_with("gone\u{fffd}.txt"), "{e}");
+    assert!(
+        e["path"].as_str().unwrap().ends_with("gone\u{fffd}.txt"),
+        "{e}"
+    );
 
     // A body that is not UTF-8 text is invalid input, not an I/O failure.
     let binary = dir.path().join("binary.bin");
@@ -102,7 +111,10 @@ fn a_body_file_whose_name_is_not_utf8_is_read_or_reported() {
     assert_eq!(e["error"], "invalid_message");
     assert!(e["message"].as_str().unwrap().contains("UTF-8"), "{e}");
 
-    let read = ok(common::cli(dir.path()).args(["recv", "main"]).output().unwrap());
+    let read = ok(common::cli(dir.path())
+        .args(["recv", "main"])
+        .output()
+        .unwrap());
     assert_eq!(read.len(), 1);
     assert_eq!(read[0]["body"], "from a Latin-1 name");
 }
@@ -125,7 +137,10 @@ fn an_artifact_whose_name_is_not_utf8_is_refused_before_anything_is_written() {
 
     let e = fails(send(&raw(dir.path(), b"gone\xff.md")), 6);
     assert_eq!(e["error"], "artifact_missing");
-    assert!(e["path"].as_str().unwrap().ends_with("gone\u{fffd}.md"), "{e}");
+    assert!(
+        e["path"].as_str().unwrap().ends_with("gone\u{fffd}.md"),
+        "{e}"
+    );
 
     // Present, but FORMAT.md stores artifact paths as JSON text, which cannot hold it.
     let named = raw(dir.path(), b"draft\xff.md");
@@ -145,11 +160,11 @@ fn an_artifact_whose_name_is_not_utf8_is_refused_before_anything_is_written() {
     );
     assert_eq!(e["error"], "invalid_message");
 
-    let read = ok(common::cli(dir.path()).args(["recv", "main"]).output().unwrap());
+    let read = ok(common::cli(dir.path())
+        .args(["recv", "main"])
+        .output()
+        .unwrap());
     assert!(read.is_empty(), "{read:?}");
     let lib = agentbus::Artifact::capture(&named).unwrap_err();
-    assert!(
-        matches!(lib, agentbus::Error::InvalidMessage(_)),
-        "{lib:?}"
-    );
+    assert!(matches!(lib, agentbus::Error::InvalidMessage(_)), "{lib:?}");
 }

@@ -74,6 +74,7 @@ pub fn error_json(e: &Error) -> Value {
         }
         Error::Corrupt { line, .. } => v["line"] = json!(line),
         Error::ArtifactNotAFile { kind, .. } => v["kind"] = json!(kind),
+        Error::InvalidSetting { setting, .. } => v["setting"] = json!(setting),
         Error::BatchIncomplete { committed, .. } => v["committed"] = json!(committed),
         Error::LeaseHeld {
             holder,

@@ -112,6 +112,12 @@ fn build_message(args: &SendArgs) -> Result<NewMessage, Failure> {
         let (k, v) = h
             .split_once('=')
             .ok_or_else(|| Failure::Usage(format!("--header {h:?} is not KEY=VALUE")))?;
+        if k.is_empty() {
+            return Err(Error::InvalidMessage(format!(
+                "--header {h:?} has no name: write KEY=VALUE with a non-empty KEY"
+            ))
+            .into());
+        }
         msg = msg.header(k, v);
     }
     Ok(msg)
