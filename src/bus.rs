@@ -161,9 +161,8 @@ impl BusBuilder {
                 "flush" => Durability::Flush,
                 _ => {
                     return Err(Error::InvalidSetting {
-                        name: "AGENTBUS_DURABILITY",
-                        value,
-                        expected: "sync or flush",
+                        setting: "AGENTBUS_DURABILITY",
+                        reason: format!("must be sync or flush, not {value:?}"),
                     })
                 }
             };

@@ -23,6 +23,11 @@ impl NewMessage {
     /// A new message with the same content as `message` (type, from, subject, body,
     /// payload, artifacts, correlation id, priority, headers other than
     /// [`DEAD_LETTER_HEADER`]): for replaying a dead letter into its mailbox.
+    ///
+    /// Its idempotency key is `replay:<id of message>`, so replaying the same dead
+    /// letter again (a retried script, a second operator) returns the first replay's
+    /// receipt instead of sending a second copy. A replayed message that dies again is
+    /// a new dead letter, with a new id, and can be replayed in turn.
     pub fn replay_of(message: &Message) -> NewMessage {
         let mut m = NewMessage::new(message.kind.clone()).from(message.from.clone());
         m.subject = message.subject.clone();
@@ -34,6 +39,7 @@ impl NewMessage {
         m.priority = message.priority;
         m.headers = message.headers.clone();
         m.headers.remove(DEAD_LETTER_HEADER);
+        m.idempotency_key = Some(format!("replay:{}", message.id));
         m
     }
 }

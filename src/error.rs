@@ -248,17 +248,6 @@ pub enum Error {
         differences: String,
     },
 
-    /// A setting (an environment variable, say) has a value agentbus cannot use.
-    #[error("{name}={value:?} is not valid: expected {expected}")]
-    InvalidSetting {
-        /// The setting, for example `"AGENTBUS_DURABILITY"`.
-        name: &'static str,
-        /// The value found.
-        value: String,
-        /// What it may be.
-        expected: &'static str,
-    },
-
     /// Nothing arrived before the deadline: a
     /// [`RecvTimeoutError::Timeout`](crate::RecvTimeoutError::Timeout) passed on with `?`.
     #[error("timed out waiting for a message")]
@@ -274,6 +263,28 @@ pub enum Error {
     ArtifactMissing {
         /// The artifact's path.
         path: PathBuf,
+    },
+
+    /// An artifact's path names something other than a regular file: a directory, a
+    /// FIFO, a device or a socket. Nothing is opened that could block (a FIFO is never
+    /// read).
+    #[error("artifact {} is a {kind}, not a regular file", path.display())]
+    ArtifactNotAFile {
+        /// The artifact's path.
+        path: PathBuf,
+        /// What is there instead: `"directory"`, `"FIFO"`, `"character device"`,
+        /// `"block device"`, `"socket"` or `"special file"`.
+        kind: &'static str,
+    },
+
+    /// A setting is out of range, for example a consumer group's `max_deliveries` of 0
+    /// or a zero visibility timeout; nothing was created or changed.
+    #[error("invalid {setting}: {reason}")]
+    InvalidSetting {
+        /// The setting, as the API names it (`"max_deliveries"`, `"visibility"`, ...).
+        setting: &'static str,
+        /// What the valid range is, and what was given.
+        reason: String,
     },
 
     /// An artifact's size differs from the size recorded when it was sent.
@@ -338,11 +349,12 @@ impl Error {
             Error::Nats { .. } => "nats",
             Error::Unsupported { .. } => "unsupported",
             Error::GroupSettingsDiffer { .. } => "group_settings_differ",
-            Error::InvalidSetting { .. } => "invalid_setting",
             Error::Timeout => "timeout",
             Error::Empty => "empty",
             Error::BatchIncomplete { .. } => "batch_incomplete",
             Error::ArtifactMissing { .. } => "artifact_missing",
+            Error::ArtifactNotAFile { .. } => "artifact_not_a_file",
+            Error::InvalidSetting { .. } => "invalid_setting",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
             Error::ArtifactDigestMismatch { .. } => "artifact_digest_mismatch",
         }
@@ -358,6 +370,7 @@ impl Error {
             | Error::Corrupt { path, .. }
             | Error::Compacted { path, .. }
             | Error::ArtifactMissing { path }
+            | Error::ArtifactNotAFile { path, .. }
             | Error::ArtifactSizeMismatch { path, .. }
             | Error::ArtifactDigestMismatch { path, .. } => Some(path),
             _ => None,
@@ -365,21 +378,21 @@ impl Error {
     }
 
     /// True when the request itself was wrong and nothing was written: a bad name, an
-    /// invalid or oversized message, a mailbox that does not exist (or already does),
-    /// or a directory that is not a bus.
+    /// invalid or oversized message, a setting out of range, a mailbox that does not
+    /// exist (or already does), or a directory that is not a bus.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
             self,
             Error::InvalidName { .. }
                 | Error::NotABus { .. }
                 | Error::InvalidMessage(_)
+                | Error::InvalidSetting { .. }
                 | Error::RecordTooLarge { .. }
                 | Error::MailboxNotFound { .. }
                 | Error::MailboxExists { .. }
                 | Error::GroupNotFound { .. }
                 | Error::GroupExists { .. }
                 | Error::GroupSettingsDiffer { .. }
-                | Error::InvalidSetting { .. }
                 | Error::NotDelivered { .. }
         )
     }

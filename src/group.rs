@@ -57,14 +57,17 @@ impl GroupOptions {
         GroupOptions::default()
     }
 
-    /// How many times a message is delivered before it is dead-lettered (at least 1).
+    /// How many times a message is delivered before it is dead-lettered: at least 1
+    /// ([`Mailbox::create_group_with`] refuses 0 with [`Error::InvalidSetting`]).
     pub fn max_deliveries(mut self, n: u32) -> Self {
-        self.max_deliveries = n.max(1);
+        self.max_deliveries = n;
         self
     }
 
     /// Default visibility timeout of a claim: how long a consumer has to ack, nack or
-    /// extend before the message is redelivered.
+    /// extend before the message is redelivered. From 1 ms (the unit it is stored in)
+    /// to 365 days; [`Mailbox::create_group_with`] refuses anything else with
+    /// [`Error::InvalidSetting`].
     pub fn visibility(mut self, timeout: Duration) -> Self {
         self.visibility = timeout;
         self
@@ -224,9 +227,18 @@ impl Mailbox {
     /// # Errors
     ///
     /// [`Error::InvalidName`] (for the group or the dead-letter mailbox),
-    /// [`Error::GroupExists`], [`Error::Io`].
+    /// [`Error::InvalidSetting`] for `max_deliveries` 0 or a visibility timeout outside
+    /// 1 ms to 365 days, [`Error::GroupExists`], [`Error::Io`]. Nothing is created when
+    /// the name or a setting is refused.
     pub fn create_group_with(&self, name: &str, opts: GroupOptions) -> Result<Group> {
         validate_name("group", name)?;
+        if opts.max_deliveries == 0 {
+            return Err(Error::InvalidSetting {
+                setting: "max_deliveries",
+                reason: "must be at least 1 (0 would dead-letter every message unseen)".into(),
+            });
+        }
+        check_visibility(opts.visibility)?;
         let dead_letter = opts
             .dead_letter
             .clone()
@@ -426,7 +438,8 @@ impl Group {
     ///
     /// # Errors
     ///
-    /// As [`claim`](Self::claim).
+    /// As [`claim`](Self::claim), and [`Error::InvalidSetting`] for a visibility outside
+    /// 1 ms to 365 days (a zero one would hand the message to the next claim at once).
     pub fn claim_for(
         &self,
         consumer: &str,
@@ -434,6 +447,7 @@ impl Group {
         visibility: Duration,
     ) -> Result<Vec<Delivery>> {
         validate_name("consumer", consumer)?;
+        check_visibility(visibility)?;
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -451,6 +465,7 @@ impl Group {
     /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if that claim ran out, was
     /// settled, or the message was redelivered since.
     pub fn delivery(&self, seq: u64, attempt: u32) -> Result<Delivery> {
+        self.check_seq(seq)?;
         Ok(self.delivery_of(self.imp().delivery(seq, attempt)?))
     }
 
@@ -475,6 +490,7 @@ impl Group {
         visibility: Duration,
     ) -> Result<Option<Delivery>> {
         validate_name("consumer", consumer)?;
+        check_visibility(visibility)?;
         let claimed = self.imp().claim_seq(consumer, seq, visibility)?;
         Ok(claimed.map(|c| self.delivery_of(c)))
     }
@@ -486,6 +502,7 @@ impl Group {
     /// [`Error::NotDelivered`] if the seq was never delivered to this group;
     /// [`Error::Io`].
     pub fn ack(&self, seq: u64) -> Result<bool> {
+        self.check_seq(seq)?;
         self.imp().ack(seq, None)
     }
 
@@ -505,6 +522,7 @@ impl Group {
     ///
     /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim.
     pub fn nack(&self, seq: u64, delay: Duration, reason: Option<&str>) -> Result<()> {
+        self.check_seq(seq)?;
         let reason = reason.map(str::to_owned);
         self.imp().settle(seq, None, Settle::Nack { delay, reason })
     }
@@ -515,6 +533,7 @@ impl Group {
     ///
     /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim.
     pub fn extend(&self, seq: u64, by: Duration) -> Result<()> {
+        self.check_seq(seq)?;
         self.imp().settle(seq, None, Settle::Extend(by))
     }
 
@@ -524,6 +543,7 @@ impl Group {
     ///
     /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim.
     pub fn term(&self, seq: u64, reason: Option<&str>) -> Result<()> {
+        self.check_seq(seq)?;
         let reason = reason.map(str::to_owned);
         self.imp().settle(seq, None, Settle::Term { reason })
     }
@@ -553,4 +573,34 @@ impl Group {
     pub fn stats(&self) -> Result<GroupStats> {
         self.imp().stats()
     }
+}
+
+impl Group {
+    /// Seqs start at 1: seq 0 is never a message, so settling it is a mistake (a script
+    /// passing an empty variable, say), reported as [`Error::NotDelivered`] rather than
+    /// as "already settled".
+    fn check_seq(&self, seq: u64) -> Result<()> {
+        if seq == 0 {
+            return Err(Error::NotDelivered {
+                group: self.name().to_owned(),
+                seq,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The longest visibility timeout accepted: a claim's deadline must stay a time that
+/// timestamps (and JetStream's `ack_wait`) can hold.
+const MAX_VISIBILITY: Duration = Duration::from_secs(365 * 86_400);
+
+/// A visibility timeout from 1 ms (the unit it is stored in) to [`MAX_VISIBILITY`].
+fn check_visibility(visibility: Duration) -> Result<()> {
+    if visibility < Duration::from_millis(1) || visibility > MAX_VISIBILITY {
+        return Err(Error::InvalidSetting {
+            setting: "visibility",
+            reason: format!("must be from 1 ms to 365 days, got {visibility:?}"),
+        });
+    }
+    Ok(())
 }

@@ -269,11 +269,16 @@ impl HandoffBuilder<'_> {
 
     /// Captures the artifacts and sends the handoff.
     ///
+    /// Everything that can be refused is checked before anything is created: a refused
+    /// handoff leaves no [`HANDOFF_GROUP`] and no reply mailbox behind.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidMessage`] without a summary, or for an empty or still-changing
-    /// artifact; [`Error::ArtifactMissing`]; [`Error::MailboxNotFound`] for `to`;
-    /// [`Error::StaleLease`] if the lease is not held with the given token.
+    /// artifact; [`Error::InvalidName`] for the sender or the reply mailbox;
+    /// [`Error::ArtifactMissing`], [`Error::ArtifactNotAFile`];
+    /// [`Error::MailboxNotFound`] for `to`; [`Error::StaleLease`] if the lease (by name
+    /// or by handle) is not the current grant.
     pub fn send(mut self) -> Result<SentHandoff> {
         if self.handoff.summary.trim().is_empty() {
             return Err(Error::InvalidMessage("a handoff needs a summary".into()));
@@ -282,17 +287,28 @@ impl HandoffBuilder<'_> {
             .from
             .clone()
             .unwrap_or_else(|| self.bus.inner.opts.agent.clone());
+        crate::validate_name("agent", &from)?;
         if self.handoff.reply_to.is_empty() {
             self.handoff.reply_to = from.clone();
         }
+        crate::validate_name("mailbox", &self.handoff.reply_to)?;
         let to = self.bus.mailbox(&self.to)?;
-        let reply = self.bus.create_or_open_mailbox(&self.handoff.reply_to)?;
-        let reply_from = reply.last_seq()? + 1;
         let artifacts = self
             .artifacts
             .iter()
             .map(Artifact::capture)
             .collect::<Result<Vec<_>>>()?;
+        match (&self.lease_handle, &self.handoff.lease) {
+            (Some(lease), _) => self.check_lease(&LeaseRef {
+                name: lease.name().to_owned(),
+                holder: lease.holder().to_owned(),
+                token: lease.token(),
+            })?,
+            (None, Some(lease)) => self.check_lease(lease)?,
+            (None, None) => {}
+        }
+        let reply = self.bus.create_or_open_mailbox(&self.handoff.reply_to)?;
+        let reply_from = reply.last_seq()? + 1;
         handoff_group(&to)?;
         // Everything that can fail before the send has: only now let go of the lease.
         let passed = match self.lease_handle.take() {
@@ -306,12 +322,7 @@ impl HandoffBuilder<'_> {
                 });
                 true
             }
-            None => {
-                if let Some(lease) = &self.handoff.lease {
-                    self.check_lease(lease)?;
-                }
-                false
-            }
+            None => false,
         };
         let mut message = NewMessage::new(HANDOFF_TYPE)
             .from(from)

@@ -131,14 +131,23 @@ impl Artifact {
     ///
     /// # Errors
     ///
-    /// [`Error::ArtifactMissing`] when the file does not exist or is not a regular file;
-    /// [`Error::InvalidMessage`] when it is empty or changed while being read;
-    /// [`Error::Io`] when it cannot be read.
+    /// [`Error::ArtifactMissing`] when the file does not exist;
+    /// [`Error::ArtifactNotAFile`] for a directory, FIFO, device or socket (never
+    /// opened, so a FIFO cannot block the call); [`Error::InvalidMessage`] when it is
+    /// empty or changed while being read, or when its absolute path is not UTF-8
+    /// (a message stores paths as JSON text); [`Error::Io`] when it cannot be read.
     pub fn capture(path: impl AsRef<Path>) -> Result<Artifact> {
         let path = path.as_ref();
         let abs = std::fs::canonicalize(path).map_err(|e| missing_or_io(path, e))?;
+        if abs.to_str().is_none() {
+            return Err(Error::InvalidMessage(format!(
+                "artifact path {} is not valid UTF-8, and a message stores paths as JSON \
+                 text: rename the file",
+                abs.display()
+            )));
+        }
         let stamp = |p: &Path| -> Result<(u64, Option<std::time::SystemTime>)> {
-            let m = std::fs::metadata(p).map_err(|e| missing_or_io(p, e))?;
+            let m = regular_file(p)?;
             Ok((m.len(), m.modified().ok()))
         };
         let before = stamp(&abs)?;
@@ -167,16 +176,12 @@ impl Artifact {
     ///
     /// # Errors
     ///
-    /// [`Error::ArtifactMissing`], [`Error::ArtifactSizeMismatch`] or
+    /// [`Error::ArtifactMissing`], [`Error::ArtifactNotAFile`] (something else now has
+    /// its path; a FIFO is never opened), [`Error::ArtifactSizeMismatch`] or
     /// [`Error::ArtifactDigestMismatch`], each naming the path; [`Error::Io`] when the
     /// file cannot be read.
     pub fn verify(&self) -> Result<()> {
-        let meta = std::fs::metadata(&self.path).map_err(|e| missing_or_io(&self.path, e))?;
-        if !meta.is_file() {
-            return Err(Error::ArtifactMissing {
-                path: self.path.clone(),
-            });
-        }
+        let meta = regular_file(&self.path)?;
         if meta.len() != self.size {
             return Err(Error::ArtifactSizeMismatch {
                 path: self.path.clone(),
@@ -213,12 +218,49 @@ fn missing_or_io(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// The metadata of `path` (symlinks followed) if it is a regular file;
+/// [`Error::ArtifactNotAFile`] naming what it is otherwise.
+fn regular_file(path: &Path) -> Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path).map_err(|e| missing_or_io(path, e))?;
+    not_a_file(path, &meta).map_or(Ok(meta), Err)
+}
+
+fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> Option<Error> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        return None;
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    };
+    Some(Error::ArtifactNotAFile {
+        path: path.to_owned(),
+        kind,
+    })
+}
+
+/// Size and SHA-256 of the regular file at `path`. Opened with `O_NONBLOCK`, so that a
+/// FIFO put there since the caller looked cannot block the open; the type is checked
+/// again on the open file before anything is read.
 fn digest_file(path: &Path) -> Result<(u64, String)> {
-    let mut file = std::fs::File::open(path).map_err(|e| missing_or_io(path, e))?;
-    if !file.metadata().ctx("stat", path)?.is_file() {
-        return Err(Error::ArtifactMissing {
-            path: path.to_owned(),
-        });
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| missing_or_io(path, e))?;
+    if let Some(e) = not_a_file(path, &file.metadata().ctx("stat", path)?) {
+        return Err(e);
     }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];

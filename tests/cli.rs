@@ -3,29 +3,13 @@
 
 mod common;
 
-use common::ok;
+use common::{fails, ok};
 
 use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 
 use agentbus::Bus;
 use serde_json::Value;
-
-fn fails(out: Output, code: i32) -> Value {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stderr {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "one JSON object on stderr: {stderr}"
-    );
-    serde_json::from_str(&stderr).unwrap()
-}
 
 fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

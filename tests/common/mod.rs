@@ -160,3 +160,21 @@ pub fn ok(out: std::process::Output) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect()
 }
+
+/// Asserts that a CLI run failed with exit `code` and one JSON object on stderr, and
+/// returns that object.
+pub fn fails(out: std::process::Output, code: i32) -> serde_json::Value {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one JSON object on stderr: {stderr}"
+    );
+    serde_json::from_str(&stderr).unwrap()
+}

@@ -9,9 +9,10 @@
 //! | 4 | `doctor` found problems it did not repair |
 //! | 3 | `lease acquire`: the lease is held by someone else |
 //! | 5 | a stale delivery (`nack`, `extend`, `term`) or lease grant (`lease renew`, `release`) |
-//! | 6 | an artifact is missing or differs in size or SHA-256 (`send`, `handoff`) |
+//! | 6 | an artifact is missing, is not a regular file, or differs in size or SHA-256 (`send`, `handoff`) |
 
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
 use agentbus::Error;
@@ -46,6 +47,7 @@ pub fn report(failure: Failure) -> ExitCode {
             let code = match e {
                 Error::LeaseHeld { .. } => 3,
                 Error::ArtifactMissing { .. }
+                | Error::ArtifactNotAFile { .. }
                 | Error::ArtifactSizeMismatch { .. }
                 | Error::ArtifactDigestMismatch { .. } => 6,
                 Error::StaleDelivery { .. } | Error::StaleLease { .. } => 5,
@@ -64,13 +66,15 @@ pub fn report(failure: Failure) -> ExitCode {
 pub fn error_json(e: &Error) -> Value {
     let mut v = json!({"error": e.code(), "message": e.to_string()});
     if let Some(path) = e.path() {
-        v["path"] = json!(path);
+        v["path"] = path_json(path);
     }
     match e {
         Error::MailboxNotFound { existing, .. } | Error::GroupNotFound { existing, .. } => {
             v["existing"] = json!(existing)
         }
         Error::Corrupt { line, .. } => v["line"] = json!(line),
+        Error::ArtifactNotAFile { kind, .. } => v["kind"] = json!(kind),
+        Error::InvalidSetting { setting, .. } => v["setting"] = json!(setting),
         Error::BatchIncomplete { committed, .. } => v["committed"] = json!(committed),
         Error::LeaseHeld {
             holder,
@@ -91,9 +95,22 @@ pub fn error_json(e: &Error) -> Value {
     v
 }
 
-/// Writes `value` as one line of JSON.
+/// A path as the CLI prints it: JSON text holds only UTF-8, so bytes that are not are
+/// shown as U+FFFD (the path itself is used as given).
+pub fn path_json(path: &Path) -> Value {
+    Value::String(path.to_string_lossy().into_owned())
+}
+
+/// Writes `value` as one line of JSON. Print paths with [`path_json`]: serializing a
+/// `Path` that is not UTF-8 fails, and that failure is reported, not a panic.
 pub fn emit(out: &mut impl Write, value: &impl serde::Serialize) -> Result<(), Failure> {
-    let mut line = serde_json::to_vec(value).expect("output serializes");
+    let mut line = serde_json::to_vec(value).map_err(|e| {
+        Failure::Bus(Error::Io {
+            op: "print as JSON",
+            path: "<stdout>".into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    })?;
     line.push(b'\n');
     out.write_all(&line).map_err(|e| {
         Failure::Bus(Error::Io {

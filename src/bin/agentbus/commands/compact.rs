@@ -19,7 +19,12 @@ pub struct CompactArgs {
 pub fn run(cli: &Cli, args: &CompactArgs, out: &mut impl Write) -> Result<(), Failure> {
     let retention = args.retention.map(secs).transpose()?;
     for mb in mailboxes(&open_bus(cli)?, args.mailbox.as_deref())? {
-        emit(out, &mb.compact(retention)?)?;
+        let mut report = mb.compact(retention)?;
+        // Printed as `path_json` prints paths: JSON text cannot hold bytes that are not UTF-8.
+        for path in &mut report.removed {
+            *path = path.to_string_lossy().into_owned().into();
+        }
+        emit(out, &report)?;
     }
     Ok(())
 }

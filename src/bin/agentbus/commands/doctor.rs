@@ -4,7 +4,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::open_bus;
-use crate::output::{emit, Failure};
+use crate::output::{emit, path_json, Failure};
 use crate::Cli;
 
 /// Verify every record of every mailbox; `--repair` truncates torn tails.
@@ -20,7 +20,7 @@ pub fn run(cli: &Cli, args: &DoctorArgs, out: &mut impl Write) -> Result<(), Fai
     for p in &report.problems {
         emit(
             out,
-            &json!({"problem": p.kind, "mailbox": p.mailbox, "path": p.path,
+            &json!({"problem": p.kind, "mailbox": p.mailbox, "path": path_json(&p.path),
             "line": p.line, "detail": p.detail, "repaired": p.repaired}),
         )?;
     }

@@ -60,7 +60,7 @@ pub enum HandoffCommand {
         /// The mailbox.
         mailbox: String,
         /// Wait up to SECS for one.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         wait: f64,
     },
     /// Print a handoff (read-only).

@@ -21,8 +21,8 @@ pub enum LeaseCommand {
         /// Seconds until it expires unless renewed.
         #[arg(long)]
         ttl: f64,
-        /// Wait up to SECS for it to be released or to expire.
-        #[arg(long, default_value_t = 0.0)]
+        /// Wait up to SECS for it to be released or to expire (0: do not wait).
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         wait: f64,
     },
     /// Extend a lease you hold.
@@ -69,9 +69,10 @@ pub fn run(cli: &Cli, cmd: &LeaseCommand, out: &mut impl Write) -> Result<(), Fa
             ttl,
             wait,
         } => {
-            let request = bus.lease(name).holder(holder).ttl(secs(*ttl)?);
-            let lease = if *wait > 0.0 {
-                request.acquire(secs(*wait)?)?
+            let (ttl, wait) = (secs(*ttl)?, secs(*wait)?);
+            let request = bus.lease(name).holder(holder).ttl(ttl);
+            let lease = if !wait.is_zero() {
+                request.acquire(wait)?
             } else {
                 request.try_acquire()?
             };

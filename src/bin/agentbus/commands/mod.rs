@@ -65,9 +65,14 @@ pub fn bus_builder(cli: &Cli) -> agentbus::BusBuilder {
     })
 }
 
+/// A duration given in seconds: finite and not negative (NaN, -1 and inf are usage
+/// errors, never "no wait" or "forever").
 pub fn secs(s: f64) -> Result<Duration, Failure> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| Failure::Usage(format!("{s} is not a number of seconds")))
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        Failure::Usage(format!(
+            "{s} is not a number of seconds (give a finite number, 0 or more)"
+        ))
+    })
 }
 
 /// The message `seq` of `mailbox`, if it is stored.

@@ -38,7 +38,7 @@ pub struct RecvArgs {
     #[arg(long, requires = "group")]
     visibility: Option<f64>,
     /// Wait up to SECS for a message when none is waiting.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     wait: f64,
 }
 

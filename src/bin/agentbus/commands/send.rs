@@ -70,16 +70,24 @@ fn build_message(args: &SendArgs) -> Result<NewMessage, Failure> {
         msg = msg.body(b);
     }
     if let Some(path) = &args.body_file {
-        let mut body = String::new();
+        let mut body = Vec::new();
         let read = if path.as_os_str() == "-" {
-            io::stdin().read_to_string(&mut body)
+            io::stdin().read_to_end(&mut body)
         } else {
-            std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut body))
+            std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut body))
         };
         read.map_err(|e| Error::Io {
             op: "read body",
             path: path.clone(),
             source: e,
+        })?;
+        let body = String::from_utf8(body).map_err(|e| {
+            Error::InvalidMessage(format!(
+                "--body-file {}: a body is text, and this is not UTF-8 ({}); send the \
+                 file as an --artifact instead",
+                path.display(),
+                e.utf8_error()
+            ))
         })?;
         msg = msg.body(body);
     }
@@ -104,6 +112,12 @@ fn build_message(args: &SendArgs) -> Result<NewMessage, Failure> {
         let (k, v) = h
             .split_once('=')
             .ok_or_else(|| Failure::Usage(format!("--header {h:?} is not KEY=VALUE")))?;
+        if k.is_empty() {
+            return Err(Error::InvalidMessage(format!(
+                "--header {h:?} has no name: write KEY=VALUE with a non-empty KEY"
+            ))
+            .into());
+        }
         msg = msg.header(k, v);
     }
     Ok(msg)

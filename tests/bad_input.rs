@@ -1,0 +1,398 @@
+//! Input that used to be accepted silently, changed, or answered with a misleading
+//! error: each is now a typed error (JSON on stderr, the documented exit status) with
+//! nothing written, or the behaviour a user expects.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use agentbus::{Artifact, Bus, Error, GroupOptions, NewMessage};
+use common::{fails, ok};
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ok(common::cli(dir.path()).arg("init").output().unwrap());
+    ok(common::cli(dir.path())
+        .args(["mailbox", "create", "main"])
+        .output()
+        .unwrap());
+    dir
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    common::cli(dir).args(args).output().unwrap()
+}
+
+/// Runs `cmd`, failing the test instead of hanging if it has not ended after a minute
+/// (a loaded machine is slow, but never that slow for these commands).
+fn run_bounded(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("{cmd:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn group_names(dir: &Path, mailbox: &str) -> Vec<String> {
+    ok(run(dir, &["group", "list", mailbox]))
+        .iter()
+        .map(|g| g["group"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn group_settings_out_of_range_are_refused_and_create_nothing() {
+    let dir = setup();
+    for (flag, value, setting) in [
+        ("--max-deliveries", "0", "max_deliveries"),
+        ("--visibility", "0", "visibility"),
+        // Below the millisecond the group stores: it would become 0.
+        ("--visibility", "0.0004", "visibility"),
+        // A deadline past what a timestamp can hold.
+        ("--visibility", "1e12", "visibility"),
+    ] {
+        let e = fails(
+            run(dir.path(), &["group", "create", "main", "g", flag, value]),
+            2,
+        );
+        assert_eq!(
+            (e["error"].as_str(), e["setting"].as_str()),
+            (Some("invalid_setting"), Some(setting)),
+            "{flag} {value}: {e}"
+        );
+        assert!(group_names(dir.path(), "main").is_empty(), "{flag} {value}");
+    }
+    // The limits themselves are fine.
+    ok(run(
+        dir.path(),
+        &[
+            "group",
+            "create",
+            "main",
+            "g",
+            "--max-deliveries",
+            "1",
+            "--visibility",
+            "0.001",
+        ],
+    ));
+    assert_eq!(group_names(dir.path(), "main"), ["g"]);
+
+    // A claim's own visibility is checked the same way.
+    ok(run(dir.path(), &["send", "main", "--type", "t"]));
+    let e = fails(
+        run(
+            dir.path(),
+            &["recv", "main", "--group", "g", "--visibility", "0"],
+        ),
+        2,
+    );
+    assert_eq!(e["setting"], "visibility");
+    let stats = ok(run(dir.path(), &["stats", "main"]));
+    assert_eq!(stats[0]["groups"][0]["delivered"], 0, "{stats:?}");
+
+    // The library: a typed error, not a silent change.
+    let bus = Bus::open(dir.path()).unwrap();
+    let mb = bus.mailbox("main").unwrap();
+    for opts in [
+        GroupOptions::new().max_deliveries(0),
+        GroupOptions::new().visibility(Duration::ZERO),
+        GroupOptions::new().visibility(Duration::from_micros(999)),
+    ] {
+        let e = mb.create_group_with("lib", opts).unwrap_err();
+        assert_eq!(e.code(), "invalid_setting", "{e:?}");
+        assert!(e.is_invalid_input());
+    }
+    let group = mb.group("g").unwrap();
+    let e = group.claim_for("c", 1, Duration::ZERO).unwrap_err();
+    assert_eq!(e.code(), "invalid_setting", "{e:?}");
+    assert!(!mb.groups().unwrap().contains(&"lib".to_owned()));
+}
+
+#[test]
+fn lease_acquire_refuses_a_wait_that_is_not_a_duration() {
+    let dir = setup();
+    for wait in [["--wait", "-1"], ["--wait", "NaN"], ["--wait", "inf"]] {
+        let out = run(
+            dir.path(),
+            &[
+                "lease", "acquire", "deploy", "--holder", "h", "--ttl", "10", wait[0], wait[1],
+            ],
+        );
+        let e = fails(out, 2);
+        assert_eq!(e["error"], "usage");
+        assert!(e["message"].as_str().unwrap().contains(wait[1]), "{e}");
+    }
+    let e = fails(
+        run(
+            dir.path(),
+            &[
+                "lease",
+                "acquire",
+                "deploy",
+                "--holder",
+                "h",
+                "--ttl",
+                "10",
+                "--wait=-1",
+            ],
+        ),
+        2,
+    );
+    assert!(e["message"].as_str().unwrap().contains("-1"), "{e}");
+    // Nothing was granted.
+    let shown = ok(run(dir.path(), &["lease", "show", "deploy"]));
+    assert!(shown[0]["holder"].is_null(), "{shown:?}");
+}
+
+#[test]
+fn a_header_without_a_name_is_refused() {
+    let dir = setup();
+    let e = fails(
+        run(
+            dir.path(),
+            &["send", "main", "--type", "t", "--header", "=v"],
+        ),
+        2,
+    );
+    assert_eq!(e["error"], "invalid_message");
+    assert!(ok(run(dir.path(), &["recv", "main"])).is_empty());
+
+    // `KEY=` is a header with an empty value, which is fine.
+    ok(run(
+        dir.path(),
+        &["send", "main", "--type", "t", "--header", "k="],
+    ));
+    assert_eq!(
+        ok(run(dir.path(), &["recv", "main"]))[0]["headers"]["k"],
+        ""
+    );
+}
+
+#[test]
+fn an_artifact_that_is_not_a_regular_file_is_named_for_what_it_is() {
+    let dir = setup();
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    let fifo = dir.path().join("pipe");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    for (path, kind) in [
+        (folder.as_path(), "directory"),
+        (fifo.as_path(), "FIFO"),
+        (Path::new("/dev/null"), "character device"),
+    ] {
+        for args in [
+            &["send", "main", "--type", "t"][..],
+            &["handoff", "send", "main", "--from", "w", "--summary", "s"][..],
+        ] {
+            let mut cmd = common::cli(dir.path());
+            cmd.args(args).arg("--artifact").arg(path);
+            let e = fails(run_bounded(cmd), 6);
+            assert_eq!(
+                (e["error"].as_str(), e["kind"].as_str()),
+                (Some("artifact_not_a_file"), Some(kind)),
+                "{e}"
+            );
+            assert!(e["message"].as_str().unwrap().contains(kind), "{e}");
+        }
+    }
+    assert!(ok(run(dir.path(), &["recv", "main"])).is_empty());
+
+    // At verification time too: a pinned file replaced by a FIFO does not block.
+    let file = dir.path().join("draft.md");
+    std::fs::write(&file, "# draft\n").unwrap();
+    let artifact = Artifact::capture(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    Command::new("mkfifo").arg(&file).status().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(artifact.verify()).unwrap());
+    let e = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("verify blocked on a FIFO")
+        .unwrap_err();
+    assert_eq!(e.code(), "artifact_not_a_file", "{e:?}");
+    assert!(e.to_string().contains("FIFO"), "{e}");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let e = Artifact {
+        path: file.clone(),
+        size: 8,
+        sha256: "00".repeat(32),
+    }
+    .verify()
+    .unwrap_err();
+    assert_eq!(e.code(), "artifact_not_a_file");
+}
+
+#[test]
+fn a_refused_handoff_leaves_no_group_and_no_reply_mailbox_behind() {
+    let dir = setup();
+    let granted = ok(run(
+        dir.path(),
+        &[
+            "lease", "acquire", "ch1", "--holder", "writer", "--ttl", "60",
+        ],
+    ));
+    let token = granted[0]["token"].as_u64().unwrap();
+    let stale = (token + 1).to_string();
+    let e = fails(
+        run(
+            dir.path(),
+            &[
+                "handoff",
+                "send",
+                "main",
+                "--from",
+                "writer",
+                "--summary",
+                "s",
+                "--lease",
+                "ch1",
+                "--token",
+                &stale,
+            ],
+        ),
+        5,
+    );
+    assert_eq!(e["error"], "stale_lease");
+    assert!(group_names(dir.path(), "main").is_empty());
+    let mailboxes: Vec<_> = ok(run(dir.path(), &["mailbox", "list"]))
+        .iter()
+        .map(|m| m["mailbox"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(mailboxes, ["main"]);
+    assert!(ok(run(dir.path(), &["recv", "main"])).is_empty());
+
+    // With the right token it goes through and creates both.
+    ok(run(
+        dir.path(),
+        &[
+            "handoff",
+            "send",
+            "main",
+            "--from",
+            "writer",
+            "--summary",
+            "s",
+            "--lease",
+            "ch1",
+            "--token",
+            &token.to_string(),
+        ],
+    ));
+    assert_eq!(group_names(dir.path(), "main"), ["handoffs"]);
+}
+
+#[test]
+fn a_refused_handoff_with_a_lease_handle_keeps_the_lease_and_creates_nothing() {
+    let dir = setup();
+    let bus = Bus::builder().agent("writer").open(dir.path()).unwrap();
+    let lease = bus
+        .lease("ch1")
+        .ttl(Duration::from_millis(1))
+        .try_acquire()
+        .unwrap();
+    // Taken over by someone else once it ran out: the handle is stale.
+    std::thread::sleep(Duration::from_millis(300));
+    let other = bus.lease("ch1").holder("other").try_acquire().unwrap();
+    let e = bus
+        .handoff("main")
+        .summary("s")
+        .with_lease(lease)
+        .send()
+        .unwrap_err();
+    assert!(matches!(e, Error::StaleLease { .. }), "{e:?}");
+    assert!(group_names(dir.path(), "main").is_empty());
+    assert_eq!(bus.mailboxes().unwrap(), ["main"]);
+    assert_eq!(bus.lease_info("ch1").unwrap().unwrap().token, other.token());
+}
+
+#[test]
+fn settling_seq_0_is_an_error_not_a_quiet_false() {
+    let dir = setup();
+    ok(run(dir.path(), &["group", "create", "main", "g"]));
+    ok(run(dir.path(), &["send", "main", "--type", "t"]));
+    ok(run(dir.path(), &["recv", "main", "--group", "g"]));
+    for verb in [
+        &["ack", "main", "--group", "g", "0"][..],
+        &["nack", "main", "--group", "g", "0"][..],
+        &["term", "main", "--group", "g", "0"][..],
+        &["extend", "main", "--group", "g", "0", "--by", "5"][..],
+    ] {
+        let e = fails(run(dir.path(), verb), 2);
+        assert_eq!(e["error"], "not_delivered", "{verb:?}: {e}");
+    }
+    let group = Bus::open(dir.path())
+        .unwrap()
+        .mailbox("main")
+        .unwrap()
+        .group("g")
+        .unwrap();
+    assert!(matches!(
+        group.ack(0),
+        Err(Error::NotDelivered { seq: 0, .. })
+    ));
+    // The real delivery is untouched.
+    assert!(group.ack(1).unwrap());
+}
+
+#[test]
+fn replaying_a_dead_letter_twice_sends_one_message() {
+    let dir = setup();
+    ok(run(
+        dir.path(),
+        &["group", "create", "main", "g", "--max-deliveries", "1"],
+    ));
+    ok(run(
+        dir.path(),
+        &["send", "main", "--type", "job", "--body", "b"],
+    ));
+    ok(run(dir.path(), &["recv", "main", "--group", "g"]));
+    ok(run(dir.path(), &["nack", "main", "--group", "g", "1"]));
+    assert_eq!(ok(run(dir.path(), &["recv", "main.dlq"])).len(), 1);
+
+    let first = ok(run(dir.path(), &["replay", "main.dlq", "1"]));
+    assert_eq!(
+        (
+            first[0]["receipt"]["seq"].as_u64(),
+            first[0]["receipt"]["duplicate"].as_bool()
+        ),
+        (Some(2), Some(false))
+    );
+    let again = ok(run(dir.path(), &["replay", "main.dlq", "1", "1"]));
+    for line in &again {
+        assert_eq!(line["receipt"]["seq"], 2, "{line}");
+        assert_eq!(line["receipt"]["duplicate"], true, "{line}");
+    }
+    let stored = ok(run(dir.path(), &["recv", "main"]));
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[1]["body"], "b");
+
+    // The library's replay message carries the same key.
+    let bus = Bus::open(dir.path()).unwrap();
+    let dead = bus
+        .mailbox("main.dlq")
+        .unwrap()
+        .messages()
+        .next()
+        .unwrap()
+        .unwrap();
+    let receipt = bus
+        .mailbox("main")
+        .unwrap()
+        .send(NewMessage::replay_of(&dead))
+        .unwrap();
+    assert_eq!((receipt.seq, receipt.duplicate), (2, true));
+}
