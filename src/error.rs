@@ -208,6 +208,34 @@ pub enum Error {
         hint: &'static str,
     },
 
+    /// The bus cannot be trusted: its directory, or a file or directory in it, belongs
+    /// to another user (another group, for a bus shared with a group), or is writable
+    /// by others beyond the bus's sharing mode. Nothing was read or written through it.
+    /// `fix` says what to change (README "Sharing a bus between users").
+    #[error("{}: {problem}; {fix}", path.display())]
+    Untrusted {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong with it, such as `owned by uid 1001, not by uid 1000`.
+        problem: String,
+        /// What to do about it.
+        fix: String,
+    },
+
+    /// A path inside the bus is not a plain file or directory of the bus: a symlink
+    /// (or a symlink on its way), a file with more than one hard link, a FIFO, a
+    /// device or a socket, or a directory where a file belongs (or the reverse).
+    /// Nothing was opened through it.
+    #[error("{}: {problem}; {fix}", path.display())]
+    UnsafeFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is, such as `a FIFO, not a regular file`.
+        problem: String,
+        /// What to do about it.
+        fix: String,
+    },
+
     /// An artifact named by a message does not exist (or is not a regular file).
     #[error("artifact {} is missing", path.display())]
     ArtifactMissing {
@@ -276,6 +304,8 @@ impl Error {
             Error::Nats { .. } => "nats",
             Error::Unsupported { .. } => "unsupported",
             Error::BatchIncomplete { .. } => "batch_incomplete",
+            Error::Untrusted { .. } => "untrusted",
+            Error::UnsafeFile { .. } => "unsafe_file",
             Error::ArtifactMissing { .. } => "artifact_missing",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
             Error::ArtifactDigestMismatch { .. } => "artifact_digest_mismatch",
@@ -290,6 +320,8 @@ impl Error {
             | Error::NotABus { path }
             | Error::UnsupportedFormat { path, .. }
             | Error::Corrupt { path, .. }
+            | Error::Untrusted { path, .. }
+            | Error::UnsafeFile { path, .. }
             | Error::ArtifactMissing { path }
             | Error::ArtifactSizeMismatch { path, .. }
             | Error::ArtifactDigestMismatch { path, .. } => Some(path),

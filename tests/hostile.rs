@@ -57,8 +57,9 @@ impl Setup {
     }
 }
 
-fn is_io(e: &Error) -> bool {
-    matches!(e, Error::Io { .. })
+/// The typed refusal of a path that is not a plain file or directory of the bus.
+fn is_unsafe(e: &Error) -> bool {
+    matches!(e, Error::UnsafeFile { .. }) && e.code() == "unsafe_file"
 }
 
 #[test]
@@ -66,7 +67,7 @@ fn a_symlinked_lock_file_is_refused() {
     let s = setup();
     s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
     let e = s.bus.mailbox("main").unwrap_err();
-    assert!(is_io(&e), "{e:?}");
+    assert!(is_unsafe(&e), "{e:?}");
     s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
     std::fs::remove_file(s.root.join("mailboxes/main/lock")).unwrap();
     s.intact();
@@ -86,7 +87,7 @@ fn a_symlinked_key_bucket_is_refused() {
     let e = mb
         .send(NewMessage::new("t").idempotency_key("k"))
         .unwrap_err();
-    assert!(is_io(&e), "{e:?}");
+    assert!(is_unsafe(&e), "{e:?}");
     // Doctor reports it and, repairing, cuts nothing through it (the victim has no
     // newline: read through the link, all of it would look like a torn tail).
     let report = s.bus.doctor(true).unwrap();
@@ -109,7 +110,7 @@ fn a_segment_replaced_by_a_directory_is_an_error_for_writers_and_readers() {
     std::fs::remove_file(&seg).unwrap();
     std::fs::create_dir(&seg).unwrap();
     let fresh = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
-    assert!(is_io(&fresh.send(NewMessage::new("t")).unwrap_err()));
+    assert!(is_unsafe(&fresh.send(NewMessage::new("t")).unwrap_err()));
     assert!(fresh.messages().next().unwrap().is_err());
     // Put it back: nothing was lost.
     std::fs::remove_dir(&seg).unwrap();
@@ -125,7 +126,7 @@ fn symlinked_group_and_lease_files_are_refused() {
     std::fs::create_dir(&outside).unwrap();
     std::fs::create_dir_all(s.root.join("mailboxes/main/groups")).unwrap();
     symlink(&outside, s.root.join("mailboxes/main/groups/evil")).unwrap();
-    assert!(is_io(&mb.group("evil").unwrap_err()));
+    assert!(is_unsafe(&mb.group("evil").unwrap_err()));
     assert!(!mb.groups().unwrap().contains(&"evil".to_owned()));
 
     s.bus.lease("res").try_acquire().unwrap().release().unwrap();
@@ -136,7 +137,7 @@ fn symlinked_group_and_lease_files_are_refused() {
         .ttl(Duration::from_secs(1))
         .try_acquire()
         .unwrap_err();
-    assert!(is_io(&e), "{e:?}");
+    assert!(is_unsafe(&e), "{e:?}");
     assert!(
         std::fs::read_dir(&outside).unwrap().next().is_none(),
         "wrote outside the bus"
