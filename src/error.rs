@@ -257,6 +257,33 @@ pub enum Error {
     /// on with `?`.
     #[error("no message is waiting")]
     Empty,
+    /// The bus cannot be trusted: its directory, or a file or directory in it, belongs
+    /// to another user (another group, for a bus shared with a group), or is writable
+    /// by others beyond the bus's sharing mode. Nothing was read or written through it.
+    /// `fix` says what to change (README "Sharing a bus between users").
+    #[error("{}: {problem}; {fix}", path.display())]
+    Untrusted {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong with it, such as `owned by uid 1001, not by uid 1000`.
+        problem: String,
+        /// What to do about it.
+        fix: String,
+    },
+
+    /// A path inside the bus is not a plain file or directory of the bus: a symlink
+    /// (or a symlink on its way), a file with more than one hard link, a FIFO, a
+    /// device or a socket, or a directory where a file belongs (or the reverse).
+    /// Nothing was opened through it.
+    #[error("{}: {problem}; {fix}", path.display())]
+    UnsafeFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is, such as `a FIFO, not a regular file`.
+        problem: String,
+        /// What to do about it.
+        fix: String,
+    },
 
     /// An artifact named by a message does not exist (or is not a regular file).
     #[error("artifact {} is missing", path.display())]
@@ -352,6 +379,8 @@ impl Error {
             Error::Timeout => "timeout",
             Error::Empty => "empty",
             Error::BatchIncomplete { .. } => "batch_incomplete",
+            Error::Untrusted { .. } => "untrusted",
+            Error::UnsafeFile { .. } => "unsafe_file",
             Error::ArtifactMissing { .. } => "artifact_missing",
             Error::ArtifactNotAFile { .. } => "artifact_not_a_file",
             Error::InvalidSetting { .. } => "invalid_setting",
@@ -369,6 +398,8 @@ impl Error {
             | Error::UnsupportedFormat { path, .. }
             | Error::Corrupt { path, .. }
             | Error::Compacted { path, .. }
+            | Error::Untrusted { path, .. }
+            | Error::UnsafeFile { path, .. }
             | Error::ArtifactMissing { path }
             | Error::ArtifactNotAFile { path, .. }
             | Error::ArtifactSizeMismatch { path, .. }

@@ -57,8 +57,9 @@ impl Setup {
     }
 }
 
-fn is_io(e: &Error) -> bool {
-    matches!(e, Error::Io { .. })
+/// The typed refusal of a path that is not a plain file or directory of the bus.
+fn is_unsafe(e: &Error) -> bool {
+    e.code() == "unsafe_file"
 }
 
 #[test]
@@ -66,7 +67,7 @@ fn a_symlinked_lock_file_is_refused() {
     let s = setup();
     s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
     let e = s.bus.mailbox("main").unwrap_err();
-    assert!(is_io(&e), "{e:?}");
+    assert!(is_unsafe(&e), "{e:?}");
     s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
     std::fs::remove_file(s.root.join("mailboxes/main/lock")).unwrap();
     s.intact();
@@ -86,7 +87,7 @@ fn a_symlinked_key_bucket_is_refused() {
     let e = mb
         .send(NewMessage::new("t").idempotency_key("k"))
         .unwrap_err();
-    assert!(is_io(&e), "{e:?}");
+    assert!(is_unsafe(&e), "{e:?}");
     // Doctor reports it and, repairing, cuts nothing through it (the victim has no
     // newline: read through the link, all of it would look like a torn tail).
     let report = s.bus.doctor(true).unwrap();
@@ -109,7 +110,7 @@ fn a_segment_replaced_by_a_directory_is_an_error_for_writers_and_readers() {
     std::fs::remove_file(&seg).unwrap();
     std::fs::create_dir(&seg).unwrap();
     let fresh = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
-    assert!(is_io(&fresh.send(NewMessage::new("t")).unwrap_err()));
+    assert!(is_unsafe(&fresh.send(NewMessage::new("t")).unwrap_err()));
     assert!(fresh.messages().next().unwrap().is_err());
     // Put it back: nothing was lost.
     std::fs::remove_dir(&seg).unwrap();
@@ -125,7 +126,7 @@ fn symlinked_group_and_lease_files_are_refused() {
     std::fs::create_dir(&outside).unwrap();
     std::fs::create_dir_all(s.root.join("mailboxes/main/groups")).unwrap();
     symlink(&outside, s.root.join("mailboxes/main/groups/evil")).unwrap();
-    assert!(is_io(&mb.group("evil").unwrap_err()));
+    assert!(is_unsafe(&mb.group("evil").unwrap_err()));
     assert!(!mb.groups().unwrap().contains(&"evil".to_owned()));
 
     s.bus.lease("res").try_acquire().unwrap().release().unwrap();
@@ -136,7 +137,7 @@ fn symlinked_group_and_lease_files_are_refused() {
         .ttl(Duration::from_secs(1))
         .try_acquire()
         .unwrap_err();
-    assert!(is_io(&e), "{e:?}");
+    assert!(is_unsafe(&e), "{e:?}");
     assert!(
         std::fs::read_dir(&outside).unwrap().next().is_none(),
         "wrote outside the bus"
@@ -157,5 +158,164 @@ fn a_marker_or_metadata_file_replaced_by_garbage_is_reported() {
     assert_eq!(
         std::fs::read_to_string(&s.victim).unwrap(),
         "outside the bus"
+    );
+}
+
+/// A directory of the bus moved outside it and replaced by a symlink to where it went.
+/// Returns the moved directory.
+fn move_out_and_link(s: &Setup, inner: &str) -> std::path::PathBuf {
+    let inside = s.root.join(inner);
+    let outside = s
+        .victim
+        .with_file_name(format!("moved-{}", inner.replace('/', "-")));
+    std::fs::rename(&inside, &outside).unwrap();
+    symlink(&outside, &inside).unwrap();
+    outside
+}
+
+/// Every file below `dir`, with its contents, sorted.
+fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(snapshot(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_symlinked_log_directory_is_refused_even_under_an_open_handle() {
+    let s = setup();
+    // Opened (and its directories checked) before the swap, nothing cached yet.
+    let early = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
+    let outside = move_out_and_link(&s, "mailboxes/main/log");
+    let before = snapshot(&outside);
+
+    let e = early
+        .send(NewMessage::new("t").body("lands outside"))
+        .unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    assert!(early.messages().next().unwrap().is_err());
+    let e = Bus::open(&s.root).unwrap().mailbox("main").unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    assert_eq!(snapshot(&outside), before, "wrote outside the bus");
+}
+
+#[test]
+fn a_symlinked_key_directory_is_refused() {
+    let s = setup();
+    let early = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
+    let outside = move_out_and_link(&s, "mailboxes/main/keys");
+    let before = snapshot(&outside);
+    let e = early
+        .send(NewMessage::new("t").idempotency_key("k"))
+        .unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    assert_eq!(snapshot(&outside), before, "wrote outside the bus");
+}
+
+#[test]
+fn a_symlinked_lease_directory_is_refused() {
+    let s = setup();
+    s.bus.lease("res").try_acquire().unwrap().release().unwrap();
+    let outside = move_out_and_link(&s, "leases");
+    let before = snapshot(&outside);
+    let e = s.bus.lease("res").try_acquire().unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    let e = s.bus.lease("other").try_acquire().unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    assert_eq!(snapshot(&outside), before, "wrote outside the bus");
+}
+
+#[test]
+fn a_group_directory_swapped_for_a_symlink_under_an_open_handle_is_refused() {
+    let s = setup();
+    let mb = s.bus.mailbox("main").unwrap();
+    let group = mb.create_group("g").unwrap();
+    mb.send(NewMessage::new("t")).unwrap();
+    assert_eq!(group.claim("c", 1).unwrap().len(), 1);
+    // A copy of the group outside the bus takes its place.
+    let inside = s.root.join("mailboxes/main/groups/g");
+    let outside = s.victim.with_file_name("outside-group");
+    std::fs::create_dir(&outside).unwrap();
+    for entry in std::fs::read_dir(&inside).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), outside.join(entry.file_name())).unwrap();
+    }
+    std::fs::remove_dir_all(&inside).unwrap();
+    symlink(&outside, &inside).unwrap();
+    let before = snapshot(&outside);
+
+    let e = group.claim("c", 1).unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    let e = mb.group("g").unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    // The groups directory itself, too.
+    let groups = s.root.join("mailboxes/main/groups");
+    std::fs::remove_file(&inside).unwrap();
+    let moved = s.victim.with_file_name("outside-groups");
+    std::fs::rename(&groups, &moved).unwrap();
+    symlink(&moved, &groups).unwrap();
+    let e = mb.create_group("h").unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    assert!(std::fs::read_dir(&moved).unwrap().all(|e| {
+        let name = e.unwrap().file_name();
+        name == ".lock"
+    }));
+    assert_eq!(snapshot(&outside), before, "wrote outside the bus");
+}
+
+/// Replaces the bus file at `path` by a hard link to an outside file holding
+/// `contents`; returns the outside file.
+fn hard_link_outside(s: &Setup, path: &std::path::Path, contents: &[u8]) -> std::path::PathBuf {
+    let outside = s.victim.with_file_name("linked-outside");
+    std::fs::write(&outside, contents).unwrap();
+    std::fs::remove_file(path).unwrap();
+    std::fs::hard_link(&outside, path).unwrap();
+    outside
+}
+
+#[test]
+fn a_hard_linked_segment_is_never_appended_to_or_truncated() {
+    let s = setup();
+    let seg = s.root.join("mailboxes/main/log/00000000000000000001.jsonl");
+    let mut contents = std::fs::read(&seg).unwrap();
+    // A torn tail: a writer would cut it, doctor --repair too.
+    contents.extend_from_slice(b"{\"crc\":\"00000000\",\"seq\":2,");
+    let outside = hard_link_outside(&s, &seg, &contents);
+
+    let fresh = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
+    let e = fresh.send(NewMessage::new("t")).unwrap_err();
+    assert!(
+        is_unsafe(&e) && e.to_string().contains("has 2 hard links"),
+        "{e:?}"
+    );
+    assert!(fresh.messages().next().unwrap().is_err());
+    let _ = Bus::open(&s.root).unwrap().doctor(true);
+    assert_eq!(
+        std::fs::read(&outside).unwrap(),
+        contents,
+        "changed a file outside the bus"
+    );
+}
+
+#[test]
+fn a_hard_linked_lease_file_is_refused() {
+    let s = setup();
+    s.bus.lease("res").try_acquire().unwrap().release().unwrap();
+    let path = s.root.join("leases/res.jsonl");
+    let contents = std::fs::read(&path).unwrap();
+    let outside = hard_link_outside(&s, &path, &contents);
+    let e = s.bus.lease("res").try_acquire().unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+    assert_eq!(
+        std::fs::read(&outside).unwrap(),
+        contents,
+        "changed a file outside the bus"
     );
 }

@@ -179,7 +179,7 @@ fn symlinks_inside_the_bus_are_not_followed() {
     std::os::unix::fs::symlink(&victim, &seg).unwrap();
     let fresh = Bus::open(&root).unwrap().mailbox("main").unwrap();
     let err = fresh.send(NewMessage::new("t")).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(matches!(err, Error::UnsafeFile { .. }), "{err:?}");
     assert!(fresh.messages().next().unwrap().is_err());
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
 

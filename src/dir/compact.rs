@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use super::group::{groups_lock, Group};
 use super::segment as log;
-use super::{fsutil, Mailbox};
+use super::Mailbox;
 use crate::backend::MailboxBackend;
 use crate::error::IoContext;
 use crate::report::CompactReport;
@@ -23,7 +23,8 @@ pub(crate) fn compact(mailbox: &Mailbox, retention: Option<Duration>) -> Result<
         }
     }
     let log_dir = mailbox.log_dir();
-    let segments = log::list_segments(log_dir)?;
+    let fs = mailbox.bus().fs();
+    let segments = log::list_segments(fs, log_dir)?;
     let cutoff = retention.map(|r| SystemTime::now() - r);
     let mut report = CompactReport {
         mailbox: mailbox.name().to_owned(),
@@ -42,23 +43,23 @@ pub(crate) fn compact(mailbox: &Mailbox, retention: Option<Duration>) -> Result<
             break;
         }
         let path = log_dir.join(log::segment_name(first));
-        let meta = std::fs::symlink_metadata(&path).ctx("stat", &path)?;
+        let meta = fs.stat(&path).ctx("stat", &path)?;
         if let Some(cutoff) = cutoff {
-            if meta.modified().ctx("stat", &path)? > cutoff {
+            if meta.modified > cutoff {
                 break;
             }
         }
-        match std::fs::remove_file(&path) {
+        match fs.remove_file(&path) {
             Ok(()) => {}
             // A concurrent compaction got there first.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(crate::Error::io("remove", path, e)),
         }
-        report.bytes += meta.len();
+        report.bytes += meta.len;
         report.removed.push(path);
     }
     if !report.removed.is_empty() && mailbox.bus().opts().sync() {
-        fsutil::sync_dir(log_dir)?;
+        fs.sync_dir(log_dir)?;
     }
     Ok(report)
 }

@@ -3,11 +3,12 @@
 use std::io::Read;
 use std::path::PathBuf;
 
+use super::fsutil::Fs;
 use super::group::Group;
 use super::lease::LeaseFiles;
 use super::read::Reader;
 use super::segment as log;
-use super::{fsutil, Bus, Mailbox};
+use super::{Bus, Mailbox};
 use crate::backend::{BusBackend, GroupBackend, MailboxBackend};
 use crate::error::IoContext;
 use crate::report::{DoctorReport, Problem, ProblemKind};
@@ -33,6 +34,7 @@ pub(crate) fn run(bus: &Bus, repair: bool) -> Result<DoctorReport> {
         add(&mut report, "", path, line, kind, detail, repaired)
     };
     check_records(
+        bus.fs(),
         &leases,
         |name| name.ends_with(".jsonl"),
         false,
@@ -57,14 +59,15 @@ fn check_mailbox(mailbox: &Mailbox, repair: bool, report: &mut DoctorReport) -> 
         }
     }
     let log_dir = mailbox.log_dir();
-    let segments = log::list_segments(log_dir)?;
+    let fs = mailbox.bus().fs();
+    let segments = log::list_segments(fs, log_dir)?;
     let reached = messages.segment_first();
     let at_newest = reached.is_some() && reached == segments.last().copied();
     if let Some((path, line, offset)) = messages.pending_partial()? {
         if at_newest {
             // A writer died mid-append: safe to cut, the record was never acknowledged.
             if repair {
-                cut(&path, offset)?;
+                cut(fs, &path, offset)?;
             }
             let detail = format!("incomplete final record at byte {offset}");
             problem(path, line, ProblemKind::TornTail, detail, repair);
@@ -90,6 +93,7 @@ fn check_mailbox(mailbox: &Mailbox, repair: bool, report: &mut DoctorReport) -> 
     }
     // The key index is only written under the append lock, which we hold.
     check_records(
+        fs,
         &mailbox.dir().join("keys"),
         |n| n.ends_with(".jsonl"),
         repair,
@@ -104,6 +108,7 @@ fn check_mailbox(mailbox: &Mailbox, repair: bool, report: &mut DoctorReport) -> 
         }
         let dir = mailbox.dir().join("groups").join(group);
         check_records(
+            fs,
             &dir,
             |n| n.starts_with("state.") && n.ends_with(".jsonl"),
             false,
@@ -114,9 +119,9 @@ fn check_mailbox(mailbox: &Mailbox, repair: bool, report: &mut DoctorReport) -> 
     Ok(())
 }
 
-/// Cuts the file at `len` (a torn tail), never through a symlink.
-fn cut(path: &std::path::Path, len: u64) -> Result<()> {
-    let file = fsutil::open_write(path).ctx("open", path)?;
+/// Cuts the file at `len` (a torn tail), never through a symlink or a hard link.
+fn cut(fs: &Fs, path: &std::path::Path, len: u64) -> Result<()> {
+    let file = fs.open_write(path)?;
     file.set_len(len).ctx("truncate torn tail", path)?;
     file.sync_data().ctx("fdatasync", path)
 }
@@ -146,27 +151,43 @@ fn add(
 /// an incomplete last line is reported as a torn tail, and cut if `cut_torn` (the
 /// caller holds the lock its writers take).
 fn check_records(
+    fs: &Fs,
     dir: &std::path::Path,
     pick: impl Fn(&str) -> bool,
     cut_torn: bool,
     problem: &mut impl FnMut(PathBuf, u64, ProblemKind, String, bool),
 ) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
+    let entries = match fs.list(dir, true) {
+        Ok(entries) => entries,
+        // A symlink or a file planted where the directory belongs: reported, not
+        // followed.
+        Err(e @ (Error::UnsafeFile { .. } | Error::Untrusted { .. })) => {
+            problem(
+                dir.to_owned(),
+                0,
+                ProblemKind::Damaged,
+                e.to_string(),
+                false,
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
     };
     let mut paths: Vec<PathBuf> = Vec::new();
-    for entry in entries {
-        let path = entry.ctx("list", dir)?.path();
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(&pick) {
-            paths.push(path);
+    for (name, _) in entries {
+        if name.to_str().is_some_and(&pick) {
+            paths.push(dir.join(name));
         }
     }
     paths.sort();
     for path in paths {
         let mut text = Vec::new();
-        let read = fsutil::open_read(&path).and_then(|mut f| f.read_to_end(&mut text));
+        let read = fs
+            .open_read(&path)
+            .and_then(|mut f| f.read_to_end(&mut text).ctx("read", &path));
         if let Err(e) = read {
-            // A symlink or a directory planted here, say: reported, never followed.
+            // A symlink, a FIFO or a directory planted here, say: reported, never
+            // followed or read.
             problem(
                 path,
                 0,
@@ -191,7 +212,7 @@ fn check_records(
         }
         if complete < text.len() {
             if cut_torn {
-                cut(&path, complete as u64)?;
+                cut(fs, &path, complete as u64)?;
             }
             let detail =
                 format!("incomplete final record at byte {complete} (the next writer cuts it)");

@@ -1,22 +1,23 @@
 //! The idempotency index of a mailbox.
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::fsutil::Fs;
 use super::read::{LogSpec, Reader};
+use super::record;
 use super::segment::{self as log, Line};
-use super::{fsutil, record};
 use crate::error::IoContext;
 use crate::{Error, Result};
 
 /// The idempotency index: `keys/<hh>.jsonl`, 256 buckets by CRC-32C of the key, each
 /// line `{"crc":..,"seq":N,"key":K,"id":U}`. Only touched under the mailbox lock.
 pub(crate) struct KeyIndex<'a> {
+    pub(crate) fs: &'a Fs,
     pub(crate) dir: &'a Path,
-    pub(crate) mode: u32,
     pub(crate) sync: bool,
 }
 
@@ -33,22 +34,27 @@ impl KeyIndex<'_> {
         self.dir.join("scanned")
     }
 
-    /// The watermark: every keyed record up to this seq is indexed. 0 when unknown,
-    /// which only costs a longer scan.
-    pub(crate) fn scanned(&self) -> u64 {
+    /// The watermark: every keyed record up to this seq is indexed. 0 when unknown
+    /// (missing or unreadable), which only costs a longer scan; a FIFO, symlink or
+    /// another user's file in its place is an error.
+    pub(crate) fn scanned(&self) -> Result<u64> {
+        let Some(file) = self.fs.open_read_opt(&self.scanned_path())? else {
+            return Ok(0);
+        };
         let mut buf = [0u8; 21];
-        fsutil::open_read(&self.scanned_path())
-            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0))
-            .ok()
-            .and_then(|()| std::str::from_utf8(&buf[..20]).ok()?.parse().ok())
-            .unwrap_or(0)
+        Ok(
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0)
+                .ok()
+                .and_then(|()| std::str::from_utf8(&buf[..20]).ok()?.parse().ok())
+                .unwrap_or(0),
+        )
     }
 
     /// Moves the watermark. Not synced: a watermark lost to a power cut only makes the
     /// next keyed send scan a little more.
     pub(crate) fn set_scanned(&self, seq: u64) {
         let path = self.scanned_path();
-        if let Ok(f) = fsutil::open_lock(&path, self.mode) {
+        if let Ok(f) = self.fs.open_lock(&path) {
             let line = format!("{seq:020}\n");
             let _ = std::os::unix::fs::FileExt::write_all_at(&f, line.as_bytes(), 0);
         }
@@ -84,10 +90,8 @@ impl KeyIndex<'_> {
 
     pub(crate) fn lookup(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
         let path = self.bucket(key);
-        let file = match fsutil::open_read(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open", path, e)),
+        let Some(file) = self.fs.open_read_opt(&path)? else {
+            return Ok(None);
         };
         let mut reader = log::LineReader::new(0, 64 * 1024);
         let mut line_no = 0;
@@ -112,8 +116,7 @@ impl KeyIndex<'_> {
 
     pub(crate) fn insert(&self, key: &str, seq: u64, id: Uuid) -> Result<()> {
         let path = self.bucket(key);
-        let created = !path.exists();
-        let file = fsutil::open_append(&path, self.mode)?;
+        let (file, created) = self.fs.open_append_created(&path)?;
         // A torn line left by a crash would glue onto ours: cut it first.
         let size = file.metadata().ctx("stat", &path)?.len();
         if size > 0 {
@@ -136,7 +139,7 @@ impl KeyIndex<'_> {
         if self.sync {
             file.sync_data().ctx("fdatasync", &path)?;
             if created {
-                fsutil::sync_dir(self.dir)?;
+                self.fs.sync_dir(self.dir)?;
             }
         }
         Ok(())

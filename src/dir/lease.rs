@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::fsutil::{self, Flock};
+use super::fsutil::{Flock, Fs};
 use super::segment::{self as log, Line};
 use super::{record, Bus};
 use crate::backend::{Granted, LeaseChange, LeaseGrant, LeaseState};
@@ -89,15 +89,9 @@ fn apply(state: &mut LeaseState, r: &Rec) {
 }
 
 /// The names of all lease files in `dir`, sorted.
-pub(crate) fn names(dir: &Path) -> Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("list", dir, e)),
-    };
+pub(crate) fn names(fs: &Fs, dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for entry in entries {
-        let name = entry.ctx("list", dir)?.file_name();
+    for (name, _) in fs.list(dir, true)? {
         if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".jsonl")) {
             if crate::name::is_valid(n) {
                 names.push(n.to_owned());
@@ -110,10 +104,9 @@ pub(crate) fn names(dir: &Path) -> Result<Vec<String>> {
 
 /// Paths of one lease, and the operations on its files (all under its lock).
 pub(crate) struct LeaseFiles {
+    fs: Fs,
     dir: PathBuf,
     name: String,
-    file_mode: u32,
-    dir_mode: u32,
 }
 
 impl LeaseFiles {
@@ -149,7 +142,7 @@ impl LeaseFiles {
         let token = state.token + 1;
         let alive = if request.process_bound {
             let path = self.alive(token);
-            let f = fsutil::open_lock(&path, self.file_mode)?;
+            let f = self.fs.open_lock(&path)?;
             f.try_lock()
                 .map_err(|e| Error::io("lock", &path, io::Error::other(e.to_string())))?;
             Some(f)
@@ -164,7 +157,7 @@ impl LeaseFiles {
             now,
         );
         if let Err(e) = granted {
-            let _ = std::fs::remove_file(self.alive(token));
+            let _ = self.fs.remove_file(&self.alive(token));
             return Err(e);
         }
         Ok(Ok(Granted {
@@ -205,7 +198,7 @@ impl LeaseFiles {
     /// Releases grant `token` of `holder` if the lease file is free right now; never
     /// blocks (a busy lease simply runs out at its TTL).
     pub(crate) fn try_release(&self, holder: &str, token: u64) {
-        let Ok(lock) = fsutil::open_lock(&self.lock_path(), self.file_mode) else {
+        let Ok(lock) = self.fs.open_lock(&self.lock_path()) else {
             return;
         };
         let Some(_guard) = Flock::try_exclusive(lock) else {
@@ -220,10 +213,9 @@ impl LeaseFiles {
 
     pub(crate) fn new(bus: &Bus, name: &str) -> LeaseFiles {
         LeaseFiles {
+            fs: bus.fs().clone(),
             dir: bus.root().join("leases"),
             name: name.to_owned(),
-            file_mode: bus.opts().file_mode,
-            dir_mode: bus.opts().dir_mode,
         }
     }
 
@@ -241,20 +233,20 @@ impl LeaseFiles {
 
     fn lock(&self) -> Result<Flock<File>> {
         let path = self.lock_path();
-        if !self.dir.exists() {
-            fsutil::create_dir(&self.dir, self.dir_mode)?;
+        // Creates `leases/` if needed, and checks it (its owner and mode; a symlink is
+        // refused) before anything in it is opened.
+        if !self.fs.dir_exists(&self.dir)? {
+            self.fs.create_dir(&self.dir)?;
         }
-        let f = fsutil::open_lock(&path, self.file_mode)?;
+        let f = self.fs.open_lock(&path)?;
         Flock::exclusive(f, &path)
     }
 
     /// Reads the whole (small) lease file; cuts a torn tail (we hold the lock).
     fn load(&self) -> Result<LeaseState> {
         let path = self.log_path();
-        let file = match fsutil::open_read(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LeaseState::default()),
-            Err(e) => return Err(Error::io("open", path, e)),
+        let Some(file) = self.fs.open_read_opt(&path)? else {
+            return Ok(LeaseState::default());
         };
         let mut state = LeaseState::default();
         let mut reader = log::LineReader::new(0, 64 * 1024);
@@ -274,7 +266,7 @@ impl LeaseFiles {
                     })
                 }
                 Line::Partial { offset } => {
-                    let w = fsutil::open_append(&path, self.file_mode)?;
+                    let w = self.fs.open_append(&path)?;
                     w.set_len(offset).ctx("truncate torn tail", &path)?;
                     return Ok(state);
                 }
@@ -315,7 +307,7 @@ impl LeaseFiles {
         };
         self.append(state, &r)?;
         if previous > 0 {
-            let _ = std::fs::remove_file(self.alive(previous));
+            let _ = self.fs.remove_file(&self.alive(previous));
         }
         Ok(())
     }
@@ -324,10 +316,8 @@ impl LeaseFiles {
     /// can be taken (or the file is missing).
     fn holder_died(&self, token: u64) -> Result<bool> {
         let path = self.alive(token);
-        let f = match fsutil::open_read(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
-            Err(e) => return Err(Error::io("open", path, e)),
+        let Some(f) = self.fs.open_read_opt(&path)? else {
+            return Ok(true);
         };
         match f.try_lock() {
             Ok(()) => {
@@ -395,7 +385,7 @@ impl LeaseFiles {
     fn release(&self, state: &mut LeaseState, token: u64) -> Result<()> {
         let r = self.rec(state, Op::Release, token, now_ms());
         self.append(state, &r)?;
-        let _ = std::fs::remove_file(self.alive(token));
+        let _ = self.fs.remove_file(&self.alive(token));
         Ok(())
     }
 
@@ -404,17 +394,16 @@ impl LeaseFiles {
     /// out twice, and leases change rarely enough for the fsync not to matter.
     fn append(&self, state: &mut LeaseState, r: &Rec) -> Result<()> {
         let path = self.log_path();
-        let created = !path.exists();
-        let file = fsutil::open_append(&path, self.file_mode)?;
+        let (file, created) = self.fs.open_append_created(&path)?;
         let mut line = Vec::with_capacity(200);
         record::encode_value(r, &mut line);
         (&file).write_all(&line).ctx("append", &path)?;
         file.sync_data().ctx("fdatasync", &path)?;
         if created {
             // The lease file's entry, and `leases/`'s own (created lazily).
-            fsutil::sync_dir(&self.dir)?;
+            self.fs.sync_dir(&self.dir)?;
             if let Some(root) = self.dir.parent() {
-                fsutil::sync_dir(root)?;
+                self.fs.sync_dir(root)?;
             }
         }
         apply(state, r);
@@ -437,6 +426,6 @@ impl LeaseFiles {
         };
         let mut line = Vec::new();
         record::encode_value(&r, &mut line);
-        fsutil::write_atomic(&self.log_path(), &line, self.file_mode, true)
+        self.fs.write_atomic(&self.log_path(), &line, true)
     }
 }

@@ -13,7 +13,7 @@ use super::fsutil::Flock;
 use super::keys::KeyIndex;
 use super::read::{LogSpec, Reader};
 use super::segment as log;
-use super::{fsutil, record, Bus};
+use super::{record, Bus};
 use crate::backend::{Backend, GroupImp, GroupMeta, MailboxBackend, Prepared, ReaderImp};
 use crate::error::IoContext;
 use crate::report::CompactReport;
@@ -73,7 +73,7 @@ impl Mailbox {
         max_record_bytes: usize,
     ) -> Result<Mailbox> {
         let lock_path = dir.join("lock");
-        let lock = fsutil::open_lock(&lock_path, bus.opts().file_mode)?;
+        let lock = bus.fs().open_lock(&lock_path)?;
         Ok(Mailbox {
             inner: Arc::new(MailboxInner {
                 name: name.to_owned(),
@@ -116,6 +116,7 @@ impl Mailbox {
 
     pub(crate) fn log_spec(&self) -> LogSpec {
         LogSpec {
+            fs: self.inner.bus.fs().clone(),
             dir: self.inner.log_dir.clone(),
             limit: self.inner.max_record_bytes,
             segment_bytes: self.inner.segment_bytes,
@@ -123,22 +124,19 @@ impl Mailbox {
     }
 
     pub(crate) fn first_seq(&self) -> Result<u64> {
-        Ok(log::list_segments(&self.inner.log_dir)?
-            .first()
-            .copied()
-            .unwrap_or(1))
+        let segments = log::list_segments(self.inner.bus.fs(), &self.inner.log_dir)?;
+        Ok(segments.first().copied().unwrap_or(1))
     }
 
     /// Reads only the end of the newest segment (all of it when its last record is
     /// damaged).
     pub(crate) fn last_seq(&self) -> Result<u64> {
         let log_dir = &self.inner.log_dir;
-        for first in log::list_segments(log_dir)?.into_iter().rev() {
+        let fs = self.inner.bus.fs();
+        for first in log::list_segments(fs, log_dir)?.into_iter().rev() {
             let path = log_dir.join(log::segment_name(first));
-            let file = match fsutil::open_read(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("open", path, e)),
+            let Some(file) = fs.open_read_opt(&path)? else {
+                continue;
             };
             let size = file.metadata().ctx("stat", &path)?.len();
             let limit = self.inner.max_record_bytes;
@@ -172,8 +170,8 @@ impl Mailbox {
     fn key_index(&self) -> KeyIndex<'_> {
         let opts = self.inner.bus.opts();
         KeyIndex {
+            fs: self.inner.bus.fs(),
             dir: &self.inner.keys_dir,
-            mode: opts.file_mode,
             sync: opts.sync(),
         }
     }
@@ -186,7 +184,10 @@ impl Mailbox {
         indexed: &mut Option<u64>,
         last: u64,
     ) -> Result<()> {
-        let from = indexed.unwrap_or_else(|| keys.scanned());
+        let from = match *indexed {
+            Some(seq) => seq,
+            None => keys.scanned()?,
+        };
         if from < last {
             keys.catch_up(&self.log_spec(), from, last)?;
         }
@@ -351,7 +352,7 @@ impl Mailbox {
         let mut tail = match cached.take() {
             Some(t) => t,
             None => {
-                let first = log::list_segments(&inner.log_dir)?
+                let first = log::list_segments(inner.bus.fs(), &inner.log_dir)?
                     .last()
                     .copied()
                     .unwrap_or(1);
@@ -388,9 +389,10 @@ impl Mailbox {
     /// happens once per segment per handle.
     fn open_segment(&self, first: u64, len: u64) -> Result<Tail> {
         let path = self.inner.log_dir.join(log::segment_name(first));
-        let file = fsutil::open_append(&path, self.inner.bus.opts().file_mode)?;
+        let fs = self.inner.bus.fs();
+        let file = fs.open_append(&path)?;
         if self.inner.bus.opts().sync() {
-            fsutil::sync_dir(&self.inner.log_dir)?;
+            fs.sync_dir(&self.inner.log_dir)?;
         }
         Ok(Tail {
             first,
@@ -445,12 +447,13 @@ impl MailboxBackend for Mailbox {
     }
 
     fn storage(&self) -> Result<(u64, u64)> {
-        let segments = log::list_segments(&self.inner.log_dir)?;
+        let fs = self.inner.bus.fs();
+        let segments = log::list_segments(fs, &self.inner.log_dir)?;
         let mut bytes = 0;
         for first in &segments {
             let path = self.inner.log_dir.join(log::segment_name(*first));
-            if let Ok(meta) = std::fs::symlink_metadata(&path) {
-                bytes += meta.len();
+            if let Ok(meta) = fs.stat(&path) {
+                bytes += meta.len;
             }
         }
         Ok((segments.len() as u64, bytes))
@@ -469,6 +472,9 @@ impl MailboxBackend for Mailbox {
     }
 
     fn group_names(&self) -> Result<Vec<String>> {
-        fsutil::list_names(&self.inner.dir.join("groups"), true)
+        self.inner
+            .bus
+            .fs()
+            .list_names(&self.inner.dir.join("groups"), true)
     }
 }

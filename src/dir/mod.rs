@@ -2,7 +2,7 @@
 //!
 //! | file | what it holds |
 //! | --- | --- |
-//! | `fsutil` | no-follow opens, modes, `flock` guards, directory fsync, atomic replace |
+//! | `fsutil` | [`fsutil::Fs`]: every open beneath the bus directory, no symlinks, checked owners, modes and types; `flock` guards, directory fsync, atomic replace |
 //! | `record` | the line codec: `{"crc":"<8 hex>",...}` |
 //! | `segment` | segment files: names, listing, bounded line reading, the tail |
 //! | `read` | [`Reader`]: a mailbox's records in seq order, with byte positions |
@@ -58,6 +58,7 @@ pub(crate) struct Bus {
 #[derive(Debug)]
 struct BusInner {
     root: PathBuf,
+    fs: fsutil::Fs,
     opts: Options,
 }
 
@@ -87,16 +88,20 @@ fn default_max_record() -> usize {
 
 impl Bus {
     /// Opens the bus at `root`; with `create`, makes it first if needed (like
-    /// `mkdir -p`, safe to race).
+    /// `mkdir -p`, safe to race). The bus directory and everything opened in it are
+    /// checked (see [`fsutil`]): a bus of another user, or one writable beyond its
+    /// sharing mode, is [`Error::Untrusted`].
     pub(crate) fn open(root: &Path, opts: Options, create: bool) -> Result<Bus> {
         let root = root.to_owned();
         if create {
-            let sync = opts.sync();
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).ctx("create directory", parent)?;
             }
-            fsutil::create_dir(&root, opts.dir_mode)?;
-            match read_marker(&root) {
+        }
+        let fs = fsutil::Fs::open_root(&root, &opts, create)?;
+        if create {
+            let sync = opts.sync();
+            match read_marker(&fs, &root) {
                 Ok(()) => {}
                 Err(Error::NotABus { .. }) => {
                     let marker = Marker {
@@ -104,21 +109,26 @@ impl Bus {
                         created: Some(time::OffsetDateTime::now_utc()),
                     };
                     let bytes = serde_json::to_vec(&marker).expect("marker serializes");
-                    fsutil::write_atomic(&root.join(MARKER_FILE), &bytes, opts.file_mode, sync)?;
+                    fs.write_atomic(&root.join(MARKER_FILE), &bytes, sync)?;
                 }
                 Err(e) => return Err(e),
             }
-            fsutil::create_dir(&root.join("mailboxes"), opts.dir_mode)?;
+            fs.create_dir(&root.join("mailboxes"))?;
             if sync {
-                fsutil::sync_dir(&root)?;
+                fs.sync_dir(&root)?;
             }
         } else {
-            read_marker(&root)?;
-            fsutil::ensure_dir(&root.join("mailboxes"))?;
+            read_marker(&fs, &root)?;
+            fs.ensure_dir(&root.join("mailboxes"))?;
         }
         Ok(Bus {
-            inner: Arc::new(BusInner { root, opts }),
+            inner: Arc::new(BusInner { root, fs, opts }),
         })
+    }
+
+    /// The bus directory, through which every file of the bus is opened.
+    pub(crate) fn fs(&self) -> &fsutil::Fs {
+        &self.inner.fs
     }
 
     pub(crate) fn root(&self) -> &Path {
@@ -140,20 +150,15 @@ impl Bus {
     /// Opens the directory mailbox `name`; `None` if it does not exist.
     pub(crate) fn mailbox(&self, name: &str) -> Result<Option<Mailbox>> {
         let dir = self.mailboxes_dir().join(name);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::io(
-                    "open mailbox",
-                    &dir,
-                    io::Error::other("not a directory (symlinks are not followed)"),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open mailbox", dir, e)),
+        if !self.fs().dir_exists(&dir)? {
+            return Ok(None);
         }
+        // Checked once per handle: everything later opened in them is opened beneath
+        // the bus directory without following symlinks, so a swap is refused too.
+        self.fs().ensure_dir(&dir.join("log"))?;
+        self.fs().dir_exists(&dir.join("keys"))?;
         let meta_path = dir.join("mailbox.json");
-        let file = fsutil::open_read(&meta_path).ctx("open", &meta_path)?;
+        let file = self.fs().open_read(&meta_path)?;
         let meta: MailboxMeta =
             serde_json::from_reader(io::BufReader::new(file)).map_err(|e| Error::Corrupt {
                 path: meta_path.clone(),
@@ -202,41 +207,42 @@ impl BusBackend for Bus {
         };
         let parent = self.mailboxes_dir();
         let dir = parent.join(name);
-        if std::fs::symlink_metadata(&dir).is_ok() {
+        let fs = self.fs();
+        if fs.exists(&dir) {
             return Err(exists());
         }
         let opts = &self.inner.opts;
         let tmp = parent.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
         let built = (|| {
-            fsutil::create_dir(&tmp, opts.dir_mode)?;
+            fs.create_dir(&tmp)?;
             let meta = MailboxMeta {
                 format: FORMAT_VERSION,
                 segment_bytes: opts.segment_bytes,
                 max_record_bytes: opts.max_record_bytes,
             };
             let bytes = serde_json::to_vec(&meta).expect("meta serializes");
-            fsutil::write_atomic(&tmp.join("mailbox.json"), &bytes, opts.file_mode, false)?;
-            fsutil::open_lock(&tmp.join("lock"), opts.file_mode)?;
+            fs.write_atomic(&tmp.join("mailbox.json"), &bytes, false)?;
+            fs.open_lock(&tmp.join("lock"))?;
             for sub in ["log", "keys"] {
-                fsutil::create_dir(&tmp.join(sub), opts.dir_mode)?;
+                fs.create_dir(&tmp.join(sub))?;
             }
             let first = tmp.join("log").join(segment::segment_name(1));
-            let seg = fsutil::open_append(&first, opts.file_mode)?;
+            let seg = fs.open_append(&first)?;
             if opts.sync() {
                 seg.sync_all().ctx("fsync", &first)?;
                 for d in ["log", "keys", ""] {
-                    fsutil::sync_dir(&tmp.join(d))?;
+                    fs.sync_dir(&tmp.join(d))?;
                 }
             }
             Ok(())
         })();
-        let renamed = built.and_then(|()| fsutil::rename_new_dir(&tmp, &dir, exists));
+        let renamed = built.and_then(|()| fs.rename_new_dir(&tmp, &dir, exists));
         if let Err(e) = renamed {
-            let _ = std::fs::remove_dir_all(&tmp);
+            fs.remove_tree(&tmp);
             return Err(e);
         }
         if opts.sync() {
-            fsutil::sync_dir(&parent)?;
+            fs.sync_dir(&parent)?;
         }
         Ok(())
     }
@@ -250,7 +256,7 @@ impl BusBackend for Bus {
     }
 
     fn mailbox_names(&self) -> Result<Vec<String>> {
-        fsutil::list_names(&self.mailboxes_dir(), false)
+        self.fs().list_names(&self.mailboxes_dir(), false)
     }
 
     fn watch_mailboxes(&self, names: &[&str], mode: WatchMode) -> Watch {
@@ -266,7 +272,7 @@ impl BusBackend for Bus {
     }
 
     fn lease_names(&self) -> Result<Vec<String>> {
-        lease::names(&self.leases_dir())
+        lease::names(self.fs(), &self.leases_dir())
     }
 
     fn grant_lease(&self, request: &LeaseGrant<'_>) -> Result<Result<Granted, LeaseState>> {
@@ -289,10 +295,13 @@ impl BusBackend for Bus {
 
     fn watch_lease(&self, name: &str, mode: WatchMode) -> Result<Watch> {
         let _ = name;
-        let opts = &self.inner.opts;
         let dir = self.leases_dir();
-        fsutil::create_dir(&dir, opts.dir_mode)?;
-        Ok(watch::watch_dirs(&[dir], mode, opts.poll_interval))
+        self.fs().create_dir(&dir)?;
+        Ok(watch::watch_dirs(
+            &[dir],
+            mode,
+            self.inner.opts.poll_interval,
+        ))
     }
 
     fn doctor(&self, repair: bool) -> Result<DoctorReport> {
@@ -300,21 +309,15 @@ impl BusBackend for Bus {
     }
 }
 
-fn read_marker(root: &Path) -> Result<()> {
+fn read_marker(fs: &fsutil::Fs, root: &Path) -> Result<()> {
     let path = root.join(MARKER_FILE);
-    let bytes = match fsutil::open_read(&path) {
-        Ok(file) => {
-            let mut bytes = Vec::new();
-            io::Read::read_to_end(&mut &file, &mut bytes).ctx("read", &path)?;
-            bytes
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(Error::NotABus {
-                path: root.to_owned(),
-            })
-        }
-        Err(e) => return Err(Error::io("open", path, e)),
+    let Some(file) = fs.open_read_opt(&path)? else {
+        return Err(Error::NotABus {
+            path: root.to_owned(),
+        });
     };
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut &file, &mut bytes).ctx("read", &path)?;
     let marker: Marker = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
         path: path.clone(),
         line: 1,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::fsutil::Fs;
 use super::segment::{self as log, Line, RecordHead, Segment};
 use crate::backend::ReadBackend;
 use crate::error::IoContext;
@@ -12,6 +13,8 @@ use crate::{Error, Filter, Message, Result};
 /// What a reader needs to know about a mailbox's log.
 #[derive(Debug, Clone)]
 pub(crate) struct LogSpec {
+    /// The bus directory, through which the segments are opened.
+    pub(crate) fs: Fs,
     pub(crate) dir: PathBuf,
     pub(crate) limit: usize,
     pub(crate) segment_bytes: u64,
@@ -124,7 +127,9 @@ impl Reader {
     fn start(&mut self) -> Result<()> {
         self.started = true;
         if let Some(pos) = self.resume.take() {
-            if let Some(mut seg) = Segment::open(&self.spec.dir, pos.segment, self.spec.limit)? {
+            if let Some(mut seg) =
+                Segment::open(&self.spec.fs, &self.spec.dir, pos.segment, self.spec.limit)?
+            {
                 seg.reader = log::LineReader::new(pos.offset, self.spec.limit);
                 seg.line = pos.line;
                 self.segment = Some(seg);
@@ -134,7 +139,7 @@ impl Reader {
         }
         // Compaction may remove the oldest segment between listing and opening it.
         for _ in 0..8 {
-            let segments = log::list_segments(&self.spec.dir)?;
+            let segments = log::list_segments(&self.spec.fs, &self.spec.dir)?;
             let Some(first) = segments
                 .iter()
                 .rev()
@@ -144,7 +149,8 @@ impl Reader {
             else {
                 return Ok(());
             };
-            if let Some(seg) = Segment::open(&self.spec.dir, first, self.spec.limit)? {
+            if let Some(seg) = Segment::open(&self.spec.fs, &self.spec.dir, first, self.spec.limit)?
+            {
                 self.segment = Some(seg);
                 self.expected = first;
                 return Ok(());
@@ -318,14 +324,14 @@ impl Reader {
 
     /// The first seq of the oldest segment left.
     fn oldest_segment(&self) -> Result<Option<u64>> {
-        Ok(log::list_segments(&self.spec.dir)?.first().copied())
+        Ok(log::list_segments(&self.spec.fs, &self.spec.dir)?.first().copied())
     }
 
     /// The segment after the current one, if one exists yet: the one named after the
     /// next seq or, failing that, the first later one.
     fn next_segment(&self) -> Result<Option<Segment>> {
-        let (dir, limit) = (&self.spec.dir, self.spec.limit);
-        if let Some(next) = Segment::open(dir, self.expected, limit)? {
+        let (fs, dir, limit) = (&self.spec.fs, &self.spec.dir, self.spec.limit);
+        if let Some(next) = Segment::open(fs, dir, self.expected, limit)? {
             return Ok(Some(next));
         }
         // Only a full segment can have a successor, so readers at the tail do not list
@@ -335,7 +341,7 @@ impl Reader {
             return Ok(None);
         }
         let first_later = || -> Result<Option<u64>> {
-            Ok(log::list_segments(dir)?
+            Ok(log::list_segments(fs, dir)?
                 .into_iter()
                 .find(|&f| f > seg.first))
         };
@@ -346,11 +352,11 @@ impl Reader {
         // it shows. But a segment is created only after every earlier one: now that a
         // later segment is known to exist, so is every segment before it, and a second
         // look (which starts after they were all created) finds them.
-        if let Some(next) = Segment::open(dir, self.expected, limit)? {
+        if let Some(next) = Segment::open(fs, dir, self.expected, limit)? {
             return Ok(Some(next));
         }
         match first_later()? {
-            Some(first) => Segment::open(dir, first, limit),
+            Some(first) => Segment::open(fs, dir, first, limit),
             None => Ok(None),
         }
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::fsutil::Fs;
 use super::record;
 use crate::error::IoContext;
 use crate::{Error, Result};
@@ -25,11 +26,10 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
 }
 
 /// The first seqs of all segments in `log_dir`, ascending.
-pub(crate) fn list_segments(log_dir: &Path) -> Result<Vec<u64>> {
+pub(crate) fn list_segments(fs: &Fs, log_dir: &Path) -> Result<Vec<u64>> {
     let mut firsts = Vec::new();
-    for entry in std::fs::read_dir(log_dir).ctx("list", log_dir)? {
-        let entry = entry.ctx("list", log_dir)?;
-        if let Some(first) = entry.file_name().to_str().and_then(parse_segment_name) {
+    for (name, _) in fs.list(log_dir, false)? {
+        if let Some(first) = name.to_str().and_then(parse_segment_name) {
             firsts.push(first);
         }
     }
@@ -315,19 +315,20 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Opens the segment starting at `first` in `log_dir`; `Ok(None)` if it does not exist.
-    pub(crate) fn open(log_dir: &Path, first: u64, limit: usize) -> Result<Option<Segment>> {
+    pub(crate) fn open(
+        fs: &Fs,
+        log_dir: &Path,
+        first: u64,
+        limit: usize,
+    ) -> Result<Option<Segment>> {
         let path = log_dir.join(segment_name(first));
-        match super::fsutil::open_read(&path) {
-            Ok(file) => Ok(Some(Segment {
-                first,
-                path,
-                file,
-                reader: LineReader::new(0, limit),
-                line: 0,
-            })),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("open", path, e)),
-        }
+        Ok(fs.open_read_opt(&path)?.map(|file| Segment {
+            first,
+            path,
+            file,
+            reader: LineReader::new(0, limit),
+            line: 0,
+        }))
     }
 }
 

@@ -5,7 +5,7 @@ use std::fs::File;
 use super::state::{Checkpoint, GroupState};
 use super::state_path;
 use crate::backend::GroupMeta;
-use crate::dir::fsutil::{self, Flock};
+use crate::dir::fsutil::Flock;
 use crate::dir::{Mailbox, FORMAT_VERSION};
 use crate::{Error, Result};
 
@@ -22,10 +22,11 @@ pub(crate) fn create(
         name: name.to_owned(),
     };
     let opts = mailbox.bus().opts();
+    let fs = mailbox.bus().fs();
     let groups = mailbox.dir().join("groups");
-    fsutil::create_dir(&groups, opts.dir_mode)?;
+    fs.create_dir(&groups)?;
     let dir = groups.join(name);
-    if std::fs::symlink_metadata(&dir).is_ok() {
+    if fs.exists(&dir) {
         return Err(exists());
     }
     // Compaction holds this lock shared while it decides what to remove: a group
@@ -39,10 +40,8 @@ pub(crate) fn create(
     let sync = opts.sync();
     let tmp = groups.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
     let built = (|| {
-        fsutil::create_dir(&tmp, opts.dir_mode)?;
-        let write = |file: &str, bytes: Vec<u8>| {
-            fsutil::write_atomic(&tmp.join(file), &bytes, opts.file_mode, sync)
-        };
+        fs.create_dir(&tmp)?;
+        let write = |file: &str, bytes: Vec<u8>| fs.write_atomic(&tmp.join(file), &bytes, sync);
         write(
             "group.json",
             serde_json::to_vec(meta).expect("metadata serializes"),
@@ -57,20 +56,20 @@ pub(crate) fn create(
             "checkpoint.json",
             serde_json::to_vec(&cp).expect("checkpoint serializes"),
         )?;
-        fsutil::open_append(&state_path(&tmp, 0), opts.file_mode)?;
-        fsutil::open_lock(&tmp.join("lock"), opts.file_mode)?;
+        fs.open_append(&state_path(&tmp, 0))?;
+        fs.open_lock(&tmp.join("lock"))?;
         if sync {
-            fsutil::sync_dir(&tmp)?;
+            fs.sync_dir(&tmp)?;
         }
         Ok(())
     })();
-    let renamed = built.and_then(|()| fsutil::rename_new_dir(&tmp, &dir, exists));
+    let renamed = built.and_then(|()| fs.rename_new_dir(&tmp, &dir, exists));
     if let Err(e) = renamed {
-        let _ = std::fs::remove_dir_all(&tmp);
+        fs.remove_tree(&tmp);
         return Err(e);
     }
     if sync {
-        fsutil::sync_dir(&groups)?;
+        fs.sync_dir(&groups)?;
     }
     Ok(())
 }
@@ -78,11 +77,11 @@ pub(crate) fn create(
 /// Takes `groups/.lock` of `mailbox` (exclusive when creating a group, shared when
 /// compacting).
 pub(crate) fn groups_lock(mailbox: &Mailbox, exclusive: bool) -> Result<Flock<File>> {
-    let opts = mailbox.bus().opts();
+    let fs = mailbox.bus().fs();
     let groups = mailbox.dir().join("groups");
-    fsutil::create_dir(&groups, opts.dir_mode)?;
+    fs.create_dir(&groups)?;
     let path = groups.join(".lock");
-    let file = fsutil::open_lock(&path, opts.file_mode)?;
+    let file = fs.open_lock(&path)?;
     if exclusive {
         Flock::exclusive(file, &path)
     } else {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::fsutil::{self, Flock};
+use super::fsutil::{Flock, Fs};
 use super::read::{LogSpec, Position, Reader};
 use super::segment::{self as log, Line};
 use super::{record, Mailbox, FORMAT_VERSION};
@@ -100,43 +100,33 @@ struct Loaded {
 struct FileId(u64, u64);
 
 impl FileId {
-    fn of(meta: &std::fs::Metadata) -> FileId {
-        use std::os::unix::fs::MetadataExt;
-        FileId(meta.dev(), meta.ino())
-    }
-
-    fn at(path: &Path) -> Result<FileId> {
-        Ok(FileId::of(
-            &std::fs::symlink_metadata(path).ctx("stat", path)?,
-        ))
+    fn at(fs: &Fs, path: &Path) -> Result<FileId> {
+        let meta = fs.stat(path).ctx("stat", path)?;
+        Ok(FileId(meta.dev, meta.ino))
     }
 
     /// Opens `path` and identifies it through that descriptor (which pins it).
-    fn open(path: &Path) -> Result<(FileId, File)> {
-        let file = fsutil::open_read(path).ctx("open", path)?;
-        let id = FileId::of(&file.metadata().ctx("stat", path)?);
-        Ok((id, file))
+    fn open(fs: &Fs, path: &Path) -> Result<(FileId, File)> {
+        use std::os::unix::fs::MetadataExt;
+        let file = fs.open_read(path)?;
+        let meta = file.metadata().ctx("stat", path)?;
+        Ok((FileId(meta.dev(), meta.ino()), file))
     }
 }
 
 impl Group {
     /// Opens the group `name` of `mailbox`; `None` if it does not exist.
     pub(crate) fn open(mailbox: &Mailbox, name: &str) -> Result<Option<Group>> {
-        let dir = mailbox.dir().join("groups").join(name);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::io(
-                    "open group",
-                    &dir,
-                    io::Error::other("not a directory (symlinks are not followed)"),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open group", dir, e)),
+        let fs = mailbox.bus().fs();
+        let groups = mailbox.dir().join("groups");
+        let dir = groups.join(name);
+        // Both directories are checked once per handle; everything in them is opened
+        // beneath the bus directory, never through a symlink.
+        if !fs.dir_exists(&groups)? || !fs.dir_exists(&dir)? {
+            return Ok(None);
         }
         let meta_path = dir.join("group.json");
-        let meta: GroupMeta = read_json(&meta_path)?;
+        let meta: GroupMeta = read_json(fs, &meta_path)?;
         if meta.format != FORMAT_VERSION {
             return Err(Error::UnsupportedFormat {
                 path: meta_path,
@@ -145,7 +135,7 @@ impl Group {
             });
         }
         let lock_path = dir.join("lock");
-        let lock = fsutil::open_lock(&lock_path, mailbox.bus().opts().file_mode)?;
+        let lock = fs.open_lock(&lock_path)?;
         Ok(Some(Group {
             inner: Arc::new(GroupInner {
                 mailbox: mailbox.clone(),
@@ -168,6 +158,10 @@ impl Group {
 
     fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    fn fs(&self) -> &Fs {
+        self.inner.mailbox.bus().fs()
     }
 
     fn spec(&self) -> LogSpec {
@@ -385,7 +379,7 @@ impl Group {
         // checkpoint was in place) if the checkpoint is not the one we loaded: start
         // again from it. A rotation that died before its checkpoint changed nothing.
         let mut loaded = match cached.take() {
-            Some(l) if FileId::at(&self.inner.checkpoint_path)? == l.checkpoint => l,
+            Some(l) if FileId::at(self.fs(), &self.inner.checkpoint_path)? == l.checkpoint => l,
             _ => self.load()?,
         };
         self.replay(&mut loaded)?;
@@ -396,14 +390,13 @@ impl Group {
         let dir = &self.inner.dir;
         // Identify the checkpoint through the descriptor we read it from.
         let cp_path = &self.inner.checkpoint_path;
-        let (checkpoint, cp_file) = FileId::open(cp_path)?;
+        let fs = self.fs();
+        let (checkpoint, cp_file) = FileId::open(fs, cp_path)?;
         let cp: Checkpoint = parse_json(&cp_file, cp_path)?;
         // Remove state files of other generations: older ones are covered by the
         // checkpoint; a newer one is left over from a rotation that died before its
         // checkpoint was written, and nothing was ever appended to it.
-        for entry in std::fs::read_dir(dir).ctx("list", dir)? {
-            let entry = entry.ctx("list", dir)?;
-            let name = entry.file_name();
+        for (name, _) in fs.list(dir, false)? {
             let gen = name
                 .to_str()
                 .and_then(|n| n.strip_prefix("state."))
@@ -414,11 +407,11 @@ impl Group {
                 .to_str()
                 .is_some_and(|n| n.starts_with(".checkpoint.json.") && n.ends_with(".tmp"));
             if gen.is_some_and(|g| g != cp.gen) || stray_checkpoint {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = fs.remove_file(&dir.join(&name));
             }
         }
         let path = state_path(dir, cp.gen);
-        let file = fsutil::open_append(&path, self.inner.mailbox.bus().opts().file_mode)?;
+        let file = fs.open_append(&path)?;
         Ok(Loaded {
             state: cp.state,
             gen: cp.gen,
@@ -511,7 +504,9 @@ impl Group {
                 // It may have failed after its new checkpoint took effect (fsyncing the
                 // directory): then take the state from disk again, so no later write in
                 // this call goes to a file that is no longer current.
-                if FileId::at(&self.inner.checkpoint_path).ok() != Some(loaded.checkpoint) {
+                if FileId::at(self.fs(), &self.inner.checkpoint_path).ok()
+                    != Some(loaded.checkpoint)
+                {
                     let mut fresh = self.load()?;
                     self.replay(&mut fresh)?;
                     *loaded = fresh;
@@ -529,7 +524,8 @@ impl Group {
         let opts = self.inner.mailbox.bus().opts();
         let gen = loaded.gen + 1;
         let path = state_path(dir, gen);
-        let file = fsutil::open_append(&path, opts.file_mode)?;
+        let fs = self.fs();
+        let file = fs.open_append(&path)?;
         let cp = Checkpoint {
             format: FORMAT_VERSION,
             gen,
@@ -537,20 +533,15 @@ impl Group {
             state: loaded.state.clone(),
         };
         let bytes = serde_json::to_vec(&cp).expect("checkpoint serializes");
-        fsutil::write_atomic(
-            &self.inner.checkpoint_path,
-            &bytes,
-            opts.file_mode,
-            opts.sync(),
-        )?;
-        let _ = std::fs::remove_file(&loaded.path);
+        fs.write_atomic(&self.inner.checkpoint_path, &bytes, opts.sync())?;
+        let _ = fs.remove_file(&loaded.path);
         loaded.gen = gen;
         loaded.file = file;
         loaded.path = path;
         loaded.off = 0;
         // The checkpoint we just wrote, pinned; if it cannot be opened, the next
         // refresh simply reloads.
-        match FileId::open(&self.inner.checkpoint_path) {
+        match FileId::open(fs, &self.inner.checkpoint_path) {
             Ok((id, file)) => {
                 loaded.checkpoint = id;
                 loaded._pinned = Some(file);
@@ -656,8 +647,8 @@ impl GroupBackend for Group {
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let file = fsutil::open_read(path).ctx("open", path)?;
+fn read_json<T: serde::de::DeserializeOwned>(fs: &Fs, path: &Path) -> Result<T> {
+    let file = fs.open_read(path)?;
     parse_json(&file, path)
 }
 
