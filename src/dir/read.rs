@@ -324,7 +324,9 @@ impl Reader {
 
     /// The first seq of the oldest segment left.
     fn oldest_segment(&self) -> Result<Option<u64>> {
-        Ok(log::list_segments(&self.spec.fs, &self.spec.dir)?.first().copied())
+        Ok(log::list_segments(&self.spec.fs, &self.spec.dir)?
+            .first()
+            .copied())
     }
 
     /// The segment after the current one, if one exists yet: the one named after the
