@@ -170,6 +170,7 @@ mod filter;
 mod group;
 mod handoff;
 mod lease;
+mod lost;
 mod mailbox;
 mod message;
 mod name;
@@ -195,6 +196,7 @@ pub use handoff::{
     ACCEPTED_TYPE, HANDOFF_GROUP, HANDOFF_TYPE, REJECTED_TYPE,
 };
 pub use lease::{Lease, LeaseRequest};
+pub use lost::{LOST_FROM_HEADER, LOST_TYPE};
 pub use mailbox::Mailbox;
 pub use message::{Artifact, Message, NewMessage, Receipt, MAX_KEY_LEN};
 pub use name::{validate_name, MAX_NAME_LEN};

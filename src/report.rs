@@ -118,6 +118,10 @@ pub enum ProblemKind {
     /// limit, or an unreachable segment. Never repaired automatically: the bytes may be
     /// someone's message.
     Damaged,
+    /// A group has read further than its log now reaches: the log lost records the
+    /// group had seen (a power cut took a tail that was not synced). See FORMAT.md,
+    /// "Power loss".
+    AheadOfLog,
 }
 
 /// What a supervisor sees of a lease: [`Bus::lease_info`](crate::Bus::lease_info), [`Bus::leases`](crate::Bus::leases).

@@ -29,6 +29,13 @@ struct KeyEntry<'a> {
     id: Uuid,
 }
 
+/// A line of `keys/lost.jsonl`: seqs `from..=seq` were lost in a power cut.
+#[derive(Serialize, Deserialize)]
+struct LostRange {
+    seq: u64,
+    from: u64,
+}
+
 impl KeyIndex<'_> {
     fn scanned_path(&self) -> PathBuf {
         self.dir.join("scanned")
@@ -103,13 +110,61 @@ impl KeyIndex<'_> {
                     // reported by `doctor`) rather than stopping every keyed send.
                     let bytes = reader.bytes(start, end);
                     if let Ok(entry) = log::decode::<KeyEntry<'_>>(bytes, &path, line_no) {
-                        if entry.key == key {
+                        // An entry for a seq a power cut took (see `mark_lost`) is
+                        // void: a later entry may stand for a resend.
+                        if entry.key == key && !self.is_lost(entry.seq)? {
                             return Ok(Some((entry.seq, entry.id)));
                         }
                     }
                 }
                 Line::TooLong { .. } => line_no += 1,
                 Line::Partial { .. } | Line::Eof => return Ok(None),
+            }
+        }
+    }
+
+    fn lost_path(&self) -> PathBuf {
+        self.dir.join("lost.jsonl")
+    }
+
+    /// Records (durably) that seqs `from..=through` may have been handed out and were
+    /// lost in a power cut: entries for them no longer answer a keyed send, so a retry
+    /// of a lost send stores the message instead of pointing at another one.
+    pub(crate) fn mark_lost(&self, from: u64, through: u64) -> Result<()> {
+        let path = self.lost_path();
+        let (file, created) = self.fs.open_append_created(&path)?;
+        let mut line = Vec::new();
+        record::encode_value(&LostRange { seq: through, from }, &mut line);
+        (&file).write_all(&line).ctx("append", &path)?;
+        file.sync_data().ctx("fdatasync", &path)?;
+        if created {
+            self.fs.sync_dir(self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `seq` is in a range [`KeyIndex::mark_lost`] recorded. Asked only when a
+    /// key matches, so the file (usually absent) is read only then.
+    fn is_lost(&self, seq: u64) -> Result<bool> {
+        let path = self.lost_path();
+        let Some(file) = self.fs.open_read_opt(&path)? else {
+            return Ok(false);
+        };
+        let mut reader = log::LineReader::new(0, 4096);
+        let mut line_no = 0;
+        loop {
+            match reader.next(&file).ctx("read", &path)? {
+                Line::Complete { start, end, .. } => {
+                    line_no += 1;
+                    let bytes = reader.bytes(start, end);
+                    if let Ok(r) = log::decode::<LostRange>(bytes, &path, line_no) {
+                        if (r.from..=r.seq).contains(&seq) {
+                            return Ok(true);
+                        }
+                    }
+                }
+                Line::TooLong { .. } => line_no += 1,
+                Line::Partial { .. } | Line::Eof => return Ok(false),
             }
         }
     }
@@ -123,6 +178,8 @@ impl KeyIndex<'_> {
             let info = log::read_tail(&file, &path, size, 64 * 1024).unwrap_or(log::TailInfo {
                 complete_len: size,
                 last: None,
+                prev: None,
+                first_line: false,
             });
             if info.complete_len < size {
                 file.set_len(info.complete_len).ctx("truncate", &path)?;

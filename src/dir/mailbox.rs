@@ -13,7 +13,7 @@ use super::fsutil::Flock;
 use super::keys::KeyIndex;
 use super::read::{LogSpec, Reader};
 use super::segment as log;
-use super::{record, Bus};
+use super::{record, reserve, Bus};
 use crate::backend::{Backend, GroupImp, GroupMeta, MailboxBackend, Prepared, ReaderImp};
 use crate::error::IoContext;
 use crate::report::CompactReport;
@@ -52,6 +52,9 @@ struct Writer {
     /// Every keyed record up to this seq is in the key index (`None`: unknown, read
     /// `keys/scanned`).
     indexed: Option<u64>,
+    /// Seqs up to this one may be handed out unsynced during this boot (`None`: the
+    /// reservation file was not read yet; see `reserve`).
+    reserved: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -88,6 +91,7 @@ impl Mailbox {
                     tail: None,
                     buf: Vec::new(),
                     indexed: None,
+                    reserved: None,
                 }),
                 bus,
             }),
@@ -161,7 +165,9 @@ impl Mailbox {
         let mut guard = self.lock_writer();
         let w = &mut *guard;
         let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
-        let last = self.sync_tail(&mut w.tail)?.next_seq - 1;
+        let tail = self.sync_tail(&mut w.tail)?;
+        self.settle_lost(tail, &mut w.reserved)?;
+        let last = tail.next_seq - 1;
         let keys = self.key_index();
         self.index_keys_through(&keys, &mut w.indexed, last)?;
         keys.lookup(key)
@@ -224,6 +230,7 @@ impl Mailbox {
         let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
 
         let tail = self.sync_tail(&mut w.tail)?;
+        self.settle_lost(tail, &mut w.reserved)?;
         let keys = self.key_index();
         let last = tail.next_seq - 1;
         let keyed = batch.iter().any(|p| p.key.is_some());
@@ -257,6 +264,12 @@ impl Mailbox {
         }
         if w.buf.is_empty() {
             return Ok(receipts);
+        }
+        // Unsynced seqs go out only within a durable reservation (see `reserve`).
+        if !opts.sync() && seq - 1 > w.reserved.unwrap_or(0) {
+            let through = seq - 1 + reserve::RESERVE;
+            reserve::write(inner.bus.fs(), &self.reservation_path(), through)?;
+            w.reserved = Some(through);
         }
 
         // One write() in the normal case; more only if the kernel takes part of it
@@ -350,6 +363,21 @@ impl Mailbox {
         let inner = &*self.inner;
         let opts = inner.bus.opts();
         let mut tail = match cached.take() {
+            Some(t) if t.len != u64::MAX => {
+                // Another writer appended since: it must have continued after us.
+                let size = file_len(&t.file).ctx("stat", &t.path)?;
+                if size < t.len {
+                    return Err(self.broken(
+                        &t,
+                        format!(
+                            "the segment is shorter ({size} bytes) than this writer saw \
+                             it ({} bytes): records that were handed out are gone",
+                            t.len
+                        ),
+                    ));
+                }
+                t
+            }
             Some(t) => t,
             None => {
                 let first = log::list_segments(inner.bus.fs(), &inner.log_dir)?
@@ -371,16 +399,123 @@ impl Mailbox {
                         tail.file.sync_data().ctx("fdatasync", &tail.path)?;
                     }
                 }
+                let seen = (tail.len != u64::MAX).then_some(tail.next_seq);
                 tail.len = info.complete_len;
+                if let Some(last) = &info.last {
+                    let goes_on = match (info.first_line, info.prev) {
+                        (true, _) => last.follows(None, tail.first),
+                        (false, Some(prev)) => last.follows(Some(prev), tail.first),
+                        // The record before it is damaged: readers report that.
+                        (false, None) => true,
+                    };
+                    // This writer's own last record is still there, or one after it.
+                    let behind = seen.is_some_and(|next| last.seq + 1 < next);
+                    if !goes_on || behind {
+                        let after = match (info.first_line, info.prev, seen) {
+                            (true, _, _) => {
+                                format!("as the first record of a segment named {}", tail.first)
+                            }
+                            (false, Some(prev), _) => format!("after seq {prev}"),
+                            (false, None, Some(next)) => {
+                                format!("after this writer's seq {}", next - 1)
+                            }
+                            (false, None, None) => String::new(),
+                        };
+                        let reason = format!(
+                            "the last record has seq {} {after}: the sequence is broken \
+                             (an outside writer must continue it, see FORMAT.md), and \
+                             appending after it would hand out seqs twice",
+                            last.seq
+                        );
+                        return Err(self.broken(&tail, reason));
+                    }
+                }
                 tail.next_seq = info.last.as_ref().map_or(tail.first, |r| r.seq + 1);
             }
             if tail.len < inner.segment_bytes {
                 return Ok(cached.insert(tail));
             }
             // Full: move on to the segment named after the next seq (another writer may
-            // have created it and written to it already).
+            // have created it and written to it already). Under `Sync`, what `Flush`
+            // sends left unsynced here is made durable first: records synced in the next
+            // segment must not outlive a gap before them.
+            if opts.sync() {
+                tail.file.sync_data().ctx("fdatasync", &tail.path)?;
+            }
             tail = self.open_segment(tail.next_seq, u64::MAX)?;
         }
+    }
+
+    /// The refusal to append after a sequence this writer cannot continue.
+    fn broken(&self, tail: &Tail, reason: String) -> Error {
+        let line = log::line_number_at(&tail.file, u64::MAX).unwrap_or(0);
+        Error::Corrupt {
+            path: tail.path.clone(),
+            line,
+            reason: format!(
+                "{reason}; no message can be sent to {:?} until the record is removed or \
+                 fixed (`agentbus doctor` names it)",
+                self.inner.name
+            ),
+        }
+    }
+
+    fn reservation_path(&self) -> PathBuf {
+        self.inner.dir.join(reserve::FILE)
+    }
+
+    /// Once per handle, with the lock held and the tail up to date: if the machine
+    /// restarted since `Flush` sends reserved seqs beyond the end of the log, appends a
+    /// lost-seqs notice after all of them, so none is handed out again.
+    fn settle_lost(&self, tail: &mut Tail, reserved: &mut Option<u64>) -> Result<()> {
+        if reserved.is_some() {
+            return Ok(());
+        }
+        let fs = self.inner.bus.fs();
+        let path = self.reservation_path();
+        let through = match reserve::read(fs, &path)? {
+            None => 0,
+            Some(r) if r.boot == reserve::boot_id() => r.through,
+            Some(r) => {
+                let last = tail.next_seq - 1;
+                if r.through > last {
+                    self.append_lost_notice(tail, last + 1, r.through)?;
+                }
+                let through = tail.next_seq - 1;
+                reserve::write(fs, &path, through)?;
+                through
+            }
+        };
+        *reserved = Some(through);
+        Ok(())
+    }
+
+    /// Appends (and syncs) the notice that seqs `from..=through` may have gone out and
+    /// were lost; its own seq is `through + 1`. The key index forgets their keys first.
+    fn append_lost_notice(&self, tail: &mut Tail, from: u64, through: u64) -> Result<()> {
+        self.key_index().mark_lost(from, through)?;
+        let notice = crate::NewMessage::new(crate::LOST_TYPE)
+            .from("agentbus")
+            .subject(format!(
+                "seqs {from} to {through} may have been handed out by Flush sends and \
+                 were lost when the machine stopped"
+            ))
+            .header(crate::LOST_FROM_HEADER, from.to_string())
+            .payload(serde_json::json!({ "first": from, "last": through }));
+        let p = crate::backend::prepare(notice, "agentbus", self, self.inner.max_record_bytes)?;
+        let mut line = Vec::new();
+        record::encode_line(through + 1, &p.tail, &mut line);
+        (&tail.file).write_all(&line).ctx("append", &tail.path)?;
+        tail.file.sync_data().ctx("fdatasync", &tail.path)?;
+        tail.len += line.len() as u64;
+        tail.next_seq = through + 2;
+        ::log::warn!(
+            "mailbox {:?}: seqs {from} to {through} may have been handed out by Flush \
+             sends before the machine stopped, and are lost; a notice with seq {} says so",
+            self.inner.name,
+            through + 1
+        );
+        Ok(())
     }
 
     /// Opens a segment for appending. Under `Sync`, also fsyncs the log directory: the

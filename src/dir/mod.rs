@@ -36,6 +36,7 @@ mod lease;
 mod mailbox;
 mod read;
 mod record;
+mod reserve;
 mod segment;
 mod watch;
 

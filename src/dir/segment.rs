@@ -37,10 +37,20 @@ pub(crate) fn list_segments(fs: &Fs, log_dir: &Path) -> Result<Vec<u64>> {
     Ok(firsts)
 }
 
-/// The one field a writer (or a reader skipping ahead) needs from a record.
+/// What a writer (or a reader skipping ahead) needs from a record.
 #[derive(Debug, Deserialize)]
 pub(crate) struct RecordHead {
     pub(crate) seq: u64,
+}
+
+impl RecordHead {
+    /// Whether this record may follow one with seq `prev` (`None`: it is the first
+    /// record of a segment named `first`) without making a seq go out twice: a seq
+    /// after it. (A jump forward leaves seqs missing, which readers report; a lost-seqs
+    /// notice, see [`crate::LOST_TYPE`], is such a jump.)
+    pub(crate) fn follows(&self, prev: Option<u64>, first: u64) -> bool {
+        self.seq >= prev.map_or(first, |p| p + 1)
+    }
 }
 
 /// Checks a line's checksum and decodes it.
@@ -226,6 +236,10 @@ pub(crate) struct TailInfo {
     pub(crate) complete_len: u64,
     /// The last complete record, if any.
     pub(crate) last: Option<RecordHead>,
+    /// The seq of the record before it, if it is in the same segment and readable.
+    pub(crate) prev: Option<u64>,
+    /// The last record is the first line of the file.
+    pub(crate) first_line: bool,
 }
 
 /// Reads backwards from `size` to find the last complete line, without reading the rest
@@ -255,6 +269,8 @@ pub(crate) fn read_tail(file: &File, path: &Path, size: u64, limit: usize) -> Re
                 return Ok(TailInfo {
                     complete_len: 0,
                     last: None,
+                    prev: None,
+                    first_line: false,
                 });
             }
             window = grow(window)?;
@@ -268,6 +284,23 @@ pub(crate) fn read_tail(file: &File, path: &Path, size: u64, limit: usize) -> Re
                 continue;
             }
         };
+        // The line before it, when the window holds all of it: a writer checks that
+        // the sequence goes on (a wider window is not worth it for this check).
+        let prev_start = match line_start.checked_sub(1) {
+            None => None,
+            Some(end) => match memchr::memrchr(b'\n', &buf[..end]) {
+                Some(p) => Some((p + 1, end)),
+                None if whole => Some((0, end)),
+                None if window < max_window => {
+                    window = (window * 2).min(size).min(max_window);
+                    continue;
+                }
+                None => None,
+            },
+        };
+        let prev = prev_start
+            .and_then(|(s, e)| decode::<RecordHead>(&buf[s..e], path, 0).ok())
+            .map(|h| h.seq);
         let complete_len = from + nl as u64 + 1;
         let line = &buf[line_start..nl];
         let last = decode::<RecordHead>(line, path, 0).map_err(|e| match e {
@@ -281,6 +314,8 @@ pub(crate) fn read_tail(file: &File, path: &Path, size: u64, limit: usize) -> Re
         return Ok(TailInfo {
             complete_len,
             last: Some(last),
+            prev,
+            first_line: from + line_start as u64 == 0,
         });
     }
 }

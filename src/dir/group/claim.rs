@@ -257,6 +257,7 @@ impl Group {
                 return Ok(Some(c.claimed(message, entry.attempt + 1)));
             }
             let mut records = Vec::new();
+            let mut forget = false;
             let filter = &g.inner.meta.filter;
             let found = loop {
                 let reader = g.reader(loaded);
@@ -278,14 +279,18 @@ impl Group {
                     }
                     // Something else comes first (or damage a normal claim will record):
                     // leave it, and forget how far this reader got.
+                    // (After writing: the write makes what it read durable first.)
                     Some(Ok(_)) | Some(Err(Error::Corrupt { .. })) | None => {
-                        loaded.reader = None;
+                        forget = true;
                         break None;
                     }
                     Some(Err(e)) => return Err(e),
                 }
             };
             g.write(loaded, &records)?;
+            if forget {
+                loaded.reader = None;
+            }
             Ok(found.map(|m| c.claimed(m, 1)))
         })
     }

@@ -485,6 +485,14 @@ impl Group {
             record::encode_value(r, &mut buf);
         }
         let opts = self.inner.mailbox.bus().opts();
+        // A cursor moved past records must never be durable before the records are:
+        // after a power cut the group would be ahead of its log (and skip the seqs
+        // written after it). The reader that read them makes them durable first.
+        if opts.sync() && records.iter().any(|r| r.next.is_some()) {
+            if let Some(reader) = loaded.reader.as_mut() {
+                reader.sync_read()?;
+            }
+        }
         if let Err(e) = (&loaded.file).write_all(&buf) {
             let _ = loaded.file.set_len(loaded.off);
             return Err(Error::io("append", &loaded.path, e));
@@ -683,6 +691,7 @@ fn reader_at(spec: &LogSpec, next: u64, pos: Option<Position>) -> Reader {
         Some(pos) if pos.seq == next => Reader::at(spec.clone(), pos),
         _ => Reader::new(spec.clone()).starting_at(next),
     }
+    .syncing()
 }
 
 fn state_path(dir: &Path, gen: u64) -> PathBuf {
