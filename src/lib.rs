@@ -162,6 +162,7 @@ mod bus;
 mod clock;
 mod compact;
 mod dead_letter;
+mod decode;
 mod dir;
 mod doctor;
 mod encode;

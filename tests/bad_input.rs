@@ -396,3 +396,49 @@ fn replaying_a_dead_letter_twice_sends_one_message() {
         .unwrap();
     assert_eq!((receipt.seq, receipt.duplicate), (2, true));
 }
+
+/// Appends `line` (and a newline) to the first segment of `main`, as an outside writer.
+fn outside(dir: &Path, line: &str) {
+    use std::io::Write;
+    let seg = common::first_segment(dir, "main");
+    let mut f = std::fs::OpenOptions::new().append(true).open(seg).unwrap();
+    writeln!(f, "{line}").unwrap();
+}
+
+#[test]
+fn outside_records_with_names_that_are_not_names_are_damage_and_lone_surrogates_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = common::flush_bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    mb.send(NewMessage::new("t")).unwrap();
+    let record = |seq: u64, from: &str, subject: &str| {
+        format!(
+            r#"{{"seq":{seq},"id":"01890000-0000-7000-8000-{seq:012}","ts":"2026-12-02T00:00:00Z","from":{from},"type":"t","subject":{subject}}}"#
+        )
+    };
+    // What Python's json.dumps writes for a lone surrogate, then a "from" that would
+    // reach a handler's environment as `x=1\nPATH=/tmp`.
+    outside(dir.path(), &record(2, r#""py""#, r#""half \ud800 a pair""#));
+    outside(dir.path(), &record(3, r#""x=1\nPATH=/tmp""#, r#""s""#));
+    outside(dir.path(), &record(4, r#""py""#, r#""after""#));
+    let items: Vec<_> = mb.messages().collect();
+    assert_eq!(items.len(), 4, "{items:?}");
+    let second = items[1].as_ref().unwrap();
+    assert_eq!(second.subject.as_deref(), Some("half \u{fffd} a pair"));
+    match &items[2] {
+        Err(Error::Corrupt { line, reason, .. }) => {
+            assert_eq!(*line, 3);
+            assert!(reason.contains("not a valid name"), "{reason}");
+        }
+        other => panic!("an invalid from must be damage, got {other:?}"),
+    }
+    assert_eq!(items[3].as_ref().unwrap().subject.as_deref(), Some("after"));
+    // The CLI reports it and prints the intact records around it.
+    let out = common::cli(dir.path())
+        .args(["recv", "main"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid name"));
+}

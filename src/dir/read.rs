@@ -230,7 +230,7 @@ impl Reader {
                         // That record was the first wanted one: decode it in full.
                         self.expected -= 1;
                     }
-                    let message = match log::decode::<Message>(bytes, path, line) {
+                    let message = match log::decode_message(bytes, path, line) {
                         Ok(m) => m,
                         Err(e) => {
                             // A damaged line still held one record.

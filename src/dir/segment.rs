@@ -71,6 +71,18 @@ pub(crate) fn decode<'de, T: Deserialize<'de>>(
     })
 }
 
+/// Checks a message line's checksum and decodes it as [`crate::decode::message`] does
+/// (names checked, lone surrogate escapes read as U+FFFD).
+pub(crate) fn decode_message(bytes: &[u8], path: &Path, line: u64) -> Result<crate::Message> {
+    let corrupt = |reason| Error::Corrupt {
+        path: path.to_owned(),
+        line,
+        reason,
+    };
+    record::verify(bytes).map_err(corrupt)?;
+    crate::decode::message(bytes).map_err(corrupt)
+}
+
 /// One step of [`LineReader::next`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Line {

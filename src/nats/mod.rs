@@ -419,10 +419,10 @@ impl BusBackend for Bus {
 
 /// A stored record back to a message with its stream sequence.
 pub(crate) fn decode(url: &str, stream: &str, seq: u64, payload: &[u8]) -> Result<Message> {
-    let mut m: Message = serde_json::from_slice(payload).map_err(|e| Error::Corrupt {
+    let mut m = crate::decode::message(payload).map_err(|reason| Error::Corrupt {
         path: format!("{url}/{stream}").into(),
         line: seq,
-        reason: format!("not an agentbus message: {e}"),
+        reason: format!("not an agentbus message: {reason}"),
     })?;
     m.seq = seq;
     Ok(m)
