@@ -84,3 +84,55 @@ fn released_and_superseded_grants_leave_no_liveness_files() {
         .collect();
     assert!(alive.is_empty(), "{alive:?}");
 }
+
+/// A process whose clock is an hour ahead records a grant that, read by the others'
+/// clocks, starts in an hour and ends an hour and a second from now. It holds the lease
+/// for its TTL from when it wrote it, not for an extra hour.
+#[test]
+fn a_holder_whose_clock_is_an_hour_ahead_holds_for_its_ttl_not_an_hour_more() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::builder().agent("ok").init(dir.path()).unwrap();
+    let first = bus.lease("deploy").try_acquire().unwrap();
+    let token = first.token();
+    first.release().unwrap();
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 3_600_000;
+    let grant = format!(
+        "{{\"seq\":3,\"op\":\"grant\",\"t\":{ahead},\"token\":{},\"holder\":\"fast\",\"expires_at\":{},\"acquired_at\":{ahead}}}\n",
+        token + 1,
+        ahead + 1000
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("leases").join("deploy.jsonl"))
+        .unwrap()
+        .write_all(grant.as_bytes())
+        .unwrap();
+    // Held now, by the fast process, with its token.
+    match bus.lease("deploy").try_acquire() {
+        Err(agentbus::Error::LeaseHeld { holder, .. }) => assert_eq!(holder, "fast"),
+        other => panic!("the fast process's grant is live: {other:?}"),
+    }
+    let info = bus.lease_info("deploy").unwrap().unwrap();
+    let until = info.expires_at - time::OffsetDateTime::now_utc();
+    assert!(
+        until < time::Duration::seconds(2),
+        "expires in {until}, not in an hour"
+    );
+    // Free again a second (plus the clock grace) after it was written, token after it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = loop {
+        match bus.lease("deploy").try_acquire() {
+            Ok(lease) => break lease,
+            Err(agentbus::Error::LeaseHeld { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            other => panic!("the lease should be free by now: {other:?}"),
+        }
+    };
+    assert_eq!(next.token(), token + 2);
+}

@@ -88,6 +88,28 @@ fn apply(state: &mut LeaseState, r: &Rec) {
     }
 }
 
+/// A grant (or renewal) lasts its TTL from when it was written, whatever the writer's
+/// clock said: a process whose clock is an hour ahead records an expiry an hour late,
+/// and would hold the lease for everyone for an extra hour. The kernel's modification
+/// time of the file (the write of its last record, or a later one) bounds it: the
+/// expiry is at most that time plus the span the record asked for. With a correct
+/// clock the record's own expiry is the earlier one, and nothing changes.
+fn bound_by_write_time(state: &mut LeaseState, last: Option<&Rec>, file: &std::fs::File) {
+    let Some(r) = last.filter(|_| state.holder.is_some()) else {
+        return;
+    };
+    let Some(recorded) = r.expires_at else { return };
+    let Ok(written) = file.metadata().and_then(|m| m.modified()) else {
+        return;
+    };
+    let Ok(since_epoch) = written.duration_since(std::time::UNIX_EPOCH) else {
+        return;
+    };
+    let span = recorded.saturating_sub(r.t).max(0);
+    let bound = (since_epoch.as_millis() as i64).saturating_add(span);
+    state.expires_at = state.expires_at.min(bound);
+}
+
 /// The names of all lease files in `dir`, sorted.
 pub(crate) fn names(fs: &Fs, dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
@@ -251,12 +273,14 @@ impl LeaseFiles {
         let mut state = LeaseState::default();
         let mut reader = log::LineReader::new(0, 64 * 1024);
         let mut line = 0;
+        let mut last: Option<Rec> = None;
         loop {
             match reader.next(&file).ctx("read", &path)? {
                 Line::Complete { start, end, .. } => {
                     line += 1;
                     let r: Rec = log::decode(reader.bytes(start, end), &path, line)?;
                     apply(&mut state, &r);
+                    last = Some(r);
                 }
                 Line::TooLong { .. } => {
                     return Err(Error::Corrupt {
@@ -266,11 +290,15 @@ impl LeaseFiles {
                     })
                 }
                 Line::Partial { offset } => {
+                    bound_by_write_time(&mut state, last.as_ref(), &file);
                     let w = self.fs.open_append(&path)?;
                     w.set_len(offset).ctx("truncate torn tail", &path)?;
                     return Ok(state);
                 }
-                Line::Eof => return Ok(state),
+                Line::Eof => {
+                    bound_by_write_time(&mut state, last.as_ref(), &file);
+                    return Ok(state);
+                }
             }
         }
     }
