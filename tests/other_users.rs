@@ -15,6 +15,8 @@ use std::process::{Command, Output};
 /// The user the bus belongs to, and another one (neither needs a passwd entry).
 const OWNER: u32 = 65534;
 const OTHER: u32 = 65533;
+/// A group both of them are in, for a shared bus.
+const TEAM: u32 = 65532;
 
 struct Place {
     _tmp: tempfile::TempDir,
@@ -51,6 +53,28 @@ impl Place {
             .env("AGENTBUS_AGENT", "agent");
         if let Some(uid) = uid {
             cmd.uid(uid).gid(uid);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// `agentbus --dir BUS ARGS` as `uid`, with [`TEAM`] as a supplementary group.
+    fn run_in_team(&self, uid: u32, bus: &Path, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--dir").arg(bus).args(args);
+        cmd.env_remove("AGENTBUS_DIR")
+            .env("AGENTBUS_AGENT", format!("u{uid}"));
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let groups = [TEAM as libc::gid_t];
+                if libc::setgroups(1, groups.as_ptr()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         cmd.output().unwrap()
     }
@@ -162,4 +186,46 @@ fn what_root_creates_in_a_users_bus_stays_the_users() {
     assert!(grant["token"].as_u64().unwrap() > token.parse::<u64>().unwrap());
     let report = common::ok(p.run(Some(OWNER), &bus, &["doctor"]));
     assert!(!report.is_empty());
+}
+
+#[test]
+fn a_bus_shared_with_a_group_works_for_every_member_and_stays_the_groups() {
+    let Some(p) = place() else { return };
+    // As README "Sharing a bus between users" says: a directory of the group, setgid
+    // and group-writable.
+    let bus = p.dir("team-bus", OWNER, 0o700);
+    chown(&bus, Some(OWNER), Some(TEAM)).unwrap();
+    std::fs::set_permissions(&bus, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    common::ok(p.run_in_team(OWNER, &bus, &["init"]));
+    common::ok(p.run_in_team(OWNER, &bus, &["mailbox", "create", "main"]));
+    common::ok(p.run_in_team(
+        OTHER,
+        &bus,
+        &["send", "main", "--type", "t", "--body", "hi"],
+    ));
+    let acquire = ["lease", "acquire", "deploy", "--ttl", "60"];
+    common::ok(p.run_in_team(OTHER, &bus, &acquire));
+    let got = common::ok(p.run_in_team(OWNER, &bus, &["recv", "main"]));
+    assert_eq!(got[0]["body"], "hi");
+    let held = common::fails(p.run_in_team(OWNER, &bus, &acquire), 3);
+    assert_eq!(held["error"], "lease_held");
+    for path in entries(&bus) {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.gid(), TEAM, "{} belongs to the team", path.display());
+        assert_eq!(
+            meta.mode() & 0o007,
+            0,
+            "{} is nobody else's",
+            path.display()
+        );
+    }
+    // Someone outside the team cannot even open it (the modes keep them out).
+    let err = common::fails(p.run(Some(OTHER), &bus, &["recv", "main"]), 1);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{err}"
+    );
 }
