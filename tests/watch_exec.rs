@@ -501,3 +501,136 @@ fn sigterm_finishes_the_message_in_hand_and_a_second_signal_gives_it_back() {
     let status = common::wait_for("watch to stop", HUNG, || child.try_wait().unwrap());
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let alert = root.join("examples/alert.sh");
+    let check = root.join("examples/dlq-check.sh");
+    for script in [&alert, &check] {
+        let text = std::fs::read_to_string(script).unwrap();
+        assert!(
+            readme.contains(&text),
+            "README quotes {} as it is",
+            script.display()
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bus_dir = dir.path().join("bus");
+    common::ok(common::cli(&bus_dir).arg("init").output().unwrap());
+    common::ok(
+        common::cli(&bus_dir)
+            .args(["mailbox", "create", "alerts"])
+            .output()
+            .unwrap(),
+    );
+    common::ok(
+        common::cli(&bus_dir)
+            .args([
+                "group",
+                "create",
+                "alerts",
+                "pager",
+                "--max-deliveries",
+                "5",
+            ])
+            .output()
+            .unwrap(),
+    );
+    common::ok(
+        common::cli(&bus_dir)
+            .args([
+                "send",
+                "alerts",
+                "--type",
+                "alert",
+                "--subject",
+                "disk full on db-1",
+            ])
+            .output()
+            .unwrap(),
+    );
+    common::ok(
+        common::cli(&bus_dir)
+            .args(["send", "alerts", "--type", "alert", "--body", "no subject"])
+            .output()
+            .unwrap(),
+    );
+    let spool = dir.path().join("spool");
+    let watch_alerts = |max: &str| {
+        let mut cmd = watch(&bus_dir);
+        cmd.args(["alerts", "--group", "pager", "--exec"])
+            .arg(&alert)
+            .args([
+                "--retry-delay",
+                "0.1",
+                "--handler-timeout",
+                "60",
+                "--max",
+                max,
+            ])
+            .env("ALERT_SPOOL", &spool);
+        common::output_within("the alert handler", cmd, HUNG)
+    };
+
+    // The pager is down: the alert is retried, the message that is no alert is
+    // dead-lettered at once.
+    let out = watch_alerts("2");
+    let got: Vec<_> = out
+        .lines()
+        .iter()
+        .map(|l| {
+            (
+                l["seq"].as_u64().unwrap(),
+                l["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [(1, "retried".into()), (2, "dead_lettered".into())],
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("pager spool"), "{}", out.stderr);
+    // Back up: the retry pages.
+    std::fs::create_dir(&spool).unwrap();
+    let out = watch_alerts("1");
+    let line = &out.lines()[0];
+    assert_eq!(
+        (line["seq"].as_u64(), line["attempt"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(line["outcome"], "acked", "{}", out.stderr);
+    assert!(
+        out.stderr.contains("paged (attempt 2): disk full on db-1"),
+        "{}",
+        out.stderr
+    );
+    let paged: Vec<_> = std::fs::read_dir(&spool).unwrap().collect();
+    assert_eq!(paged.len(), 1);
+
+    // The check finds the dead letter, says why, and exits 1.
+    let bin = Path::new(env!("CARGO_BIN_EXE_agentbus")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = Command::new("sh")
+        .arg(&check)
+        .arg("alerts")
+        .env("PATH", path)
+        .env("AGENTBUS_DIR", &bus_dir)
+        .output()
+        .unwrap();
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        report.trim(),
+        "dead letter 1: alerts seq 2: rejected by the consumer: handler refused the \
+         message (exit 65): alert 2 has no subject"
+    );
+}
