@@ -357,6 +357,8 @@ pub(crate) enum Settle {
     Extend(Duration),
     /// Given up for good.
     Term { reason: Option<String> },
+    /// Sent to the dead-letter mailbox now, with `reason` recorded as given.
+    DeadLetter { reason: String },
 }
 
 /// How one delivery attempt ended without an ack (a dead letter lists them).
@@ -397,8 +399,24 @@ pub(crate) struct DeadLetterTo<'a> {
 }
 
 impl DeadLetterTo<'_> {
+    /// The reason recorded for a message that ran out of deliveries: `reason` said why
+    /// the last one failed.
+    pub(crate) fn exhausted(&self, reason: &str) -> String {
+        format!(
+            "max deliveries ({}) reached: {reason}",
+            self.meta.max_deliveries
+        )
+    }
+
+    /// The reason recorded for a message its consumer gave up on
+    /// ([`Delivery::dead_letter`](crate::Delivery::dead_letter)).
+    pub(crate) fn rejected(&self, reason: &str) -> String {
+        format!("rejected by the consumer: {reason}")
+    }
+
     /// Copies `message` to the dead-letter mailbox (created if missing), exactly once
-    /// whatever crashes (its idempotency key); returns the reason recorded.
+    /// whatever crashes (its idempotency key), with `reason` (capped); returns the
+    /// reason recorded.
     pub(crate) fn send(
         &self,
         message: &Message,
@@ -406,10 +424,7 @@ impl DeadLetterTo<'_> {
         reason: &str,
     ) -> Result<String> {
         let dlq = open_or_create_mailbox(self.bus, &self.meta.dead_letter)?;
-        let reason = cap_reason(&format!(
-            "max deliveries ({}) reached: {reason}",
-            self.meta.max_deliveries
-        ));
+        let reason = cap_reason(reason);
         let info = serde_json::json!({
             "mailbox": self.mailbox,
             "group": self.group,

@@ -74,7 +74,8 @@ pub struct DeadAttempt {
     pub attempt: u32,
     /// Who held the claim, if anyone.
     pub consumer: Option<String>,
-    /// `"nacked"` or `"expired"`.
+    /// `"nacked"`, `"expired"`, or `"rejected"` (given up on with
+    /// [`Delivery::dead_letter`](crate::Delivery::dead_letter)).
     pub outcome: String,
     /// The nack's reason.
     pub reason: Option<String>,

@@ -207,6 +207,39 @@ impl Delivery {
         })
     }
 
+    /// Gives up on the message for good and sends it to the group's dead-letter mailbox
+    /// now, whatever attempt this is: for a message that retrying cannot help (invalid
+    /// input, say). The dead letter's reason is `rejected by the consumer: <reason>`,
+    /// and [`Group::requeue`] or a replay brings it back once the cause is fixed.
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let bus = agentbus::Bus::init(dir.path())?;
+    /// let jobs = bus.create_mailbox("jobs")?;
+    /// let workers = jobs.create_group("w")?;
+    /// jobs.send(agentbus::NewMessage::new("job").body("not JSON"))?;
+    /// workers.claim_one("w1")?.unwrap().dead_letter("invalid payload")?;
+    ///
+    /// let dead = bus.mailbox("jobs.dlq")?.messages().next().unwrap()?;
+    /// let info = dead.dead_letter().expect("a dead letter");
+    /// assert_eq!(info.reason, "rejected by the consumer: invalid payload");
+    /// assert_eq!(info.attempts[0].outcome, "rejected");
+    /// assert!(workers.claim_one("w1")?.is_none());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleDelivery`] if this claim ran out or was settled meanwhile;
+    /// [`Error::Io`] (or [`Error::Nats`]) if the dead letter cannot be written, and then
+    /// the claim is left as it was.
+    pub fn dead_letter(&self, reason: &str) -> Result<()> {
+        self.settle(Settle::DeadLetter {
+            reason: reason.to_owned(),
+        })
+    }
+
     fn settle(&self, how: Settle) -> Result<()> {
         self.group.imp().settle(self.seq(), Some(self.attempt), how)
     }

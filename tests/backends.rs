@@ -149,6 +149,9 @@ mod leases;
 #[path = "backends/handoffs.rs"]
 mod handoffs;
 
+#[path = "backends/watch.rs"]
+mod watch;
+
 /// What only the JetStream backend refuses, refused with a typed error.
 #[test]
 fn nats_refuses_what_it_cannot_do() {

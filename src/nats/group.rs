@@ -196,10 +196,11 @@ impl Group {
                     }
                 };
                 if f.attempt > self.meta.max_deliveries {
-                    self.dead_letter_to().send(
+                    let to = self.dead_letter_to();
+                    to.send(
                         &message,
                         &[],
-                        "the last claim ran out or was nacked",
+                        &to.exhausted("the last claim ran out or was nacked"),
                     )?;
                     conn.settle(&f.reply, AckKind::Term)?;
                     continue;
@@ -272,6 +273,54 @@ impl Group {
     }
 }
 
+impl Group {
+    /// Whether the live delivery of `seq` this handle holds (as `attempt`) is the last
+    /// one the message gets.
+    fn last_delivery(&self, seq: u64, attempt: Option<u32>) -> bool {
+        self.held_map().get(&seq).is_some_and(|h| {
+            attempt.is_none_or(|a| a == h.attempt) && h.attempt >= self.meta.max_deliveries
+        })
+    }
+
+    /// Copies a held delivery to the dead-letter mailbox (exactly once: its idempotency
+    /// key) with `recorded` as the reason and the last attempt's `outcome` and
+    /// `reason`, then terms it. A crash in between leaves it to be redelivered.
+    fn bury_held(
+        &self,
+        seq: u64,
+        attempt: Option<u32>,
+        outcome: &str,
+        reason: &str,
+        recorded: &str,
+    ) -> Result<()> {
+        let held = self.held_map().get(&seq).cloned();
+        match held {
+            Some(h) if attempt.is_some_and(|want| want != h.attempt) => {}
+            Some(h) => {
+                let message = self.conn().get(self.mailbox.name(), seq)?.ok_or_else(|| {
+                    Error::StaleDelivery {
+                        group: self.name.clone(),
+                        seq,
+                        reason: "the message is no longer in the stream".into(),
+                    }
+                })?;
+                let to = self.dead_letter_to();
+                let note = crate::backend::AttemptNote {
+                    attempt: h.attempt,
+                    consumer: Some(h.consumer),
+                    outcome: outcome.into(),
+                    reason: Some(crate::backend::cap_reason(reason)),
+                    at: crate::clock::now_ms(),
+                };
+                to.send(&message, &[note], recorded)?;
+            }
+            // Not held (or held as another attempt): settling says why.
+            None => {}
+        }
+        self.settle_held(seq, attempt, AckKind::Term)
+    }
+}
+
 impl Held {
     fn claimed(&self, message: crate::Message) -> Claimed {
         Claimed {
@@ -307,11 +356,25 @@ impl GroupBackend for Group {
     /// A nack's reason and an extension's length are not sent: JetStream keeps no
     /// reasons, and `+WPI` restarts the whole `ack_wait`.
     fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {
+        match &how {
+            Settle::DeadLetter { reason } => {
+                let to = self.dead_letter_to();
+                return self.bury_held(seq, attempt, "rejected", reason, &to.rejected(reason));
+            }
+            // A nack of the last delivery a message gets dead-letters it now, as in a
+            // directory (rather than when the next claim meets the redelivery).
+            Settle::Nack { reason, .. } if self.last_delivery(seq, attempt) => {
+                let reason = reason.as_deref().unwrap_or("nacked");
+                let to = self.dead_letter_to();
+                return self.bury_held(seq, attempt, "nacked", reason, &to.exhausted(reason));
+            }
+            _ => {}
+        }
         let kind = match how {
             Settle::Nack { delay, .. } if delay.is_zero() => AckKind::Nak(None),
             Settle::Nack { delay, .. } => AckKind::Nak(Some(delay)),
             Settle::Extend(_) => AckKind::Progress,
-            Settle::Term { .. } => AckKind::Term,
+            Settle::Term { .. } | Settle::DeadLetter { .. } => AckKind::Term,
         };
         self.settle_held(seq, attempt, kind)
     }

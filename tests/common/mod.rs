@@ -178,3 +178,69 @@ pub fn fails(out: std::process::Output, code: i32) -> serde_json::Value {
     );
     serde_json::from_str(&stderr).unwrap()
 }
+
+/// What a process bounded by [`output_within`] left.
+#[derive(Debug)]
+pub struct Bounded {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Bounded {
+    /// Its stdout as JSON lines (each line must parse).
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+}
+
+/// Runs `cmd` to its end, but for at most `limit`: past that it is killed and the test
+/// fails, naming `what`. Its stdout is read through a pipe; its stderr goes to a file,
+/// so that a process it leaves behind holding stderr cannot hold the test up.
+pub fn output_within(what: &str, mut cmd: Command, limit: Duration) -> Bounded {
+    use std::io::Read;
+    let errors = tempfile::NamedTempFile::new().unwrap();
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(errors.reopen().unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).unwrap();
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = std::fs::read_to_string(errors.path()).unwrap_or_default();
+            panic!("{what}: still running after {limit:?}; stderr: {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Bounded {
+        status,
+        stdout: reader.join().unwrap(),
+        stderr: std::fs::read_to_string(errors.path()).unwrap(),
+    }
+}
+
+/// Whether process `pid` is still running (a zombie waiting to be reaped is not).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}

@@ -73,6 +73,14 @@ pub fn error_json(e: &Error) -> Value {
             v["existing"] = json!(existing)
         }
         Error::Corrupt { line, .. } => v["line"] = json!(line),
+        Error::Compacted {
+            missed_from,
+            first_available,
+            ..
+        } => {
+            v["missed_from"] = json!(missed_from);
+            v["first_available"] = json!(first_available);
+        }
         Error::ArtifactNotAFile { kind, .. } => v["kind"] = json!(kind),
         Error::InvalidSetting { setting, .. } => v["setting"] = json!(setting),
         Error::BatchIncomplete { committed, .. } => v["committed"] = json!(committed),

@@ -127,6 +127,7 @@ impl Group {
                     .last()
                     .and_then(|n| n.reason.clone())
                     .unwrap_or_else(|| "claim expired".into());
+                let reason = self.dead_letter_to().exhausted(&reason);
                 self.bury(loaded, &message, &history, &reason, c.now)?;
                 continue;
             }

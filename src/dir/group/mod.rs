@@ -225,13 +225,14 @@ impl Group {
         })
     }
 
-    /// Nacks, extends or terms the live claim of `seq`. A nack of the last delivery a
-    /// message gets dead-letters it.
+    /// Nacks, extends, terms or dead-letters the live claim of `seq`. A nack of the
+    /// last delivery a message gets dead-letters it.
     fn settle_claim(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {
         let (op, delay, reason) = match how {
             Settle::Nack { delay, reason } => (Op::Nack, delay, reason),
             Settle::Extend(by) => (Op::Extend, by, None),
             Settle::Term { reason } => (Op::Term, Duration::ZERO, reason),
+            Settle::DeadLetter { reason } => (Op::Dead, Duration::ZERO, Some(reason)),
         };
         self.locked(|g, loaded| {
             let now = now_ms();
@@ -246,19 +247,27 @@ impl Group {
                 return Err(g.stale(seq, "the claim ran out or was given back"));
             }
             let reason = reason.as_deref().map(cap_reason);
-            if op == Op::Nack && entry.attempt >= g.inner.meta.max_deliveries {
-                // That was the last delivery it gets: dead-letter it now.
-                let reason = reason.as_deref().unwrap_or("nacked");
+            let last_delivery = entry.attempt >= g.inner.meta.max_deliveries;
+            if op == Op::Dead || (op == Op::Nack && last_delivery) {
+                // Given up on, or that was the last delivery it gets: dead-letter it now.
+                let (outcome, reason) = match op {
+                    Op::Dead => ("rejected", reason.unwrap_or_default()),
+                    _ => ("nacked", reason.unwrap_or_else(|| "nacked".into())),
+                };
                 let mut last = entry.clone();
                 last.history.push(AttemptNote {
                     attempt: entry.attempt,
                     consumer: entry.consumer.clone(),
-                    outcome: "nacked".into(),
-                    reason: Some(reason.to_owned()),
+                    outcome: outcome.into(),
+                    reason: Some(reason.clone()),
                     at: now,
                 });
+                let recorded = match op {
+                    Op::Dead => g.dead_letter_to().rejected(&reason),
+                    _ => g.dead_letter_to().exhausted(&reason),
+                };
                 let message = read_at(&g.spec(), entry.at, seq)?;
-                return g.bury(loaded, &message, &last.history, reason, now);
+                return g.bury(loaded, &message, &last.history, &recorded, now);
             }
             let mut r = Rec::new(seq, op, now);
             r.attempt = Some(entry.attempt);
@@ -562,8 +571,8 @@ impl Group {
         Ok(())
     }
 
-    /// Moves a message that ran out of deliveries to the dead-letter mailbox, then
-    /// records it as dead. The idempotency key makes the copy exactly-once even if we
+    /// Moves a message that ran out of deliveries (or that its consumer gave up on) to
+    /// the dead-letter mailbox with `reason` as given, then records it as dead. The idempotency key makes the copy exactly-once even if we
     /// die between the two steps.
     fn bury(
         &self,

@@ -1,16 +1,42 @@
-use std::io::Write;
-use std::time::Duration;
+//! `watch`: stream messages as they arrive, or run a handler per message
+//! (`--exec`), until `--max`, `--idle-timeout` or a signal stops it. Damage and
+//! compaction met on the way are reported on stderr and watching goes on. README
+//! "watch --exec: the handler contract" is the user's side of this file.
 
-use agentbus::Error;
+mod handler;
+mod stop;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use agentbus::{Delivery, Error, Message, RecvTimeoutError};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::{delivery_json, open_bus, secs, timed_out};
-use crate::output::{emit, Failure};
+use super::{delivery_json, open_bus, secs};
+use crate::output::{emit, error_json, Failure};
 use crate::Cli;
+use handler::{Ended, Ending, Heartbeat, Run};
+use stop::Stop;
+
+/// The handler's exit code for "retry later": the message is given back for
+/// redelivery after `--retry-delay` (sysexits' `EX_TEMPFAIL`).
+pub const EXIT_RETRY_LATER: i32 = 75;
+
+/// The handler's exit code for "do not retry": the message goes to the group's
+/// dead-letter mailbox at once, whatever attempt it is (sysexits' `EX_DATAERR`).
+pub const EXIT_DEAD_LETTER: i32 = 65;
+
+/// The longest value an `AGENTBUS_*` variable is given; a longer one is omitted (and
+/// named in `AGENTBUS_OMITTED`), never cut: the message on stdin has it whole.
+const MAX_ENV_VALUE: usize = 32 * 1024;
+
+/// How long one wait for a message lasts before `watch` looks at stop requests again.
+const SLICE: Duration = Duration::from_millis(200);
 
 /// Stream messages as they arrive (woken by file-system events, with a polling
-/// fallback); with `--exec`, run a handler per message.
+/// fallback); with `--exec`, run a handler per message. SIGINT or SIGTERM stops it
+/// cleanly (the message in hand is finished first; a second signal gives it back).
 #[derive(Args, Debug)]
 pub struct WatchArgs {
     /// The mailbox.
@@ -29,15 +55,21 @@ pub struct WatchArgs {
     /// Without `--group`: start at this seq instead of the end (new messages only).
     #[arg(long)]
     from_seq: Option<u64>,
-    /// Run this shell command per message: the message JSON on stdin, fields in
-    /// AGENTBUS_* environment variables. With `--group`, exit 0 acks and anything else
-    /// nacks (the message is redelivered).
+    /// Run this shell command per message, in a process group of its own: the message
+    /// JSON on its stdin, fields in AGENTBUS_* environment variables, its stdout and
+    /// stderr to watch's stderr. With `--group`: exit 0 acks, 75 retries later, 65
+    /// dead-letters at once, anything else retries; one JSON line per outcome.
     #[arg(long)]
     exec: Option<String>,
-    /// Seconds before a failed handler's message is redelivered.
+    /// Seconds before the message of a failed handler is redelivered.
     #[arg(long, default_value_t = 0.0)]
     retry_delay: f64,
-    /// Visibility timeout of the claims, in seconds (default: the group's).
+    /// Kill a handler that runs longer than this many seconds (its process group:
+    /// SIGTERM, then SIGKILL 2 s later); with `--group` that counts as a failure.
+    #[arg(long, requires = "exec")]
+    handler_timeout: Option<f64>,
+    /// Visibility timeout of the claims, in seconds (default: the group's). A running
+    /// handler's claim is extended every third of it.
     #[arg(long)]
     visibility: Option<f64>,
     /// Stop after this many messages.
@@ -51,6 +83,16 @@ pub struct WatchArgs {
     poll: bool,
 }
 
+/// What every message of one `watch` shares.
+struct Watch<'a> {
+    stop: Stop,
+    idle: Option<Duration>,
+    max: usize,
+    exec: Option<&'a str>,
+    timeout: Option<Duration>,
+    retry: Duration,
+}
+
 /// `watch`: stream messages (or run a handler per message) as they arrive.
 pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Failure> {
     let mode = if args.poll {
@@ -58,11 +100,19 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
     } else {
         agentbus::WatchMode::Auto
     };
+    let w = Watch {
+        stop: Stop::install().map_err(|source| Error::Io {
+            op: "catch SIGINT and SIGTERM",
+            path: "<signals>".into(),
+            source,
+        })?,
+        idle: args.idle_timeout.map(secs).transpose()?,
+        max: args.max.unwrap_or(usize::MAX),
+        exec: args.exec.as_deref(),
+        timeout: args.handler_timeout.map(secs).transpose()?,
+        retry: secs(args.retry_delay)?,
+    };
     let bus = open_bus(cli)?;
-    let idle = args.idle_timeout.map(secs).transpose()?;
-    let max = args.max.unwrap_or(usize::MAX);
-    let retry = secs(args.retry_delay)?;
-    let patience = idle.unwrap_or(Duration::from_secs(3600));
     match &args.group {
         Some(group) => {
             if !args.kinds.is_empty() || args.from_seq.is_some() {
@@ -73,16 +123,27 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
                 ));
             }
             let group = bus.mailbox(&args.mailbox)?.group(group)?;
-            let mut rx = group.consumer_with(&args.consumer, mode)?;
-            if let Some(v) = args.visibility {
-                rx = rx.visibility(secs(v)?);
+            let visibility = match args.visibility {
+                Some(v) => secs(v)?,
+                None => group.visibility(),
+            };
+            let mut rx = group
+                .consumer_with(&args.consumer, mode)?
+                .visibility(visibility);
+            let mut since = Instant::now();
+            for _ in 0..w.max {
+                let Some(d) = next(&w, since, |t| rx.recv_timeout(t))? else {
+                    break;
+                };
+                let line = match w.exec {
+                    None => delivery_json(&d),
+                    Some(cmd) => handle_delivery(&w, cmd, &d, visibility)?,
+                };
+                emit(out, &line)?;
+                out.flush().ok();
+                since = Instant::now();
             }
-            pump(max, idle.is_some(), out, || {
-                Ok(match timed_out(rx.recv_timeout(patience))? {
-                    Some(d) => Some(handle_delivery(&d, args.exec.as_deref(), retry)?),
-                    None => None,
-                })
-            })?;
+            Ok(())
         }
         None => {
             let mut rx = bus.follow_with(&[args.mailbox.as_str()], mode)?;
@@ -92,142 +153,256 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
             for k in &args.kinds {
                 rx = rx.of_type(k);
             }
-            pump(max, idle.is_some(), out, || {
-                Ok(match timed_out(rx.recv_timeout(patience))? {
-                    Some(env) => Some(handle_message(
-                        &env.message,
-                        &args.mailbox,
-                        args.exec.as_deref(),
-                    )?),
-                    None => None,
-                })
-            })?;
-        }
-    }
-    Ok(())
-}
-
-/// Emits what `next` yields, one line each, until `max` lines, or until `next` times out
-/// when `stop_when_idle`.
-fn pump(
-    max: usize,
-    stop_when_idle: bool,
-    out: &mut impl Write,
-    mut next: impl FnMut() -> Result<Option<Value>, Failure>,
-) -> Result<(), Failure> {
-    let mut handled = 0;
-    while handled < max {
-        match next()? {
-            Some(line) => {
-                emit(out, &line)?;
-                out.flush().ok();
-                handled += 1;
+            let (mut handled, mut damaged, mut since) = (0, false, Instant::now());
+            while handled < w.max {
+                match next(&w, since, |t| rx.recv_timeout(t)) {
+                    Ok(Some(env)) => {
+                        let line = match w.exec {
+                            None => serde_json::to_value(&env.message).expect("serializes"),
+                            Some(cmd) => handle_message(&w, cmd, &env.message, &env.mailbox),
+                        };
+                        emit(out, &line)?;
+                        out.flush().ok();
+                        handled += 1;
+                    }
+                    Ok(None) => break,
+                    // Reported where they are, and the follower goes on after them:
+                    // damage (and the exit status says so at the end), or a part of
+                    // the log compacted away before we read it (not damage).
+                    Err(e @ (Error::Corrupt { .. } | Error::Compacted { .. })) => {
+                        out.flush().ok();
+                        eprintln!("{}", error_json(&e));
+                        damaged |= matches!(e, Error::Corrupt { .. });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                since = Instant::now();
             }
-            None if stop_when_idle => break,
-            None => {}
+            if damaged {
+                Err(Failure::Reported)
+            } else {
+                Ok(())
+            }
         }
     }
-    Ok(())
 }
 
-/// Runs `cmd` for one message; returns its exit code and the last of its stderr.
-fn run_handler(
-    cmd: &str,
-    message: &agentbus::Message,
-    env: &[(&str, String)],
-) -> Result<(i32, String), Failure> {
-    use std::process::{Command, Stdio};
-    let json = serde_json::to_vec(message).expect("message serializes");
-    let mut command = Command::new("sh");
-    command.arg("-c").arg(cmd);
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
+/// The next item from `recv`, waiting in slices so that a stop request is seen within
+/// one; `None` when a signal asked to stop or nothing came for `--idle-timeout`.
+fn next<T>(
+    w: &Watch<'_>,
+    since: Instant,
+    mut recv: impl FnMut(Duration) -> Result<T, RecvTimeoutError>,
+) -> Result<Option<T>, Error> {
+    loop {
+        if w.stop.requested() {
+            return Ok(None);
+        }
+        let left = w
+            .idle
+            .map(|idle| (since + idle).saturating_duration_since(Instant::now()));
+        match recv(left.map_or(SLICE, |l| l.min(SLICE))) {
+            Ok(item) => return Ok(Some(item)),
+            Err(RecvTimeoutError::Bus(e)) => return Err(e),
+            Err(_) if left.is_some_and(|l| l <= SLICE) => return Ok(None),
+            Err(_) => {}
+        }
     }
-    let mut child = command.spawn().map_err(|e| Error::Io {
-        op: "run handler",
-        path: cmd.into(),
-        source: e,
-    })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(&json);
-    }
-    let output = child.wait_with_output().map_err(|e| Error::Io {
-        op: "wait for handler",
-        path: cmd.into(),
-        source: e,
-    })?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: String = stderr
-        .chars()
-        .rev()
-        .take(500)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    Ok((output.status.code().unwrap_or(-1), tail.trim().to_owned()))
 }
 
-fn message_env(m: &agentbus::Message, mailbox: &str) -> Vec<(&'static str, String)> {
-    let mut env = vec![
-        ("AGENTBUS_MAILBOX", mailbox.to_owned()),
-        ("AGENTBUS_SEQ", m.seq.to_string()),
-        ("AGENTBUS_ID", m.id.to_string()),
-        ("AGENTBUS_TYPE", m.kind.clone()),
-        ("AGENTBUS_FROM", m.from.clone()),
+/// The handler's environment: each `AGENTBUS_*` variable set to its field, or removed
+/// (so none is inherited from watch's own environment) when the message has no such
+/// field or the value cannot be held losslessly (a NUL byte, or over
+/// [`MAX_ENV_VALUE`] bytes); `AGENTBUS_OMITTED` names the ones withheld.
+fn message_env(
+    m: &Message,
+    mailbox: &str,
+    claim: Option<(&str, u32)>,
+) -> Vec<(&'static str, Option<String>)> {
+    let fields = [
+        ("AGENTBUS_MAILBOX", Some(mailbox.to_owned())),
+        ("AGENTBUS_SEQ", Some(m.seq.to_string())),
+        ("AGENTBUS_ID", Some(m.id.to_string())),
+        ("AGENTBUS_TYPE", Some(m.kind.clone())),
+        ("AGENTBUS_FROM", Some(m.from.clone())),
+        ("AGENTBUS_SUBJECT", m.subject.clone()),
+        ("AGENTBUS_CORRELATION_ID", m.correlation_id.clone()),
+        ("AGENTBUS_GROUP", claim.map(|(g, _)| g.to_owned())),
+        ("AGENTBUS_ATTEMPT", claim.map(|(_, a)| a.to_string())),
     ];
-    if let Some(s) = &m.subject {
-        env.push(("AGENTBUS_SUBJECT", s.clone()));
-    }
-    if let Some(c) = &m.correlation_id {
-        env.push(("AGENTBUS_CORRELATION_ID", c.clone()));
-    }
+    let mut omitted = Vec::new();
+    let mut env: Vec<_> = fields
+        .into_iter()
+        .map(|(name, value)| {
+            let value = value.filter(|v| {
+                let holdable = !v.as_bytes().contains(&0) && v.len() <= MAX_ENV_VALUE;
+                if !holdable {
+                    omitted.push(name);
+                }
+                holdable
+            });
+            (name, value)
+        })
+        .collect();
+    env.push((
+        "AGENTBUS_OMITTED",
+        (!omitted.is_empty()).then(|| omitted.join(" ")),
+    ));
     env
 }
 
-fn handle_message(
-    m: &agentbus::Message,
-    mailbox: &str,
-    exec: Option<&str>,
-) -> Result<Value, Failure> {
-    let Some(cmd) = exec else {
-        return Ok(serde_json::to_value(m).expect("message serializes"));
+/// `--exec` without a group: runs the handler, and reports how it ended.
+fn handle_message(w: &Watch<'_>, cmd: &str, m: &Message, mailbox: &str) -> Value {
+    let env = message_env(m, mailbox, None);
+    let run = Run {
+        command: cmd,
+        input: serde_json::to_vec(m).expect("message serializes"),
+        env: &env,
+        timeout: w.timeout,
     };
-    let (code, _) = run_handler(cmd, m, &message_env(m, mailbox))?;
-    Ok(json!({"mailbox": mailbox, "seq": m.seq, "exit": code}))
+    let ended = handler::run(run, &w.stop, None);
+    let mut line = json!({"mailbox": mailbox, "seq": m.seq});
+    describe(&mut line, &ended);
+    line
 }
 
+/// `--exec` with a group: runs the handler while extending the claim, then settles
+/// the message as its exit code says.
 fn handle_delivery(
-    d: &agentbus::Delivery,
-    exec: Option<&str>,
-    retry: Duration,
+    w: &Watch<'_>,
+    cmd: &str,
+    d: &Delivery,
+    visibility: Duration,
 ) -> Result<Value, Failure> {
     let group = d.group();
-    let Some(cmd) = exec else {
-        return Ok(delivery_json(d));
-    };
-    let mailbox = group.mailbox().name().to_owned();
-    let mut env = message_env(&d.message, &mailbox);
-    env.push(("AGENTBUS_GROUP", group.name().to_owned()));
-    env.push(("AGENTBUS_ATTEMPT", d.attempt.to_string()));
-    let (code, stderr) = run_handler(cmd, &d.message, &env)?;
-    let acked = code == 0;
-    if acked {
-        d.ack()?;
-    } else {
-        let reason = format!("handler exited with {code}: {stderr}");
-        match d.nack(retry, Some(&reason)) {
-            // The claim ran out while the handler ran: it is redelivered anyway.
-            Ok(()) | Err(Error::StaleDelivery { .. }) => {}
-            Err(e) => return Err(e.into()),
+    let mailbox = group.mailbox().name();
+    let env = message_env(&d.message, mailbox, Some((group.name(), d.attempt)));
+    // Extend every third of the claim (the real one: on JetStream every claim is for
+    // the group's visibility, whatever `--visibility` says).
+    let left = std::time::Duration::try_from(d.deadline - time::OffsetDateTime::now_utc())
+        .unwrap_or(Duration::ZERO);
+    let every = (left.min(visibility) / 3).max(Duration::from_millis(10));
+    let mut beat = || match d.extend(visibility) {
+        Ok(()) => true,
+        Err(e) => {
+            let mut warning = error_json(&e);
+            warning["warning"] = json!(format!(
+                "could not extend the claim of seq {} while its handler runs",
+                d.seq()
+            ));
+            warning["seq"] = json!(d.seq());
+            eprintln!("{warning}");
+            // A claim that is gone stays gone; anything else may pass.
+            !matches!(e, Error::StaleDelivery { .. })
         }
+    };
+    let run = Run {
+        command: cmd,
+        input: serde_json::to_vec(&d.message).expect("message serializes"),
+        env: &env,
+        timeout: w.timeout,
+    };
+    let heartbeat = Heartbeat {
+        every,
+        beat: &mut beat,
+    };
+    let ended = handler::run(run, &w.stop, Some(heartbeat));
+    settle(w, d, &ended)
+}
+
+/// Adds how the handler ended to an outcome line: `exit` (-1 when it did not exit),
+/// and `signal`, `timed_out` or `error` when they apply.
+fn describe(line: &mut Value, ended: &Ended) {
+    line["exit"] = json!(ended.code().unwrap_or(-1));
+    match &ended.ending {
+        Ending::Exited(_) => {}
+        Ending::Signaled(sig) => line["signal"] = json!(sig),
+        Ending::NotStarted(e) => line["error"] = json!(e),
     }
-    Ok(
-        json!({"mailbox": mailbox, "group": group.name(), "seq": d.seq(), "attempt": d.attempt,
-              "exit": code, "acked": acked}),
-    )
+    if ended.timed_out {
+        line["timed_out"] = json!(true);
+    }
+}
+
+/// Why a handler run did not ack, for the nack or dead letter and the outcome line.
+fn failure(w: &Watch<'_>, ended: &Ended) -> String {
+    let what = match &ended.ending {
+        _ if ended.timed_out => format!(
+            "handler timed out after {}s and was killed",
+            w.timeout.unwrap_or_default().as_secs_f64()
+        ),
+        _ if ended.stopped => format!(
+            "watch was stopped ({}) before the handler finished",
+            w.stop.signal()
+        ),
+        Ending::Exited(EXIT_RETRY_LATER) => "handler asked to retry later (exit 75)".into(),
+        Ending::Exited(EXIT_DEAD_LETTER) => "handler refused the message (exit 65)".into(),
+        Ending::Exited(code) => format!("handler exited with {code}"),
+        Ending::Signaled(sig) => format!("handler was killed by signal {sig}"),
+        Ending::NotStarted(e) => format!("handler did not start: {e}"),
+    };
+    if ended.stderr_tail.is_empty() {
+        what
+    } else {
+        format!("{what}: {}", ended.stderr_tail)
+    }
+}
+
+/// Settles a delivery as its handler's ending says, and returns the outcome line:
+/// `acked`, `retried` (with `delay`), `dead_lettered` (with `reason` and
+/// `dead_letter`), `given_back` (watch was told to stop at once), or `expired` (the
+/// claim was lost meanwhile; the group redelivers the message).
+fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> {
+    let group = d.group();
+    let mut line = json!({
+        "mailbox": group.mailbox().name(),
+        "group": group.name(),
+        "seq": d.seq(),
+        "attempt": d.attempt,
+        "acked": false,
+    });
+    describe(&mut line, ended);
+    if ended.code() == Some(0) {
+        d.ack()?;
+        line["acked"] = json!(true);
+        line["outcome"] = json!("acked");
+        return Ok(line);
+    }
+    let why = failure(w, ended);
+    let last = d.attempt >= group.max_deliveries();
+    let exhausted = || format!("max deliveries ({}) reached: {why}", group.max_deliveries());
+    let (settled, outcome, reason) = if ended.stopped {
+        let outcome = if last { "dead_lettered" } else { "given_back" };
+        (d.nack(Duration::ZERO, Some(&why)), outcome, exhausted())
+    } else if ended.code() == Some(EXIT_DEAD_LETTER) {
+        let reason = format!("rejected by the consumer: {why}");
+        (d.dead_letter(&why), "dead_lettered", reason)
+    } else if last {
+        (d.nack(w.retry, Some(&why)), "dead_lettered", exhausted())
+    } else {
+        (d.nack(w.retry, Some(&why)), "retried", why.clone())
+    };
+    match settled {
+        Ok(()) => {
+            line["outcome"] = json!(outcome);
+            match outcome {
+                "retried" => line["delay"] = json!(w.retry.as_secs_f64()),
+                "dead_lettered" => line["dead_letter"] = json!(group.dead_letter_mailbox()),
+                _ => {}
+            }
+            line["reason"] = json!(if outcome == "dead_lettered" {
+                reason
+            } else {
+                why
+            });
+        }
+        // The claim ran out while the handler ran (watch was paused, say): the group
+        // redelivers the message anyway.
+        Err(Error::StaleDelivery { .. }) => {
+            line["outcome"] = json!("expired");
+            line["reason"] = json!(why);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(line)
 }

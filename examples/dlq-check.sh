@@ -1,0 +1,13 @@
+#!/bin/sh
+# dlq-check.sh MAILBOX: lists what MAILBOX's dead-letter mailbox holds, with the
+# reasons, and exits 1 if it holds anything (run it from cron, or after a batch).
+set -eu
+dead=$(agentbus recv "$1.dlq")
+[ -z "$dead" ] && exit 0
+printf '%s\n' "$dead" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    d = json.loads(m["headers"]["dead_letter"])
+    print("dead letter %s: %s seq %s: %s" % (m["seq"], d["mailbox"], d.get("seq", d.get("first_seq")), d["reason"]))'
+exit 1
