@@ -415,11 +415,13 @@ fn sigterm_finishes_the_message_in_hand_and_a_second_signal_gives_it_back() {
 
     // One signal: the running handler is left to finish (it was not signalled), its
     // message is acked, and watch stops without taking the next one.
+    // (It also ends when the test's directory is gone, should the test fail first.)
     let handler = format!(
         "cat >/dev/null; echo $$ > {s}; trap 'echo got-term >&2' TERM; \
-         while [ ! -e {r} ]; do sleep 0.05; done",
+         while [ ! -e {r} ] && [ -d {d} ]; do sleep 0.05; done",
         s = started.display(),
-        r = release.display()
+        r = release.display(),
+        d = dir.path().display()
     );
     let errors = tempfile::NamedTempFile::new().unwrap();
     let child = spawn_watch(dir.path(), &handler, &errors);
