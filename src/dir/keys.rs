@@ -97,27 +97,39 @@ impl KeyIndex<'_> {
 
     pub(crate) fn lookup(&self, key: &str) -> Result<Option<(u64, Uuid)>> {
         let path = self.bucket(key);
-        let Some(file) = self.fs.open_read_opt(&path)? else {
+        self.find_line(&path, 64 * 1024, |bytes, line| {
+            // The index is derived data: a damaged entry is skipped here (and reported
+            // by `doctor`) rather than stopping every keyed send. An entry for a seq a
+            // power cut took (see `mark_lost`) is void: a later one may be its resend.
+            match log::decode::<KeyEntry<'_>>(bytes, &path, line) {
+                Ok(e) if e.key == key && !self.is_lost(e.seq)? => Ok(Some((e.seq, e.id))),
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// The first answer `f` gives for a complete line (its bytes and 1-based number) of
+    /// the small file at `path`; lines longer than `limit` are passed over.
+    fn find_line<R>(
+        &self,
+        path: &Path,
+        limit: usize,
+        mut f: impl FnMut(&[u8], u64) -> Result<Option<R>>,
+    ) -> Result<Option<R>> {
+        let Some(file) = self.fs.open_read_opt(path)? else {
             return Ok(None);
         };
-        let mut reader = log::LineReader::new(0, 64 * 1024);
-        let mut line_no = 0;
+        let mut reader = log::LineReader::new(0, limit);
+        let mut line = 0;
         loop {
-            match reader.next(&file).ctx("read", &path)? {
+            match reader.next(&file).ctx("read", path)? {
                 Line::Complete { start, end, .. } => {
-                    line_no += 1;
-                    // The index is derived data: a damaged entry is skipped here (and
-                    // reported by `doctor`) rather than stopping every keyed send.
-                    let bytes = reader.bytes(start, end);
-                    if let Ok(entry) = log::decode::<KeyEntry<'_>>(bytes, &path, line_no) {
-                        // An entry for a seq a power cut took (see `mark_lost`) is
-                        // void: a later entry may stand for a resend.
-                        if entry.key == key && !self.is_lost(entry.seq)? {
-                            return Ok(Some((entry.seq, entry.id)));
-                        }
+                    line += 1;
+                    if let Some(found) = f(reader.bytes(start, end), line)? {
+                        return Ok(Some(found));
                     }
                 }
-                Line::TooLong { .. } => line_no += 1,
+                Line::TooLong { .. } => line += 1,
                 Line::Partial { .. } | Line::Eof => return Ok(None),
             }
         }
@@ -147,26 +159,12 @@ impl KeyIndex<'_> {
     /// key matches, so the file (usually absent) is read only then.
     fn is_lost(&self, seq: u64) -> Result<bool> {
         let path = self.lost_path();
-        let Some(file) = self.fs.open_read_opt(&path)? else {
-            return Ok(false);
-        };
-        let mut reader = log::LineReader::new(0, 4096);
-        let mut line_no = 0;
-        loop {
-            match reader.next(&file).ctx("read", &path)? {
-                Line::Complete { start, end, .. } => {
-                    line_no += 1;
-                    let bytes = reader.bytes(start, end);
-                    if let Ok(r) = log::decode::<LostRange>(bytes, &path, line_no) {
-                        if (r.from..=r.seq).contains(&seq) {
-                            return Ok(true);
-                        }
-                    }
-                }
-                Line::TooLong { .. } => line_no += 1,
-                Line::Partial { .. } | Line::Eof => return Ok(false),
-            }
-        }
+        let found = self.find_line(&path, 4096, |bytes, line| {
+            let lost = log::decode::<LostRange>(bytes, &path, line)
+                .is_ok_and(|r| (r.from..=r.seq).contains(&seq));
+            Ok(lost.then_some(()))
+        })?;
+        Ok(found.is_some())
     }
 
     pub(crate) fn insert(&self, key: &str, seq: u64, id: Uuid) -> Result<()> {
