@@ -67,8 +67,9 @@ pub struct Ledger {
     pub errors: BTreeMap<String, u64>,
     /// The Flush writer's receipts (not promised to survive a power cut), by seq.
     pub flush: BTreeMap<u64, (String, u64)>,
-    /// Flush receipts for a seq an earlier Flush receipt had named (issue 14 #1).
-    pub flush_reused: u64,
+    /// Seqs that a Flush receipt named for a message after an earlier Flush receipt
+    /// had named them for another (issue 14 #1).
+    pub flush_reused: std::collections::BTreeSet<u64>,
     /// Broken promises found while reading.
     pub failures: Vec<String>,
     pub seqs_reused: u64,
@@ -140,7 +141,9 @@ impl Ledger {
                 ["FLUSHED", seq, id] => {
                     let seq: u64 = seq.parse().unwrap();
                     match self.flush.get(&seq) {
-                        Some((first, _)) if first != id => self.flush_reused += 1,
+                        Some((first, _)) if first != id => {
+                            self.flush_reused.insert(seq);
+                        }
                         Some(_) => {}
                         None => {
                             self.flush.insert(seq, ((*id).to_owned(), round));

@@ -377,7 +377,7 @@ fn report(f: &Figures, l: &Ledger, disk: &SharedDisk, started: Instant) {
          end of the log, {} doctor findings",
         l.flush.len(),
         f.flush_lost.len(),
-        l.flush_reused,
+        l.flush_reused.len(),
         f.flush_cursor_past_end,
         f.flush_doctor,
     );
