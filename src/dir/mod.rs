@@ -222,7 +222,7 @@ impl BusBackend for Bus {
                 max_record_bytes: opts.max_record_bytes,
             };
             let bytes = serde_json::to_vec(&meta).expect("meta serializes");
-            fs.write_atomic(&tmp.join("mailbox.json"), &bytes, false)?;
+            fs.write_atomic(&tmp.join("mailbox.json"), &bytes, opts.sync())?;
             fs.open_lock(&tmp.join("lock"))?;
             for sub in ["log", "keys"] {
                 fs.create_dir(&tmp.join(sub))?;

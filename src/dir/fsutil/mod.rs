@@ -115,6 +115,16 @@ impl Fs {
         };
         if created {
             fchmod(&fd, opts.dir_mode, root)?;
+            if opts.sync() {
+                // The new directory's name lives in its parent: without this fsync a
+                // power cut can take the whole bus with it.
+                let parent = root.parent().filter(|p| !p.as_os_str().is_empty());
+                let parent = parent.unwrap_or(Path::new("."));
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                let dir = rustix::fs::open(parent, flags, Mode::empty())
+                    .map_err(|e| Error::io("open directory", parent, e.into()))?;
+                at::retry(|| rustix::fs::fsync(&dir)).ctx("fsync directory", parent)?;
+            }
         }
         let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("stat", root, e.into()))?;
         let trust = Trust::of_root(root, &st, opts)?;

@@ -70,6 +70,9 @@ pub(crate) fn create(
     }
     if sync {
         fs.sync_dir(&groups)?;
+        // `groups/` is created with the first group: its own entry needs the mailbox
+        // directory synced too.
+        fs.sync_dir(mailbox.dir())?;
     }
     Ok(())
 }
