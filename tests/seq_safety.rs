@@ -258,3 +258,46 @@ fn an_outside_writer_that_continues_the_sequence_is_built_on() {
     outside_record(dir.path(), 5);
     assert_eq!(mb.send(NewMessage::new("t")).unwrap().seq, 6);
 }
+
+/// An outside writer's keyed record is indexed by agentbus only at the next keyed send;
+/// compaction must not take its key away with its segment.
+#[test]
+fn compaction_keeps_the_keys_of_records_nobody_indexed_yet() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::builder()
+        .agent("w")
+        .durability(agentbus::Durability::Flush)
+        .segment_bytes(400)
+        .init(dir.path())
+        .unwrap();
+    let mb = bus.create_mailbox("main").unwrap();
+    let group = mb.create_group("g").unwrap();
+    mb.send(NewMessage::new("t")).unwrap();
+    let line = format!(
+        "{{\"seq\":2,\"id\":\"{}\",\"ts\":\"2026-12-02T00:00:00Z\",\"from\":\"py\",\"type\":\"t\",\"idempotency_key\":\"from-python\"}}\n",
+        uuid_like(2)
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(first_segment(dir.path(), "main"))
+        .unwrap()
+        .write_all(line.as_bytes())
+        .unwrap();
+    for _ in 0..20 {
+        mb.send(NewMessage::new("t").body("x".repeat(100))).unwrap();
+    }
+    for d in group.claim("c", 100).unwrap() {
+        d.ack().unwrap();
+    }
+    let report = mb.compact(None).unwrap();
+    assert!(
+        report.removed.contains(&first_segment(dir.path(), "main")),
+        "{report:?}"
+    );
+    // The retry of the outside writer's send, through agentbus: the original.
+    let again = mb
+        .send(NewMessage::new("t").idempotency_key("from-python"))
+        .unwrap();
+    assert_eq!((again.duplicate, again.seq), (true, 2));
+}

@@ -22,6 +22,15 @@ pub(crate) fn compact(mailbox: &Mailbox, retention: Option<Duration>) -> Result<
             floor = Some(floor.map_or(f, |m: u64| m.min(f)));
         }
     }
+    mailbox.with_keys_indexed(|| remove_settled(mailbox, floor, retention))
+}
+
+/// Removes the segments below `floor` (and older than `retention`, if given).
+fn remove_settled(
+    mailbox: &Mailbox,
+    floor: Option<u64>,
+    retention: Option<Duration>,
+) -> Result<CompactReport> {
     let log_dir = mailbox.log_dir();
     let fs = mailbox.bus().fs();
     let segments = log::list_segments(fs, log_dir)?;

@@ -173,6 +173,25 @@ impl Mailbox {
         keys.lookup(key)
     }
 
+    /// Runs `f` (compaction removing segments) with the append lock held, after every
+    /// keyed record up to the end of the log is in the key index and the index's
+    /// watermark says so: keys are never lost with the segments that held them, and a
+    /// keyed send never has to read a removed segment.
+    pub(crate) fn with_keys_indexed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let mut guard = self.lock_writer();
+        let w = &mut *guard;
+        let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
+        let tail = self.sync_tail(&mut w.tail)?;
+        self.settle_lost(tail, &mut w.reserved)?;
+        let last = tail.next_seq - 1;
+        let keys = self.key_index();
+        self.index_keys_through(&keys, &mut w.indexed, last)?;
+        keys.set_scanned(last);
+        let result = f();
+        w.tail = None;
+        result
+    }
+
     fn key_index(&self) -> KeyIndex<'_> {
         let opts = self.inner.bus.opts();
         KeyIndex {

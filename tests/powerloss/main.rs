@@ -137,6 +137,12 @@ fn spawn(role: &'static str, id: u64, r: &Round<'_>) -> Running {
         .env("ID", id.to_string())
         .env("SEED", r.seed.to_string())
         .env("ARTIFACT", r.artifact)
+        // Each round between two cuts is one boot of the simulated machine: a writer
+        // tells a restart by the boot id (FORMAT.md, "Power loss").
+        .env(
+            "AGENTBUS_BOOT_ID",
+            format!("powerloss-{}-boot-{}", r.seed, r.round),
+        )
         .env_remove("AGENTBUS_DIR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -315,6 +321,12 @@ fn power_cuts_lose_nothing_that_was_synced() {
     }
     mounted.unmount().unwrap();
     report(&fig, &ledger, &disk, started);
+    // Flush records may be lost to a cut; their seqs must never go out again.
+    assert!(
+        ledger.flush_reused.is_empty(),
+        "seqs handed out twice after a lost Flush tail: {:?}",
+        ledger.flush_reused
+    );
 
     // Every scenario made progress, or the run proved little.
     if cuts >= 100 {
@@ -372,8 +384,8 @@ fn report(f: &Figures, l: &Ledger, disk: &SharedDisk, started: Instant) {
         d.torn_writes,
     );
     say!(
-        "powerloss: Flush, not promised to survive power loss: {} receipts, {} lost to cuts, \
-         {} seqs handed out again after a lost tail, {} cuts left a group's cursor past the \
+        "powerloss: Flush, whose records are not promised to survive power loss: {} receipts, \
+         {} lost to cuts, {} seqs handed out again after a lost tail (must be 0), {} cuts left a group's cursor past the \
          end of the log, {} doctor findings",
         l.flush.len(),
         f.flush_lost.len(),
