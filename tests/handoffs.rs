@@ -609,3 +609,38 @@ fn a_handoff_that_cannot_be_sent_lets_its_lease_go() {
         assert_eq!(info.holder, None, "process_bound {process_bound}");
     }
 }
+
+/// A handoff delivered again after its lease moved on (accepted, released, taken by
+/// someone else): accepting it again must not hand out a lease that is no longer held.
+#[test]
+fn accepting_again_after_the_lease_moved_on_is_stale_not_a_dead_lease() {
+    let (dir, _root, bus) = setup();
+    let (_sent, token) = send_leased(dir.path(), &bus);
+    let (receiver, group) = reviewer(&bus, "reviewer");
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+    let seq = h.seq();
+    let lease = h
+        .accept_lease("reviewer", Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
+    assert!(lease.token() > token);
+    lease.release().unwrap();
+    let writers = bus.lease("task").try_acquire().unwrap();
+    // Delivered once more (as after a crash between the answer and the ack).
+    assert!(group.requeue(seq).unwrap());
+    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+    match h.accept_lease("reviewer", Duration::from_secs(60)) {
+        Err(Error::StaleLease { holder, token, .. }) => {
+            assert_eq!(holder.as_deref(), Some("writer"));
+            assert_eq!(token, writers.token());
+        }
+        Ok(l) => panic!(
+            "a lease handle for token {:?} while the writer holds {}",
+            l.map(|l| l.token()),
+            writers.token()
+        ),
+        Err(e) => panic!("{e:?}"),
+    }
+    assert_eq!(answers(&bus).len(), 1, "still answered once");
+}

@@ -540,12 +540,34 @@ impl ReceivedHandoff {
     ///
     /// # Errors
     ///
-    /// As [`accept`](Self::accept).
+    /// As [`accept`](Self::accept); also [`Error::StaleLease`] when this handoff was
+    /// accepted before and the lease that accept took is no longer held.
     pub fn accept_lease(self, agent: &str, ttl: Duration) -> Result<Option<crate::Lease>> {
         let bus = self.bus.clone();
         let started = Instant::now();
-        let info = self.accept_for(agent, ttl)?;
-        Ok(info.map(|info| crate::Lease::held(&bus, &info, agent, ttl, started)))
+        let Some(info) = self.accept_for(agent, ttl)? else {
+            return Ok(None);
+        };
+        // A repeated accept reports the grant of the first: a handle is only for a
+        // grant still held (not released, expired or superseded since).
+        let now = bus.lease_info(&info.name)?;
+        let current = now
+            .as_ref()
+            .is_some_and(|n| n.token == info.token && n.holder.as_deref() == Some(agent));
+        if !current {
+            let (holder, token) = now.map_or((None, 0), |n| (n.holder, n.token));
+            return Err(Error::StaleLease {
+                name: info.name,
+                holder,
+                token,
+                reason: format!(
+                    "this handoff was accepted before, with token {}, and that grant is \
+                     over (released, expired or taken over since)",
+                    info.token
+                ),
+            });
+        }
+        Ok(Some(crate::Lease::held(&bus, &info, agent, ttl, started)))
     }
 
     fn accept_for(self, agent: &str, ttl: Duration) -> Result<Option<LeaseInfo>> {
