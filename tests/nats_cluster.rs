@@ -163,13 +163,25 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
         admin.create_mailbox("work").map(drop)
     });
     let mb = retrying("open the mailbox", || admin.mailbox("work"));
+    // The group is made by a process whose URL names no replicas: its consumer still
+    // has the stream's three (issue 15 #7).
+    let plain = retrying("open the bus", || Bus::open(cluster.url(None)));
     retrying("create the group", || {
         let opts = GroupOptions::new()
             .visibility(visibility)
             .max_deliveries(1000);
-        mb.create_group_with("g", opts).map(drop)
+        plain
+            .mailbox("work")?
+            .create_group_with("g", opts)
+            .map(drop)
     });
+    drop(plain);
     let stream = cluster.stream_name("work");
+    assert_eq!(
+        cluster.consumer_replicas(&stream, "g"),
+        3,
+        "the stream's replicas"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();

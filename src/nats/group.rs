@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::{dec, decode, enc, nats_err, Mailbox, NatsBus, NET, REQUEST_TIMEOUT};
 use crate::backend::MailboxBackend;
-use crate::backend::{Backend, Claimed, DeadLetterTo, GroupBackend, GroupMeta, Settle};
+use crate::backend::{Backend, Claimed, Damage, DeadLetterTo, GroupBackend, GroupMeta, Settle};
 use crate::report::GroupStats;
 use crate::watch::{Watch, WatchMode};
 use crate::{Error, Result};
@@ -72,6 +72,16 @@ pub(crate) struct ConsumerConfig {
     pub(crate) start_seq: Option<u64>,
     pub(crate) ack_wait: Duration,
     pub(crate) max_deliver: i64,
+}
+
+/// Whether a consumer is an agentbus group: durable, with group settings as its
+/// description.
+fn is_group(config: &jetstream::consumer::Config) -> bool {
+    config.durable_name.is_some()
+        && config
+            .description
+            .as_deref()
+            .is_some_and(|d| serde_json::from_str::<GroupMeta>(d).is_ok())
 }
 
 /// Creates group `name` on `mailbox` (its dead-letter mailbox exists already).
@@ -199,7 +209,17 @@ impl Group {
                 let message = match decoded {
                     Ok(m) => m,
                     Err(e) => {
-                        log::warn!("agentbus: group {}: {e}; terminating it", self.name);
+                        // Not an agentbus message (an outside writer's record): dead
+                        // lettered with its raw payload and the reason, as the
+                        // directory backend does with damage, then termed.
+                        let path = self.mailbox.path();
+                        self.dead_letter_to().send_damage(&Damage {
+                            seqs: Some((f.seq, f.seq)),
+                            path: &path,
+                            line: f.seq,
+                            reason: &e.to_string(),
+                            raw: Some(&f.payload),
+                        })?;
                         conn.settle(&f.reply, AckKind::Term)?;
                         continue;
                     }
@@ -281,6 +301,28 @@ impl Group {
     }
 }
 
+impl Group {
+    /// How many messages of the dead-letter mailbox came from this group.
+    fn dead_count(&self) -> Result<u64> {
+        let bus = self.mailbox.bus();
+        if bus.conn().stream_limit(&self.meta.dead_letter)?.is_none() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for m in super::Reader::new(Mailbox::new(bus.clone(), &self.meta.dead_letter)) {
+            let Ok(m) = m else { continue };
+            let Some(info) = m.headers.get(crate::DEAD_LETTER_HEADER) else {
+                continue;
+            };
+            let info: serde_json::Value = serde_json::from_str(info).unwrap_or_default();
+            if info["mailbox"] == self.mailbox.name() && info["group"] == self.name.as_str() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
 impl Held {
     fn claimed(&self, message: crate::Message) -> Claimed {
         Claimed {
@@ -326,8 +368,10 @@ impl GroupBackend for Group {
     }
 
     /// The consumer's counters. JetStream counts by stream sequence, so `delivered`
-    /// and `acked` are the highest delivered and fully acked seqs, and `dead`,
-    /// `termed` and `skipped` are not tracked (0); see README "Scaling out".
+    /// and `acked` are the highest delivered and fully acked seqs; `dead` counts what
+    /// the dead-letter mailbox holds from this group (dead letters and records that
+    /// were not messages), read from it; `termed` and `skipped` are not tracked (0);
+    /// see README "Scaling out".
     fn stats(&self) -> Result<GroupStats> {
         let st = self
             .conn()
@@ -344,7 +388,7 @@ impl GroupBackend for Group {
             in_flight: st.ack_pending,
             pending: st.num_pending,
             redelivered: st.redelivered,
-            dead: 0,
+            dead: self.dead_count()?,
             termed: 0,
             skipped: 0,
             lag: st.num_pending,
@@ -448,7 +492,10 @@ impl NatsBus {
         })
     }
 
-    /// The groups of a mailbox, sorted.
+    /// The groups of a mailbox, sorted: its durable consumers whose description holds
+    /// agentbus group settings. Consumers made by other clients (a `nats consumer add`,
+    /// a nats-py durable, the ephemeral behind `nats sub`) are not groups and are
+    /// passed over (README "Scaling out").
     pub(crate) fn consumer_names(&self, mailbox: &str) -> Result<Vec<String>> {
         let js = self.js.clone();
         let stream = self.stream_name(mailbox);
@@ -458,10 +505,17 @@ impl NatsBus {
                 .await
                 .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
             let mut names = Vec::new();
-            let mut list = s.consumer_names();
-            while let Some(name) = list.next().await {
-                let name = name.map_err(|e| nats_err("list consumers", e))?;
-                names.extend(dec(&name));
+            let mut list = s.consumers();
+            while let Some(info) = list.next().await {
+                let info = info.map_err(|e| nats_err("list consumers", e))?;
+                if is_group(&info.config) {
+                    names.extend(dec(&info.name));
+                } else {
+                    log::debug!(
+                        "agentbus: consumer {} of stream {stream} is not an agentbus group",
+                        info.name
+                    );
+                }
             }
             Ok::<_, Error>(names)
         })?;

@@ -376,3 +376,43 @@ impl NatsBus {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(parse_version("2.9.10"), Some((2, 9, 10)));
+        assert_eq!(parse_version("v2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_version("2.10.0-beta.3"), Some((2, 10, 0)));
+        assert_eq!(parse_version("2.11"), Some((2, 11, 0)));
+        assert_eq!(parse_version("main"), None);
+        assert_eq!(parse_version(""), None);
+    }
+
+    /// Issue 15 #2: a replicated lease bucket needs a server whose replicated
+    /// compare-and-set is atomic (2.9.21 and later); one replica works everywhere.
+    #[test]
+    fn replicated_leases_need_2_9_21() {
+        for old in ["2.9.10", "2.9.20", "2.2.0"] {
+            let err = check_lease_server(old, 3, "ns_LEASES").unwrap_err();
+            assert_eq!(err.code(), "unsupported_server");
+            let text = err.to_string();
+            assert!(text.contains(old) && text.contains("2.9.21"), "{text}");
+            check_lease_server(old, 1, "ns_LEASES").unwrap();
+        }
+        for new in ["2.9.21", "2.10.0", "2.15.1", "3.0.0", "dev"] {
+            check_lease_server(new, 3, "ns_LEASES").unwrap();
+        }
+    }
+
+    /// Issue 15 #10: a lease request waits no longer than the lease lasts (within
+    /// sane limits).
+    #[test]
+    fn lease_requests_are_bounded_by_the_ttl() {
+        assert_eq!(bound(Duration::from_secs(2)), Duration::from_secs(2));
+        assert_eq!(bound(Duration::from_secs(60)), REQUEST_TIMEOUT);
+        assert_eq!(bound(Duration::from_millis(10)), MIN_LEASE_BOUND);
+    }
+}

@@ -181,12 +181,14 @@ fn parse_url(url: &str) -> Result<Url> {
     };
     let rest = url
         .strip_prefix(SCHEME)
-        .ok_or_else(|| bad("it must start with nats://"))?;
+        .ok_or_else(|| bad("it must start with nats://"))?
+        // `nats://a:1,nats://b:2` is `nats://a:1,b:2`.
+        .replace(&format!(",{SCHEME}"), ",");
+    let rest = rest.as_str();
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (seeds, namespace) = rest.split_once('/').unwrap_or((rest, ""));
     let mut servers = Vec::new();
     for server in seeds.split(',') {
-        let server = server.strip_prefix(SCHEME).unwrap_or(server);
         if server.is_empty() {
             return Err(bad("no host (a seed list is host:port,host:port)"));
         }
@@ -577,16 +579,55 @@ mod tests {
 
     #[test]
     fn urls_parse() {
-        let (server, ns, replicas) = parse_url("nats://127.0.0.1:4222").unwrap();
+        let url = parse_url("nats://127.0.0.1:4222").unwrap();
         assert_eq!(
-            (server.as_str(), ns.as_str(), replicas),
-            ("nats://127.0.0.1:4222", "agentbus", 1)
+            url,
+            Url {
+                servers: vec!["nats://127.0.0.1:4222".into()],
+                namespace: "agentbus".into(),
+                replicas: None,
+            }
         );
-        let (_, ns, replicas) = parse_url("nats://h:1/team.a?replicas=3").unwrap();
-        assert_eq!((ns.as_str(), replicas), ("team.a", 3));
+        let url = parse_url("nats://h:1/team.a?replicas=3").unwrap();
+        assert_eq!((url.namespace.as_str(), url.replicas), ("team.a", Some(3)));
         assert!(parse_url("nats://h:1/../x").is_err());
         assert!(parse_url("nats://h:1?replicas=9").is_err());
         assert!(parse_url("nats://h:1?color=red").is_err());
         assert!(parse_url("nats:///ns").is_err());
+    }
+
+    /// Issue 15 #8: a seed list of servers, one of which may be down.
+    #[test]
+    fn urls_take_a_seed_list() {
+        let url = parse_url("nats://a:1,b:2,nats://c:3/ns?replicas=3").unwrap();
+        assert_eq!(url.servers, ["nats://a:1", "nats://b:2", "nats://c:3"]);
+        assert_eq!((url.namespace.as_str(), url.replicas), ("ns", Some(3)));
+        assert!(parse_url("nats://a:1,,b:2/ns").is_err());
+        assert!(parse_url("nats://a:1,/ns").is_err());
+    }
+
+    /// Issue 15 #10: "not now" answers are retryable, "no" answers are not.
+    #[test]
+    fn unavailable_answers_are_retryable() {
+        for reason in [
+            "timed out",
+            "no responders",
+            "error while processing messages from the stream: 503, None",
+            "jetstream error: JetStream cluster not available (code 503, error code 10008)",
+            "broken pipe",
+        ] {
+            assert!(nats_err("x", reason).is_retryable(), "{reason}");
+        }
+        for reason in [
+            "stream not found (code 404, error code 10059)",
+            "insufficient resources (code 500, error code 10023)",
+            "maximum payload exceeded",
+        ] {
+            let e = nats_err("x", reason);
+            assert!(
+                !e.is_retryable() && matches!(e, Error::Nats { .. }),
+                "{reason}"
+            );
+        }
     }
 }

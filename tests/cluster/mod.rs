@@ -232,6 +232,15 @@ impl Cluster {
         self.leader(format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"))
     }
 
+    /// How many servers hold consumer `consumer` of `stream` (leader and replicas).
+    pub fn consumer_replicas(&self, stream: &str, consumer: &str) -> usize {
+        self.leader(format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"));
+        let info = self
+            .api(format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"))
+            .expect("consumer info");
+        1 + info["cluster"]["replicas"].as_array().map_or(0, Vec::len)
+    }
+
     fn leader(&self, subject: String) -> String {
         let start = Instant::now();
         loop {
