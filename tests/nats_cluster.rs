@@ -185,11 +185,13 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let workers: Vec<_> = (0..3)
-        .map(|i| {
+    // Each worker reports here when it stops; one that never does hung.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for i in 0..3 {
+        {
             let name = format!("w{i}");
             let b = open(&cluster, &name);
-            let (stop, seen) = (stop.clone(), seen.clone());
+            let (stop, seen, done_tx) = (stop.clone(), seen.clone(), done_tx.clone());
             thread::spawn(move || {
                 let group = retrying("open the group", || b.mailbox("work")?.group("g"));
                 let mut rx = group.consumer(&name).expect("a consumer");
@@ -225,10 +227,10 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
                         acked,
                     });
                 }
-                (name, longest, errors)
-            })
-        })
-        .collect();
+                let _ = done_tx.send((name, longest, errors));
+            });
+        }
+    }
 
     // Messages keep coming through both failovers.
     const N: usize = 300;
@@ -275,8 +277,10 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
     });
     stop.store(true, Ordering::SeqCst);
     let mut longest = Duration::ZERO;
-    for w in workers {
-        let (name, l, errors) = w.join().expect("a worker");
+    for _ in 0..3 {
+        let (name, l, errors) = done_rx
+            .recv_timeout(PATIENCE)
+            .expect("a consumer hung: it never came back from a receive");
         let retryable = errors.iter().filter(|e| e.1).count();
         println!(
             "figures: consumer {name}: longest recv_timeout(1 s) {} ms, {} errors returned \
