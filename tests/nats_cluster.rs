@@ -175,6 +175,13 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
             .create_group_with("g", opts)
             .map(drop)
     });
+    retrying("create the CLI's group", || {
+        let opts = GroupOptions::new().visibility(visibility);
+        plain
+            .mailbox("work")?
+            .create_group_with("cli", opts)
+            .map(drop)
+    });
     drop(plain);
     let stream = cluster.stream_name("work");
     assert_eq!(
@@ -234,6 +241,22 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
 
     // Messages keep coming through both failovers.
     const N: usize = 300;
+    // `watch --group --exec` in a process of its own, on a group of its own (so it
+    // sees every message): it must handle all of them and exit.
+    let scratch = tempfile::tempdir().unwrap();
+    let watch_out = scratch.path().join("watch.jsonl");
+    let mut watcher = Reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"))
+            .arg("--bus")
+            .arg(cluster.url(None))
+            .args(["watch", "work", "--group", "cli", "--consumer", "cli"])
+            .args(["--exec", "true", "--max", &N.to_string()])
+            .env_remove("AGENTBUS_DIR")
+            .stdout(std::fs::File::create(&watch_out).unwrap())
+            .stderr(std::fs::File::create(scratch.path().join("watch.err")).unwrap())
+            .spawn()
+            .expect("start agentbus watch"),
+    );
     let sender = {
         let mb = mb.clone();
         thread::spawn(move || {
@@ -255,6 +278,7 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
     let leader = cluster.consumer_leader(&stream, "g");
     let stepped_at = Instant::now();
     cluster.step_down_consumer(&stream, "g");
+    cluster.step_down_consumer(&stream, "cli");
     let before = acked(&seen);
     wait_until("acks after the step-down", || acked(&seen) > before + 20);
     let step_down_window = stepped_at.elapsed();
@@ -291,6 +315,37 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
         );
         longest = longest.max(l);
     }
+
+    // The watcher finishes its 300 messages; one that hung is killed (by its PID)
+    // and fails the test.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = watcher.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "agentbus watch --group --exec hung"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let lines = std::fs::read_to_string(&watch_out).unwrap();
+    let stderr = std::fs::read_to_string(scratch.path().join("watch.err")).unwrap();
+    assert!(status.success(), "agentbus watch: {status}: {stderr}");
+    let handled: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let unsettled = handled
+        .iter()
+        .filter(|l| l.get("unsettled").is_some())
+        .count();
+    println!(
+        "figures: agentbus watch --group --exec: {} messages handled, {unsettled} not \
+         settled (redelivered)",
+        handled.len()
+    );
+    assert_eq!(handled.len(), N);
 
     let seen = seen.lock().unwrap();
     let mut by_seq: BTreeMap<u64, Vec<&Seen>> = BTreeMap::new();
@@ -337,6 +392,16 @@ fn competing_consumers_survive_a_step_down_and_a_leader_kill() {
         longest < Duration::from_secs(15),
         "a consumer hung for {longest:?}"
     );
+}
+
+/// A child process killed (by its PID) and reaped when dropped, also on a panic.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Acks `d`, retrying what the server did not confirm until the claim runs out;

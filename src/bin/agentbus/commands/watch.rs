@@ -31,7 +31,9 @@ pub struct WatchArgs {
     from_seq: Option<u64>,
     /// Run this shell command per message: the message JSON on stdin, fields in
     /// AGENTBUS_* environment variables. With `--group`, exit 0 acks and anything else
-    /// nacks (the message is redelivered).
+    /// nacks (the message is redelivered). While the bus is unavailable (a failover),
+    /// the ack or nack is retried until the claim runs out; a line with `"unsettled"`
+    /// says it was not settled (the message comes again).
     #[arg(long)]
     exec: Option<String>,
     /// Seconds before a failed handler's message is redelivered.
@@ -216,18 +218,39 @@ fn handle_delivery(
     env.push(("AGENTBUS_ATTEMPT", d.attempt.to_string()));
     let (code, stderr) = run_handler(cmd, &d.message, &env)?;
     let acked = code == 0;
-    if acked {
-        d.ack()?;
+    let unsettled = if acked {
+        settle_retrying(d, || d.ack())?
     } else {
         let reason = format!("handler exited with {code}: {stderr}");
-        match d.nack(retry, Some(&reason)) {
-            // The claim ran out while the handler ran: it is redelivered anyway.
-            Ok(()) | Err(Error::StaleDelivery { .. }) => {}
+        settle_retrying(d, || d.nack(retry, Some(&reason)))?
+    };
+    let mut line = json!({"mailbox": mailbox, "group": group.name(), "seq": d.seq(),
+                          "attempt": d.attempt, "exit": code, "acked": acked && unsettled.is_none()});
+    if let Some(e) = unsettled {
+        line["unsettled"] = json!(e);
+    }
+    Ok(line)
+}
+
+/// Acks or nacks `d` with `settle`, retrying while the bus is unavailable (a failover)
+/// until the claim runs out. Then, or when the claim ran out while the handler ran
+/// (stale), the message is redelivered anyway: the watch goes on, and the line says
+/// why it is not settled (`"unsettled"`).
+fn settle_retrying(
+    d: &agentbus::Delivery,
+    settle: impl Fn() -> agentbus::Result<()>,
+) -> Result<Option<String>, Failure> {
+    loop {
+        match settle() {
+            Ok(()) => return Ok(None),
+            Err(e @ Error::StaleDelivery { .. }) => return Ok(Some(e.to_string())),
+            Err(e) if e.is_retryable() => {
+                if time::OffsetDateTime::now_utc() >= d.deadline {
+                    return Ok(Some(e.to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(
-        json!({"mailbox": mailbox, "group": group.name(), "seq": d.seq(), "attempt": d.attempt,
-              "exit": code, "acked": acked}),
-    )
 }
