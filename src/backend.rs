@@ -455,6 +455,10 @@ pub(crate) struct Damage<'a> {
     pub(crate) path: &'a std::path::Path,
     pub(crate) line: u64,
     pub(crate) reason: &'a str,
+    /// The record's bytes, where the damage notice is the only copy left (JetStream
+    /// terms a record that is not a message): the notice's body if they are UTF-8,
+    /// else its payload as `{"raw_hex": ...}`.
+    pub(crate) raw: Option<&'a [u8]>,
 }
 
 impl DeadLetterTo<'_> {
@@ -470,6 +474,7 @@ impl DeadLetterTo<'_> {
             "path": damage.path,
             "line": damage.line,
             "reason": cap_reason(damage.reason),
+            "raw_bytes": damage.raw.map(<[u8]>::len),
         });
         log::warn!(
             "agentbus: group {} of mailbox {} passed over damage: {info}",
@@ -489,12 +494,26 @@ impl DeadLetterTo<'_> {
         notice
             .headers
             .insert(crate::DEAD_LETTER_HEADER.into(), info.to_string());
+        if let Some(raw) = damage.raw {
+            // At most MAX_RAW_BYTES of it, so the notice stays below the record limit.
+            let kept = &raw[..raw.len().min(MAX_RAW_BYTES)];
+            match std::str::from_utf8(kept) {
+                Ok(text) => notice = notice.body(text),
+                Err(_) => {
+                    let hex: String = kept.iter().map(|b| format!("{b:02x}")).collect();
+                    notice = notice.payload(serde_json::json!({ "raw_hex": hex }));
+                }
+            }
+        }
         let dlq = open_or_create_mailbox(self.bus, &self.meta.dead_letter)?;
         let prepared = prepare(notice, self.agent, &*dlq.imp, dlq.max_record_bytes)?;
         dlq.imp.append(vec![prepared])?;
         Ok(())
     }
 }
+
+/// How much of a record's raw bytes a damage notice carries.
+const MAX_RAW_BYTES: usize = 64 * 1024;
 
 /// `key` if it fits [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) (long mailbox and group names
 /// can make it longer), else a digest of it that does.

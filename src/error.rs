@@ -222,6 +222,38 @@ pub enum Error {
         reason: String,
     },
 
+    /// The NATS server could not answer now: no server answered in time, or the one
+    /// that must answer is being elected (a JetStream cluster lost a server, or a leader
+    /// stepped down). Nothing is known to have happened: the request may or may not have
+    /// been applied. [`Error::is_retryable`] is true: repeat the same request after a
+    /// moment (a send with the same idempotency key, so a send that did land is not
+    /// stored twice). README "Scaling out" says how long a failover refuses requests.
+    #[error("NATS: {operation}: the server is unavailable now ({reason}); retry")]
+    Unavailable {
+        /// What was being done.
+        operation: String,
+        /// What the client or the server said.
+        reason: String,
+    },
+
+    /// The NATS server's version has a bug that breaks a guarantee this bus would need,
+    /// so agentbus refuses to use what depends on it, for example a replicated lease
+    /// bucket on a server before 2.9.21, whose compare-and-set is not atomic. Upgrade
+    /// the servers to `needed`, or open the bus without `?replicas`.
+    #[error(
+        "NATS server {version} cannot serve {what}: {why}; it needs nats-server {needed} or later"
+    )]
+    UnsupportedServer {
+        /// The version the server reported.
+        version: String,
+        /// What was refused.
+        what: String,
+        /// Which guarantee the version breaks.
+        why: String,
+        /// The first version that works.
+        needed: &'static str,
+    },
+
     /// The operation has no equivalent on this bus's backend (for example `doctor` on
     /// NATS JetStream, which checks its own storage). README "Scaling out" lists them.
     #[error("{operation} is not supported on the {backend} backend: {hint}")]
@@ -374,6 +406,8 @@ impl Error {
             Error::Compacted { .. } => "compacted",
             Error::InvalidMessage(_) => "invalid_message",
             Error::Nats { .. } => "nats",
+            Error::Unavailable { .. } => "unavailable",
+            Error::UnsupportedServer { .. } => "unsupported_server",
             Error::Unsupported { .. } => "unsupported",
             Error::GroupSettingsDiffer { .. } => "group_settings_differ",
             Error::Timeout => "timeout",
@@ -426,6 +460,28 @@ impl Error {
                 | Error::GroupSettingsDiffer { .. }
                 | Error::NotDelivered { .. }
         )
+    }
+
+    /// True when the same request may succeed if repeated in a moment: the server was
+    /// unavailable ([`Error::Unavailable`], a failover in a JetStream cluster). Such a
+    /// request may or may not have been applied, so repeat it as it was: a send with
+    /// the same idempotency key (its receipt then says `duplicate` if the first one
+    /// landed), an ack, nack or extend of the same delivery (a
+    /// [`StaleDelivery`](Error::StaleDelivery) then means the claim ran out meanwhile),
+    /// a lease call while [`Lease::is_valid`](crate::Lease::is_valid) says it still holds.
+    /// Receivers ([`Consumer`](crate::Consumer), [`Follower`](crate::Follower)) retry
+    /// by themselves while they wait.
+    ///
+    /// ```
+    /// let err = agentbus::Error::Unavailable {
+    ///     operation: "publish to mailbox main".into(),
+    ///     reason: "no responders".into(),
+    /// };
+    /// assert!(err.is_retryable());
+    /// assert!(!agentbus::Error::MailboxExists { name: "main".into() }.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
     }
 
     /// The underlying I/O error, if this is an I/O failure.

@@ -199,7 +199,8 @@ impl LeaseRequest<'_> {
     /// # Errors
     ///
     /// As [`try_acquire`](Self::try_acquire); [`Error::LeaseHeld`](crate::Error::LeaseHeld) when `timeout` ran
-    /// out.
+    /// out. A retryable error ([`Error::is_retryable`](crate::Error::is_retryable): the
+    /// bus unavailable during a failover) is retried until `timeout`, then returned.
     pub fn acquire(self, timeout: Duration) -> Result<Lease> {
         validate_name("lease", &self.name)?;
         validate_name("agent", &self.holder)?;
@@ -211,7 +212,17 @@ impl LeaseRequest<'_> {
             .watch_lease(&self.name, self.bus.inner.opts.watch_mode)?;
         loop {
             let seen = watch.generation();
-            match self.attempt()? {
+            let attempt = match self.attempt() {
+                // The bus is unavailable for a moment (a failover): look again soon,
+                // within the caller's timeout.
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    let again = Instant::now() + Duration::from_millis(200);
+                    watch.wait(seen, Some(again.min(deadline)));
+                    continue;
+                }
+                other => other?,
+            };
+            match attempt {
                 Ok(lease) => return Ok(lease),
                 Err(held) => {
                     let now = Instant::now();

@@ -166,6 +166,56 @@ pub struct Envelope {
     pub message: Message,
 }
 
+/// How long a receiver keeps retrying while the server is unavailable (an
+/// [`Error::is_retryable`] error, such as a JetStream cluster electing a new leader),
+/// before it returns the error: longer than a failover takes (README "Scaling out").
+pub(crate) const OUTAGE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How soon a receiver looks again after a retryable error.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// A receiver's view of an outage: retryable errors are waited out (logged once) for up
+/// to [`OUTAGE_PATIENCE`], or until the caller's deadline; others are returned at once.
+#[derive(Debug, Default)]
+struct Outage {
+    since: Option<Instant>,
+}
+
+impl Outage {
+    /// The item of a look, `None` for nothing (yet), or the error to return.
+    fn look<T>(
+        &mut self,
+        looked: Result<Option<T>>,
+        deadline: Instant,
+    ) -> std::result::Result<Option<T>, RecvTimeoutError> {
+        match looked {
+            Ok(item) => {
+                if self.since.take().is_some() {
+                    log::info!("agentbus: the bus answers again; receiving goes on");
+                }
+                Ok(item)
+            }
+            Err(e) if e.is_retryable() => {
+                let now = Instant::now();
+                let since = *self.since.get_or_insert_with(|| {
+                    log::warn!("agentbus: {e}; retrying for up to {OUTAGE_PATIENCE:?}");
+                    now
+                });
+                if now.duration_since(since) >= OUTAGE_PATIENCE || now >= deadline {
+                    return Err(RecvTimeoutError::Bus(e));
+                }
+                Ok(None)
+            }
+            Err(e) => Err(RecvTimeoutError::Bus(e)),
+        }
+    }
+
+    /// When to look again, during an outage.
+    fn retry_at(&self) -> Option<Instant> {
+        self.since.map(|_| Instant::now() + RETRY_PAUSE)
+    }
+}
+
 /// The receiving methods, the same on both receivers.
 macro_rules! receiver_methods {
     ($item:ty) => {
@@ -182,9 +232,14 @@ macro_rules! receiver_methods {
 
         /// Blocks until an item arrives.
         ///
+        /// While the bus is unavailable (an [`Error::is_retryable`] error: a JetStream
+        /// cluster electing a new leader after a server was lost), it keeps looking
+        /// every 200 ms for up to 30 s, so a failover only delays it.
+        ///
         /// # Errors
         ///
-        /// The crate error when reading fails.
+        /// The crate error when reading fails, or when the bus stayed unavailable for
+        /// 30 s.
         pub fn recv(&mut self) -> Result<$item> {
             loop {
                 match self.recv_deadline(Instant::now() + Duration::from_secs(3600)) {
@@ -207,26 +262,33 @@ macro_rules! receiver_methods {
             self.recv_deadline(Instant::now() + timeout)
         }
 
-        /// Blocks until an item arrives or `deadline` passes.
+        /// Blocks until an item arrives or `deadline` passes. A retryable error (the
+        /// bus unavailable for a moment) is retried as by [`recv`](Self::recv), until
+        /// `deadline`.
         ///
         /// # Errors
         ///
-        /// [`RecvTimeoutError::Timeout`], or [`RecvTimeoutError::Bus`].
+        /// [`RecvTimeoutError::Timeout`], or [`RecvTimeoutError::Bus`] (also when the
+        /// bus was still unavailable at `deadline`).
         pub fn recv_deadline(
             &mut self,
             deadline: Instant,
         ) -> std::result::Result<$item, RecvTimeoutError> {
+            let mut outage = Outage::default();
             loop {
                 // Read the hint generation before looking, so a change that lands
                 // between the look and the wait still wakes us.
                 let seen = self.watch.generation();
-                if let Some(item) = self.poll()? {
-                    return Ok(item);
-                }
+                let until = match outage.look(self.poll(), deadline)? {
+                    Some(item) => return Ok(item),
+                    None => outage.retry_at(),
+                };
                 if Instant::now() >= deadline {
                     return Err(RecvTimeoutError::Timeout);
                 }
-                let until = self.due().map_or(deadline, |d| d.min(deadline));
+                let until = until
+                    .or_else(|| self.due())
+                    .map_or(deadline, |d| d.min(deadline));
                 self.watch.wait(seen, Some(until));
             }
         }
@@ -263,12 +325,17 @@ macro_rules! receiver_methods {
         /// The crate error when reading fails.
         #[cfg(feature = "tokio")]
         pub async fn recv_async(&mut self) -> Result<$item> {
+            let mut outage = Outage::default();
             loop {
                 let seen = self.watch.generation();
-                if let Some(item) = self.poll()? {
-                    return Ok(item);
-                }
-                self.watch.wait_async(seen, self.due()).await;
+                let far = Instant::now() + Duration::from_secs(3600);
+                let retry = match outage.look(self.poll(), far).map_err(Error::from)? {
+                    Some(item) => return Ok(item),
+                    None => outage.retry_at(),
+                };
+                self.watch
+                    .wait_async(seen, retry.or_else(|| self.due()))
+                    .await;
             }
         }
 

@@ -9,9 +9,9 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures_util::StreamExt;
 use time::OffsetDateTime;
 
-use super::{dec, decode, enc, nats_err, Mailbox, NatsBus};
+use super::{dec, decode, enc, nats_err, Mailbox, NatsBus, NET, REQUEST_TIMEOUT};
 use crate::backend::MailboxBackend;
-use crate::backend::{Backend, Claimed, DeadLetterTo, GroupBackend, GroupMeta, Settle};
+use crate::backend::{Backend, Claimed, Damage, DeadLetterTo, GroupBackend, GroupMeta, Settle};
 use crate::report::GroupStats;
 use crate::watch::{Watch, WatchMode};
 use crate::{Error, Result};
@@ -51,6 +51,8 @@ pub(crate) struct Fetched {
     pub(crate) attempt: u32,
     pub(crate) reply: String,
     pub(crate) payload: Vec<u8>,
+    /// The `Nats-Msg-Id` header it was published with.
+    pub(crate) msg_id: Option<String>,
 }
 
 /// What the server says about a group.
@@ -70,6 +72,16 @@ pub(crate) struct ConsumerConfig {
     pub(crate) start_seq: Option<u64>,
     pub(crate) ack_wait: Duration,
     pub(crate) max_deliver: i64,
+}
+
+/// Whether a consumer is an agentbus group: durable, with group settings as its
+/// description.
+fn is_group(config: &jetstream::consumer::Config) -> bool {
+    config.durable_name.is_some()
+        && config
+            .description
+            .as_deref()
+            .is_some_and(|d| serde_json::from_str::<GroupMeta>(d).is_ok())
 }
 
 /// Creates group `name` on `mailbox` (its dead-letter mailbox exists already).
@@ -187,10 +199,27 @@ impl Group {
             }
             pending.reverse();
             while let Some(f) = pending.pop() {
-                let message = match decode(conn.url(), self.mailbox.name(), f.seq, &f.payload) {
+                let decoded = decode(
+                    conn.url(),
+                    self.mailbox.name(),
+                    f.seq,
+                    &f.payload,
+                    f.msg_id.as_deref(),
+                );
+                let message = match decoded {
                     Ok(m) => m,
                     Err(e) => {
-                        log::warn!("agentbus: group {}: {e}; terminating it", self.name);
+                        // Not an agentbus message (an outside writer's record): dead
+                        // lettered with its raw payload and the reason, as the
+                        // directory backend does with damage, then termed.
+                        let path = self.mailbox.path();
+                        self.dead_letter_to().send_damage(&Damage {
+                            seqs: Some((f.seq, f.seq)),
+                            path: &path,
+                            line: f.seq,
+                            reason: &e.to_string(),
+                            raw: Some(&f.payload),
+                        })?;
                         conn.settle(&f.reply, AckKind::Term)?;
                         continue;
                     }
@@ -319,6 +348,26 @@ impl Group {
         }
         self.settle_held(seq, attempt, AckKind::Term)
     }
+
+    /// How many messages of the dead-letter mailbox came from this group.
+    fn dead_count(&self) -> Result<u64> {
+        let bus = self.mailbox.bus();
+        if bus.conn().stream_limit(&self.meta.dead_letter)?.is_none() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for m in super::Reader::new(Mailbox::new(bus.clone(), &self.meta.dead_letter)) {
+            let Ok(m) = m else { continue };
+            let Some(info) = m.headers.get(crate::DEAD_LETTER_HEADER) else {
+                continue;
+            };
+            let info: serde_json::Value = serde_json::from_str(info).unwrap_or_default();
+            if info["mailbox"] == self.mailbox.name() && info["group"] == self.name.as_str() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
 }
 
 impl Held {
@@ -380,8 +429,10 @@ impl GroupBackend for Group {
     }
 
     /// The consumer's counters. JetStream counts by stream sequence, so `delivered`
-    /// and `acked` are the highest delivered and fully acked seqs, and `dead`,
-    /// `termed` and `skipped` are not tracked (0); see README "Scaling out".
+    /// and `acked` are the highest delivered and fully acked seqs; `dead` counts what
+    /// the dead-letter mailbox holds from this group (dead letters and records that
+    /// were not messages), read from it; `termed` and `skipped` are not tracked (0);
+    /// see README "Scaling out".
     fn stats(&self) -> Result<GroupStats> {
         let st = self
             .conn()
@@ -398,7 +449,7 @@ impl GroupBackend for Group {
             in_flight: st.ack_pending,
             pending: st.num_pending,
             redelivered: st.redelivered,
-            dead: 0,
+            dead: self.dead_count()?,
             termed: 0,
             skipped: 0,
             lag: st.num_pending,
@@ -434,8 +485,7 @@ impl NatsBus {
         let js = self.js.clone();
         let stream = self.stream_name(mailbox);
         let durable = enc(group);
-        let replicas = self.replicas;
-        self.run(async move {
+        self.run(NET, async move {
             let s = js
                 .get_stream_no_info(&stream)
                 .await
@@ -453,7 +503,9 @@ impl NatsBus {
                 ack_wait: config.ack_wait,
                 max_deliver: config.max_deliver,
                 max_ack_pending: -1,
-                num_replicas: replicas,
+                // 0: as many as the stream has, so a group survives whatever its
+                // mailbox survives, whichever process created it.
+                num_replicas: 0,
                 ..Default::default()
             })
             .await
@@ -471,7 +523,7 @@ impl NatsBus {
         let js = self.js.clone();
         let stream = self.stream_name(mailbox);
         let durable = enc(group);
-        self.run(async move {
+        self.run(NET, async move {
             let s = js
                 .get_stream_no_info(&stream)
                 .await
@@ -501,20 +553,30 @@ impl NatsBus {
         })
     }
 
-    /// The groups of a mailbox, sorted.
+    /// The groups of a mailbox, sorted: its durable consumers whose description holds
+    /// agentbus group settings. Consumers made by other clients (a `nats consumer add`,
+    /// a nats-py durable, the ephemeral behind `nats sub`) are not groups and are
+    /// passed over (README "Scaling out").
     pub(crate) fn consumer_names(&self, mailbox: &str) -> Result<Vec<String>> {
         let js = self.js.clone();
         let stream = self.stream_name(mailbox);
-        let mut names = self.run(async move {
+        let mut names = self.run(NET, async move {
             let s = js
                 .get_stream_no_info(&stream)
                 .await
                 .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
             let mut names = Vec::new();
-            let mut list = s.consumer_names();
-            while let Some(name) = list.next().await {
-                let name = name.map_err(|e| nats_err("list consumers", e))?;
-                names.extend(dec(&name));
+            let mut list = s.consumers();
+            while let Some(info) = list.next().await {
+                let info = info.map_err(|e| nats_err("list consumers", e))?;
+                if is_group(&info.config) {
+                    names.extend(dec(&info.name));
+                } else {
+                    log::debug!(
+                        "agentbus: consumer {} of stream {stream} is not an agentbus group",
+                        info.name
+                    );
+                }
             }
             Ok::<_, Error>(names)
         })?;
@@ -527,7 +589,7 @@ impl NatsBus {
         let js = self.js.clone();
         let stream = self.stream_name(mailbox);
         let durable = enc(group);
-        self.run(async move {
+        self.run(NET, async move {
             js.get_consumer_from_stream(&durable, &stream)
                 .await
                 .map_err(|e| nats_err(format!("open consumer {durable} on {stream}"), e))
@@ -535,19 +597,38 @@ impl NatsBus {
     }
 
     /// Fetches up to `max` messages for the group without waiting for more.
+    ///
+    /// The pull request asks for what is waiting now (`no_wait`), which a consumer
+    /// leader answers at once: the messages there are, then "no more". It carries no
+    /// `expires`, which would make the server hold a `no_wait` request open until the
+    /// batch is full or it expires (a claim would wait for a nacked message's delay).
+    /// The bound is the client's instead: a request nobody answers (a leader that
+    /// stepped down or died with it) is given up after [`REQUEST_TIMEOUT`] as
+    /// [`Error::Unavailable`]; what arrived before that is kept.
     pub(crate) fn fetch(&self, consumer: &PullConsumer, max: usize) -> Result<Vec<Fetched>> {
         let consumer = consumer.clone();
-        self.run(async move {
+        self.run(NET, async move {
             let op = || format!("fetch from consumer {}", consumer.cached_info().name);
-            let mut batch = consumer
-                .fetch()
-                .max_messages(max)
-                .messages()
+            let give_up = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+            let unanswered = || Error::Unavailable {
+                operation: op(),
+                reason: format!("the pull request was not answered within {REQUEST_TIMEOUT:?}"),
+            };
+            let request = consumer.fetch().max_messages(max).messages();
+            let mut batch = tokio::time::timeout_at(give_up, request)
                 .await
+                .map_err(|_| unanswered())?
                 .map_err(|e| nats_err(op(), e))?;
             let mut out = Vec::new();
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| nats_err(op(), e))?;
+            loop {
+                let m = match tokio::time::timeout_at(give_up, batch.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(None) => break,
+                    // Whatever came before the failure is claimed: hand it out.
+                    Ok(Some(Err(_))) | Err(_) if !out.is_empty() => break,
+                    Ok(Some(Err(e))) => return Err(nats_err(op(), e)),
+                    Err(_) => return Err(unanswered()),
+                };
                 let info = m.info().map_err(|e| nats_err(op(), e))?;
                 let (seq, attempt) = (info.stream_sequence, info.delivered.max(1) as u32);
                 out.push(Fetched {
@@ -555,6 +636,11 @@ impl NatsBus {
                     attempt,
                     reply: m.reply.as_ref().map(|r| r.to_string()).unwrap_or_default(),
                     payload: m.payload.to_vec(),
+                    msg_id: m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Id"))
+                        .map(|v| v.as_str().to_owned()),
                 });
             }
             Ok(out)
@@ -562,15 +648,31 @@ impl NatsBus {
     }
 
     /// Settles a delivery through its reply subject and waits for the server's
-    /// confirmation.
+    /// confirmation, at most [`REQUEST_TIMEOUT`]. Only a reply from the consumer's
+    /// leader confirms: "no responders" (no leader now) and silence are
+    /// [`Error::Unavailable`], and the settlement may not have been applied.
     pub(crate) fn settle(&self, reply: &str, kind: AckKind) -> Result<()> {
-        let js = self.js.clone();
+        let client = self.client.clone();
         let reply = reply.to_owned();
-        self.run(async move {
-            jetstream::message::Acker::new(js, Some(reply.clone().into()))
-                .double_ack_with(kind)
-                .await
-                .map_err(|e| nats_err("settle a delivery", e))
+        let what = match kind {
+            AckKind::Ack => "ack",
+            AckKind::Nak(_) => "nack",
+            AckKind::Progress => "extend",
+            AckKind::Term => "term",
+            _ => "settle",
+        };
+        self.run(NET, async move {
+            let op = || format!("{what} a delivery");
+            let request = async_nats::Request::new()
+                .payload(kind.into())
+                .timeout(Some(REQUEST_TIMEOUT));
+            match client.send_request(reply, request).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(Error::Unavailable {
+                    operation: op(),
+                    reason: format!("the server did not confirm it: {e}"),
+                }),
+            }
         })
     }
 }

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use uuid::Uuid;
 
-use super::{dec, decode, enc, nats_err, Bus, NatsBus, Reader, DUPLICATE_WINDOW};
+use super::{dec, decode, enc, nats_err, Bus, NatsBus, Reader, DUPLICATE_WINDOW, NET};
 use crate::backend::{GroupImp, GroupMeta, MailboxBackend, Prepared, ReaderImp};
 use crate::{Error, Message, Receipt, Result};
 
@@ -132,13 +132,13 @@ impl NatsBus {
             description: Some(format!("agentbus mailbox {mailbox:?}")),
             max_message_size: i32::try_from(max_record).unwrap_or(i32::MAX),
             duplicate_window: DUPLICATE_WINDOW,
-            num_replicas: self.replicas,
+            num_replicas: self.replicas().unwrap_or(1),
             storage: stream::StorageType::File,
             ..Default::default()
         };
         let js = self.js.clone();
         let name = mailbox.to_owned();
-        self.run(async move {
+        self.run(NET, async move {
             js.create_stream(config)
                 .await
                 .map_err(|e| nats_err(format!("create stream for mailbox {name}"), e))
@@ -146,13 +146,15 @@ impl NatsBus {
         Ok(true)
     }
 
-    /// The mailbox's record limit, or `None` if it has no stream.
+    /// The mailbox's record limit, or `None` if it has no stream. A stream whose
+    /// replicas differ from the URL's `?replicas` is refused: the URL asks for a
+    /// failure tolerance the mailbox does not have (README "Scaling out").
     pub(crate) fn stream_limit(&self, mailbox: &str) -> Result<Option<usize>> {
         let js = self.js.clone();
         let name = self.stream_name(mailbox);
-        self.run(async move {
+        let config = self.run(NET, async move {
             match js.get_stream(&name).await {
-                Ok(s) => Ok(Some(s.cached_info().config.max_message_size.max(0) as usize)),
+                Ok(s) => Ok(Some(s.cached_info().config.clone())),
                 Err(e)
                     if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
                         if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
@@ -161,14 +163,32 @@ impl NatsBus {
                 }
                 Err(e) => Err(nats_err(format!("look up stream {name}"), e)),
             }
-        })
+        })?;
+        let Some(config) = config else {
+            return Ok(None);
+        };
+        if let Some(want) = self.replicas() {
+            let has = config.num_replicas.max(1);
+            if has != want {
+                return Err(Error::InvalidSetting {
+                    setting: "replicas",
+                    reason: format!(
+                        "mailbox {mailbox:?} (stream {}) has {has} replica(s) but the URL asks \
+                         for {want}: change the stream (`nats stream edit {} --replicas {want}`) \
+                         or the URL",
+                        config.name, config.name
+                    ),
+                });
+            }
+        }
+        Ok(Some(config.max_message_size.max(0) as usize))
     }
 
     /// The mailboxes of this namespace, sorted.
     pub(crate) fn mailbox_names(&self) -> Result<Vec<String>> {
         let js = self.js.clone();
         let prefix = format!("{}_MB_", enc(&self.namespace));
-        let mut names = self.run(async move {
+        let mut names = self.run(NET, async move {
             let mut names = Vec::new();
             let mut list = js.stream_names();
             while let Some(name) = list.next().await {
@@ -190,8 +210,20 @@ impl NatsBus {
         let subject = self.subject(mailbox);
         let stream = self.stream_name(mailbox);
         let name = mailbox.to_owned();
-        self.run(async move {
+        self.run(NET, async move {
             let op = || format!("publish to mailbox {name}");
+            // The stream exists (the mailbox was opened): "no stream" is the 503 of a
+            // stream whose leader is being elected.
+            let publish_err = |e: async_nats::jetstream::context::PublishError| {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    Error::Unavailable {
+                        operation: op(),
+                        reason: format!("{e} (no server answers for the stream now)"),
+                    }
+                } else {
+                    nats_err(op(), e)
+                }
+            };
             let mut pending = Vec::with_capacity(batch.len());
             for m in batch {
                 let mut headers = HeaderMap::new();
@@ -201,12 +233,12 @@ impl NatsBus {
                 let ack = js
                     .publish_with_headers(subject.clone(), headers, m.payload.into())
                     .await
-                    .map_err(|e| nats_err(op(), e))?;
+                    .map_err(publish_err)?;
                 pending.push((m.id, ack));
             }
             let mut receipts = Vec::with_capacity(pending.len());
             for (id, ack) in pending {
-                let ack = ack.await.map_err(|e| nats_err(op(), e))?;
+                let ack = ack.await.map_err(publish_err)?;
                 let id = if ack.duplicate {
                     // The original receipt: its id is in the stored record.
                     let s = js
@@ -238,7 +270,7 @@ impl NatsBus {
     pub(crate) fn bounds(&self, mailbox: &str) -> Result<(u64, u64)> {
         let js = self.js.clone();
         let name = self.stream_name(mailbox);
-        self.run(async move {
+        self.run(NET, async move {
             let s = js
                 .get_stream(&name)
                 .await
@@ -259,13 +291,16 @@ impl NatsBus {
         let js = self.js.clone();
         let name = self.stream_name(mailbox);
         let url = self.url.clone();
-        self.run(async move {
+        self.run(NET, async move {
             let s = js
                 .get_stream_no_info(&name)
                 .await
                 .map_err(|e| nats_err(format!("read stream {name}"), e))?;
             match s.get_raw_message(seq).await {
-                Ok(stored) => decode(&url, &name, seq, &stored.payload).map(Some),
+                Ok(stored) => {
+                    let msg_id = stored.headers.get("Nats-Msg-Id").map(|v| v.as_str());
+                    decode(&url, &name, seq, &stored.payload, msg_id).map(Some)
+                }
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
                 Err(e) => Err(nats_err(format!("read seq {seq} of stream {name}"), e)),
             }

@@ -35,7 +35,6 @@ use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 use std::time::Instant;
 
-use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, kv};
 
 use crate::backend::{
@@ -70,7 +69,7 @@ pub(crate) const DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 pub(crate) struct NatsBus {
     url: String,
     namespace: String,
-    replicas: usize,
+    replicas: Option<usize>,
     rt: Option<tokio::runtime::Runtime>,
     client: async_nats::Client,
     js: jetstream::Context,
@@ -96,43 +95,129 @@ impl Drop for NatsBus {
     }
 }
 
+/// How long one request to the server may take before it counts as unanswered: API
+/// requests, publish acknowledgements, settlements, subscriptions, pull requests.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The net under one blocking call, which may make a few requests (each bounded by
+/// [`REQUEST_TIMEOUT`]).
+pub(crate) const NET: Duration = Duration::from_secs(15);
+
+/// The failure of a request to the server: [`Error::Unavailable`] when the server could
+/// not answer now (a timeout, no responders, a JetStream cluster without a leader for
+/// what was asked), else [`Error::Nats`].
 pub(crate) fn nats_err(operation: impl Into<String>, e: impl std::fmt::Display) -> Error {
-    Error::Nats {
-        operation: operation.into(),
-        reason: e.to_string(),
+    let reason = e.to_string();
+    if is_transient(&reason) {
+        Error::Unavailable {
+            operation: operation.into(),
+            reason,
+        }
+    } else {
+        Error::Nats {
+            operation: operation.into(),
+            reason,
+        }
     }
 }
 
-/// `nats://host:port[/namespace][?replicas=N]` → (server URL, namespace, replicas).
-fn parse_url(url: &str) -> Result<(String, String, usize)> {
-    let bad = |reason: &str| nats_err(format!("parse URL {url:?}"), reason);
+/// Whether a client or server error says "not now" rather than "no": the words
+/// async-nats and nats-server use for timeouts, missing responders (a leader being
+/// elected), lost connections, and JetStream's 503 answers (code 503, or the error
+/// codes of a cluster without a leader, an offline stream or consumer).
+fn is_transient(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    const WORDS: &[&str] = &[
+        "timed out",
+        "timeout",
+        "no responders",
+        "code 503",
+        "stream: 503", // a pull request's status: no consumer leader now
+        "broken pipe",
+        "disconnected",
+        "connection closed",
+        "not connected",
+        "subscription dropped",
+        "leader",
+        "offline",
+        "error code 10008", // JetStream cluster not available
+        "error code 10009", // not the leader
+        "error code 10006", // cluster not active
+        "error code 10202", // membership change in flight
+    ];
+    WORDS.iter().any(|w| r.contains(w))
+}
+
+/// `fut`, or [`Error::Unavailable`] if it has not finished within `bound`.
+pub(crate) async fn bounded<T>(
+    operation: impl Fn() -> String,
+    bound: Duration,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(bound, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Unavailable {
+            operation: operation(),
+            reason: format!("no answer within {bound:?}"),
+        }),
+    }
+}
+
+/// The parts of a `nats://` URL.
+#[derive(Debug, PartialEq)]
+struct Url {
+    /// Every server of the seed list, as `nats://host:port`.
+    servers: Vec<String>,
+    namespace: String,
+    /// `?replicas=N`, if given.
+    replicas: Option<usize>,
+}
+
+/// `nats://host:port[,host:port...][/namespace][?replicas=N]`.
+fn parse_url(url: &str) -> Result<Url> {
+    let bad = |reason: &str| Error::Nats {
+        operation: format!("parse URL {url:?}"),
+        reason: reason.to_owned(),
+    };
     let rest = url
         .strip_prefix(SCHEME)
-        .ok_or_else(|| bad("it must start with nats://"))?;
+        .ok_or_else(|| bad("it must start with nats://"))?
+        // `nats://a:1,nats://b:2` is `nats://a:1,b:2`.
+        .replace(&format!(",{SCHEME}"), ",");
+    let rest = rest.as_str();
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (server, namespace) = rest.split_once('/').unwrap_or((rest, ""));
-    if server.is_empty() {
-        return Err(bad("no host"));
+    let (seeds, namespace) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut servers = Vec::new();
+    for server in seeds.split(',') {
+        if server.is_empty() {
+            return Err(bad("no host (a seed list is host:port,host:port)"));
+        }
+        servers.push(format!("{SCHEME}{server}"));
     }
     let namespace = match namespace.trim_end_matches('/') {
         "" => DEFAULT_NAMESPACE.to_owned(),
         ns => ns.to_owned(),
     };
     crate::validate_name("namespace", &namespace)?;
-    let mut replicas = 1;
+    let mut replicas = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("replicas", n)) => {
-                replicas = n
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=5).contains(n))
-                    .ok_or_else(|| bad("replicas must be 1 to 5"))?;
+                replicas = Some(
+                    n.parse()
+                        .ok()
+                        .filter(|n| (1..=5).contains(n))
+                        .ok_or_else(|| bad("replicas must be 1 to 5"))?,
+                );
             }
             _ => return Err(bad(&format!("unknown option {pair:?}"))),
         }
     }
-    Ok((format!("{SCHEME}{server}"), namespace, replicas))
+    Ok(Url {
+        servers,
+        namespace,
+        replicas,
+    })
 }
 
 /// A name made safe for stream, consumer and bucket names: `.` → `_D`, `_` → `_U`.
@@ -166,9 +251,23 @@ pub(crate) fn dec(s: &str) -> Option<String> {
 }
 
 impl NatsBus {
-    /// Connects and checks that JetStream answers.
+    /// Connects to the first server of the seed list that answers and checks that it
+    /// runs JetStream. Nothing here needs the JetStream meta leader: the server's
+    /// greeting says whether JetStream is on and which version it runs, so a process
+    /// can open the bus while a cluster elects a new meta leader.
     pub(crate) fn connect(url: &str) -> Result<NatsBus> {
-        let (server, namespace, replicas) = parse_url(url)?;
+        let Url {
+            servers,
+            namespace,
+            replicas,
+        } = parse_url(url)?;
+        let mut addrs = Vec::new();
+        for s in &servers {
+            addrs.push(
+                s.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| nats_err(format!("parse URL {url:?}"), e))?,
+            );
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("agentbus-nats")
@@ -176,23 +275,31 @@ impl NatsBus {
             .build()
             .map_err(|e| nats_err("start the NATS runtime", e))?;
         let (tx, rx) = mpsc::sync_channel(1);
+        let seeds = servers.join(",");
         rt.spawn(async move {
             let connected = async {
                 let client = async_nats::ConnectOptions::new()
-                    .connection_timeout(Duration::from_secs(5))
-                    .connect(server.as_str())
+                    .connection_timeout(REQUEST_TIMEOUT)
+                    .request_timeout(Some(REQUEST_TIMEOUT))
+                    .connect(addrs)
                     .await
-                    .map_err(|e| nats_err(format!("connect to {server}"), e))?;
-                let js = jetstream::new(client.clone());
-                // Any JetStream answer will do ("no such stream" included); a server
-                // without JetStream has no responders for the API.
-                match js.get_stream("agentbus-probe").await {
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
-                            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
-                    Err(e) => return Err(nats_err(format!("use JetStream on {server}"), e)),
+                    .map_err(|e| Error::Nats {
+                        operation: format!("connect to {seeds}"),
+                        reason: e.to_string(),
+                    })?;
+                let info = client.server_info();
+                if !info.jetstream {
+                    return Err(Error::Nats {
+                        operation: format!("use JetStream on {seeds}"),
+                        reason: format!(
+                            "server {} ({}) runs without JetStream: start it with -js",
+                            info.server_name, info.version
+                        ),
+                    });
                 }
+                let js = jetstream::ContextBuilder::new()
+                    .timeout(REQUEST_TIMEOUT)
+                    .build(client.clone());
                 Ok::<_, Error>((client, js))
             };
             let _ = tx.send(connected.await);
@@ -220,16 +327,33 @@ impl NatsBus {
         })
     }
 
-    /// Runs `f` on the bus's runtime and waits for it on this thread.
-    pub(crate) fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+    /// Runs `f` on the bus's runtime and waits for it on this thread, at most `bound`
+    /// ([`Error::Unavailable`] after that; every request inside has a shorter bound of
+    /// its own, so this is the net under them).
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        bound: Duration,
+        f: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.rt
             .as_ref()
             .expect("the runtime lives as long as the bus")
             .spawn(async move {
-                let _ = tx.send(f.await);
+                let r = bounded(|| "a request to the NATS server".to_owned(), bound, f).await;
+                let _ = tx.send(r);
             });
         rx.recv().expect("the NATS runtime dropped a request")
+    }
+
+    /// The version the server we are connected to reported.
+    pub(crate) fn server_version(&self) -> String {
+        self.client.server_info().version
+    }
+
+    /// The replicas the URL asks for, if it does.
+    pub(crate) fn replicas(&self) -> Option<usize> {
+        self.replicas
     }
 
     /// Starts `f` on the bus's runtime without waiting for it.
@@ -417,14 +541,25 @@ impl BusBackend for Bus {
     }
 }
 
-/// A stored record back to a message with its stream sequence.
-pub(crate) fn decode(url: &str, stream: &str, seq: u64, payload: &[u8]) -> Result<Message> {
+/// A stored record back to a message with its stream sequence. An outside writer may
+/// give the idempotency key only as the `Nats-Msg-Id` header (`msg_id`): the message
+/// then carries that as its key (FORMAT.md).
+pub(crate) fn decode(
+    url: &str,
+    stream: &str,
+    seq: u64,
+    payload: &[u8],
+    msg_id: Option<&str>,
+) -> Result<Message> {
     let mut m = crate::decode::message(payload).map_err(|reason| Error::Corrupt {
         path: format!("{url}/{stream}").into(),
         line: seq,
         reason: format!("not an agentbus message: {reason}"),
     })?;
     m.seq = seq;
+    if m.idempotency_key.is_none() {
+        m.idempotency_key = msg_id.filter(|k| !k.is_empty()).map(str::to_owned);
+    }
     Ok(m)
 }
 
@@ -444,16 +579,55 @@ mod tests {
 
     #[test]
     fn urls_parse() {
-        let (server, ns, replicas) = parse_url("nats://127.0.0.1:4222").unwrap();
+        let url = parse_url("nats://127.0.0.1:4222").unwrap();
         assert_eq!(
-            (server.as_str(), ns.as_str(), replicas),
-            ("nats://127.0.0.1:4222", "agentbus", 1)
+            url,
+            Url {
+                servers: vec!["nats://127.0.0.1:4222".into()],
+                namespace: "agentbus".into(),
+                replicas: None,
+            }
         );
-        let (_, ns, replicas) = parse_url("nats://h:1/team.a?replicas=3").unwrap();
-        assert_eq!((ns.as_str(), replicas), ("team.a", 3));
+        let url = parse_url("nats://h:1/team.a?replicas=3").unwrap();
+        assert_eq!((url.namespace.as_str(), url.replicas), ("team.a", Some(3)));
         assert!(parse_url("nats://h:1/../x").is_err());
         assert!(parse_url("nats://h:1?replicas=9").is_err());
         assert!(parse_url("nats://h:1?color=red").is_err());
         assert!(parse_url("nats:///ns").is_err());
+    }
+
+    /// Issue 15 #8: a seed list of servers, one of which may be down.
+    #[test]
+    fn urls_take_a_seed_list() {
+        let url = parse_url("nats://a:1,b:2,nats://c:3/ns?replicas=3").unwrap();
+        assert_eq!(url.servers, ["nats://a:1", "nats://b:2", "nats://c:3"]);
+        assert_eq!((url.namespace.as_str(), url.replicas), ("ns", Some(3)));
+        assert!(parse_url("nats://a:1,,b:2/ns").is_err());
+        assert!(parse_url("nats://a:1,/ns").is_err());
+    }
+
+    /// Issue 15 #10: "not now" answers are retryable, "no" answers are not.
+    #[test]
+    fn unavailable_answers_are_retryable() {
+        for reason in [
+            "timed out",
+            "no responders",
+            "error while processing messages from the stream: 503, None",
+            "jetstream error: JetStream cluster not available (code 503, error code 10008)",
+            "broken pipe",
+        ] {
+            assert!(nats_err("x", reason).is_retryable(), "{reason}");
+        }
+        for reason in [
+            "stream not found (code 404, error code 10059)",
+            "insufficient resources (code 500, error code 10023)",
+            "maximum payload exceeded",
+        ] {
+            let e = nats_err("x", reason);
+            assert!(
+                !e.is_retryable() && matches!(e, Error::Nats { .. }),
+                "{reason}"
+            );
+        }
     }
 }

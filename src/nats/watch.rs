@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use super::{nats_err, NatsBus};
+use super::{nats_err, NatsBus, REQUEST_TIMEOUT};
 use crate::backend::WatchSource;
 use crate::watch::{Hints, Watch, WatchMode};
 use crate::{Error, Result};
@@ -48,7 +48,7 @@ impl NatsBus {
     /// bumps `hints` on every message.
     pub(crate) fn hint(&self, subjects: Vec<String>, hints: Arc<Hints>) -> Result<HintTask> {
         let client = self.client.clone();
-        let subs = self.run(async move {
+        let subs = self.run(REQUEST_TIMEOUT, async move {
             let mut subs = Vec::new();
             for s in subjects {
                 subs.push(

@@ -174,6 +174,7 @@ impl Group {
                         path: &path,
                         line,
                         reason: &reason,
+                        raw: None,
                     };
                     self.dead_letter_to().send_damage(&damage)?;
                     let Some((first, last)) = seqs else {

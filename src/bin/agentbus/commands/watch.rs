@@ -58,7 +58,9 @@ pub struct WatchArgs {
     /// Run this shell command per message, in a process group of its own: the message
     /// JSON on its stdin, fields in AGENTBUS_* environment variables, its stdout and
     /// stderr to watch's stderr. With `--group`: exit 0 acks, 75 retries later, 65
-    /// dead-letters at once, anything else retries; one JSON line per outcome.
+    /// dead-letters at once, anything else retries; one JSON line per outcome. While the
+    /// bus is unavailable (a failover) the settlement is retried until the claim runs
+    /// out, then the line says `"unsettled"` (the message comes again).
     #[arg(long)]
     exec: Option<String>,
     /// Seconds before the message of a failed handler is redelivered.
@@ -363,9 +365,18 @@ fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> 
     });
     describe(&mut line, ended);
     if ended.code() == Some(0) {
-        d.ack()?;
-        line["acked"] = json!(true);
-        line["outcome"] = json!("acked");
+        match confirmed(d, || d.ack()) {
+            Ok(()) => {
+                line["acked"] = json!(true);
+                line["outcome"] = json!("acked");
+            }
+            Err(e @ Error::StaleDelivery { .. }) => {
+                line["outcome"] = json!("expired");
+                line["reason"] = json!(e.to_string());
+            }
+            Err(e) if e.is_retryable() => unsettled(&mut line, &e),
+            Err(e) => return Err(e.into()),
+        }
         return Ok(line);
     }
     let why = failure(w, ended);
@@ -373,14 +384,21 @@ fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> 
     let exhausted = || format!("max deliveries ({}) reached: {why}", group.max_deliveries());
     let (settled, outcome, reason) = if ended.stopped {
         let outcome = if last { "dead_lettered" } else { "given_back" };
-        (d.nack(Duration::ZERO, Some(&why)), outcome, exhausted())
+        let nack = confirmed(d, || d.nack(Duration::ZERO, Some(&why)));
+        (nack, outcome, exhausted())
     } else if ended.code() == Some(EXIT_DEAD_LETTER) {
         let reason = format!("rejected by the consumer: {why}");
-        (d.dead_letter(&why), "dead_lettered", reason)
+        (
+            confirmed(d, || d.dead_letter(&why)),
+            "dead_lettered",
+            reason,
+        )
     } else if last {
-        (d.nack(w.retry, Some(&why)), "dead_lettered", exhausted())
+        let nack = confirmed(d, || d.nack(w.retry, Some(&why)));
+        (nack, "dead_lettered", exhausted())
     } else {
-        (d.nack(w.retry, Some(&why)), "retried", why.clone())
+        let nack = confirmed(d, || d.nack(w.retry, Some(&why)));
+        (nack, "retried", why.clone())
     };
     match settled {
         Ok(()) => {
@@ -402,7 +420,31 @@ fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> 
             line["outcome"] = json!("expired");
             line["reason"] = json!(why);
         }
+        Err(e) if e.is_retryable() => {
+            unsettled(&mut line, &e);
+            line["reason"] = json!(why);
+        }
         Err(e) => return Err(e.into()),
     }
     Ok(line)
+}
+
+/// Runs `settle` until the server confirms it, retrying while the bus is unavailable
+/// (a JetStream failover) and the claim lasts.
+fn confirmed(d: &Delivery, settle: impl Fn() -> agentbus::Result<()>) -> agentbus::Result<()> {
+    loop {
+        match settle() {
+            Err(e) if e.is_retryable() && time::OffsetDateTime::now_utc() < d.deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The claim ran out while the bus was unavailable: nothing was settled, the group
+/// delivers the message again, and watch goes on (`"unsettled"` says why).
+fn unsettled(line: &mut Value, e: &Error) {
+    line["outcome"] = json!("unsettled");
+    line["unsettled"] = json!(e.to_string());
 }
