@@ -54,7 +54,7 @@ impl Place {
         if let Some(uid) = uid {
             cmd.uid(uid).gid(uid);
         }
-        cmd.output().unwrap()
+        output(cmd)
     }
 
     /// `agentbus --dir BUS ARGS` as `uid`, with [`TEAM`] as a supplementary group.
@@ -76,7 +76,7 @@ impl Place {
                 Ok(())
             });
         }
-        cmd.output().unwrap()
+        output(cmd)
     }
 
     fn dir(&self, name: &str, uid: u32, mode: u32) -> PathBuf {
@@ -86,6 +86,20 @@ impl Place {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
         d
     }
+}
+
+/// Runs `cmd`. Another test's fork may briefly hold a descriptor of an executable just
+/// copied (`ETXTBSY`): try again then.
+fn output(mut cmd: Command) -> Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("the copied agentbus stayed busy")
 }
 
 fn refused(out: Output, what: &str) -> serde_json::Value {

@@ -181,9 +181,8 @@ impl Mailbox {
         let mut guard = self.lock_writer();
         let w = &mut *guard;
         let _flock = Flock::exclusive(&w.lock, &w.lock_path)?;
-        let tail = self.sync_tail(&mut w.tail)?;
-        self.settle_lost(tail, &mut w.reserved)?;
-        let last = tail.next_seq - 1;
+        // Read, not opened for appending: that would start a segment after a full one.
+        let last = self.last_seq()?;
         let keys = self.key_index();
         self.index_keys_through(&keys, &mut w.indexed, last)?;
         keys.set_scanned(last);
