@@ -146,15 +146,17 @@ impl NatsBus {
         Ok(true)
     }
 
-    /// The mailbox's record limit, or `None` if it has no stream. A stream whose
-    /// replicas differ from the URL's `?replicas` is refused: the URL asks for a
-    /// failure tolerance the mailbox does not have (README "Scaling out").
-    pub(crate) fn stream_limit(&self, mailbox: &str) -> Result<Option<usize>> {
+    /// The mailbox's record limit and replicas, or `None` if it has no stream.
+    pub(crate) fn stream_limit(&self, mailbox: &str) -> Result<Option<(usize, usize)>> {
         let js = self.js.clone();
         let name = self.stream_name(mailbox);
-        let config = self.run(NET, async move {
+        self.run(NET, async move {
             match js.get_stream(&name).await {
-                Ok(s) => Ok(Some(s.cached_info().config.clone())),
+                Ok(s) => {
+                    let config = &s.cached_info().config;
+                    let limit = config.max_message_size.max(0) as usize;
+                    Ok(Some((limit, config.num_replicas.max(1))))
+                }
                 Err(e)
                     if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
                         if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
@@ -163,25 +165,27 @@ impl NatsBus {
                 }
                 Err(e) => Err(nats_err(format!("look up stream {name}"), e)),
             }
-        })?;
-        let Some(config) = config else {
-            return Ok(None);
-        };
-        if let Some(want) = self.replicas() {
-            let has = config.num_replicas.max(1);
-            if has != want {
-                return Err(Error::InvalidSetting {
+        })
+    }
+
+    /// Refuses a mailbox whose stream has other replicas than the URL's `?replicas`:
+    /// the URL asks for a failure tolerance the mailbox does not have (README
+    /// "Scaling out").
+    pub(crate) fn check_replicas(&self, mailbox: &str, has: usize) -> Result<()> {
+        match self.replicas() {
+            Some(want) if want != has => {
+                let stream = self.stream_name(mailbox);
+                Err(Error::InvalidSetting {
                     setting: "replicas",
                     reason: format!(
-                        "mailbox {mailbox:?} (stream {}) has {has} replica(s) but the URL asks \
-                         for {want}: change the stream (`nats stream edit {} --replicas {want}`) \
-                         or the URL",
-                        config.name, config.name
+                        "mailbox {mailbox:?} (stream {stream}) has {has} replica(s) but the \
+                         URL asks for {want}: change the stream (`nats stream edit {stream} \
+                         --replicas {want}`) or the URL"
                     ),
-                });
+                })
             }
+            _ => Ok(()),
         }
-        Ok(Some(config.max_message_size.max(0) as usize))
     }
 
     /// The mailboxes of this namespace, sorted.

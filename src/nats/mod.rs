@@ -460,9 +460,10 @@ impl BusBackend for Bus {
     }
 
     fn open_mailbox(&self, name: &str) -> Result<Option<OpenMailbox>> {
-        let Some(limit) = self.conn.stream_limit(name)? else {
+        let Some((limit, replicas)) = self.conn.stream_limit(name)? else {
             return Ok(None);
         };
+        self.conn.check_replicas(name, replicas)?;
         let mailbox = Mailbox::new(self.clone(), name);
         Ok(Some(OpenMailbox {
             path: mailbox.path(),
