@@ -1,6 +1,6 @@
 //! The NATS JetStream backend (cargo feature `nats`).
 //!
-//! A [`Bus`](crate::Bus) opened from a `nats://host:port[/namespace][?replicas=N]` URL
+//! A [`Bus`](crate::Bus) opened from a `nats://host:port[,host:port...][/namespace][?replicas=N]` URL
 //! keeps its state in a JetStream server instead of a directory:
 //!
 //! | agentbus | JetStream |

@@ -30,7 +30,7 @@ use output::{print_warnings, report, Failure};
 )]
 struct Cli {
     /// The bus: a directory, or with the `nats` feature a NATS JetStream server,
-    /// `nats://host:port[/namespace]`. `--bus` is the same option.
+    /// `nats://host:port[,host:port...][/namespace][?replicas=N]`. `--bus` is the same option.
     #[arg(
         long,
         visible_alias = "bus",
