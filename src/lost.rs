@@ -10,7 +10,8 @@ use crate::Message;
 /// Its seq comes after every seq that may have been handed out before the cut, so no
 /// seq is ever handed out twice; [`Message::lost_seqs`] says which seqs it stands for,
 /// and readers read on after it. It is delivered like any message (from `agentbus`),
-/// so every group and follower learns of the loss.
+/// so every group and follower learns of the loss (one that filters by type, only if
+/// its filter admits this type).
 pub const LOST_TYPE: &str = "agentbus.lost";
 
 /// The header of a [`LOST_TYPE`] notice that holds the first seq it covers (its own
