@@ -114,7 +114,8 @@
 //!   backends share with the facades. An operation a backend cannot express is a
 //!   trait default that answers [`Error::Unsupported`] with that backend's hint. The
 //!   URL switch (`open_bus`) picks the backend. `#[cfg(feature = "nats")]` appears
-//!   only there, on the enum arms and on `mod nats`.
+//!   only there, on the enum arms, and at the top of `nats/` (which compiles to
+//!   nothing without the feature).
 //! - **The directory backend** (`dir/`) is everything that touches files: `fsutil`
 //!   (no-follow opens, `flock`), `record` (the CRC line codec), `segment`, `read`,
 //!   `mailbox` (the append path), `keys` (the idempotency index), `group/` (state
@@ -175,7 +176,6 @@ mod lost;
 mod mailbox;
 mod message;
 mod name;
-#[cfg(feature = "nats")]
 mod nats;
 mod read;
 mod receiver;

@@ -29,6 +29,7 @@
 //! The blocking API runs each request on a small runtime owned by the bus and waits for
 //! it on the calling thread, so it can be called from any thread, inside an async
 //! runtime or not.
+#![cfg(feature = "nats")]
 
 use std::future::Future;
 use std::sync::{mpsc, Arc, OnceLock};
