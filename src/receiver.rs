@@ -432,6 +432,13 @@ impl Follower {
         self
     }
 
+    /// Every message but those of this type (call again for several), including
+    /// types added later.
+    pub fn not_type(mut self, kind: impl Into<String>) -> Self {
+        self.filter = self.filter.not_type(kind);
+        self
+    }
+
     /// Only messages passing `filter` (replacing the filter so far).
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filter = filter;

@@ -133,7 +133,12 @@ pub(crate) struct LeaseFiles {
 
 impl LeaseFiles {
     /// The lease's state, with a process-bound holder that died shown as no holder.
+    /// A lease never granted has no file: reading it creates nothing (no `leases/`
+    /// folder, no lock file).
     pub(crate) fn info(&self) -> Result<Option<LeaseInfo>> {
+        if self.fs.open_read_opt(&self.log_path())?.is_none() {
+            return Ok(None);
+        }
         let _guard = self.lock()?;
         let state = self.load()?;
         if state.token == 0 {

@@ -8,17 +8,18 @@
 //! arguments beside the code that runs it, is a module under `commands/`.
 
 mod commands;
+mod lines;
 mod output;
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use commands::{
     ack, compact, doctor, extend, group, handoff, init, lease, mailbox, nack, recv, replay, send,
-    stats, term, watch,
+    stats, term, verify, watch,
 };
 use output::{print_warnings, report, Failure};
 
@@ -39,23 +40,13 @@ struct Cli {
         default_value = ".agentbus"
     )]
     dir: PathBuf,
-    /// When a write counts as done: `sync` (fdatasync, survives power loss) or `flush`
-    /// (survives a crash of this process).
-    #[arg(
-        long,
-        global = true,
-        env = "AGENTBUS_DURABILITY",
-        default_value = "sync"
-    )]
-    durability: DurabilityArg,
+    /// Who you are: the sender of `send` and `handoff send`, the consumer of
+    /// `recv --group` and `watch --group`, the holder of leases, the agent that answers
+    /// a handoff. `--from`, `--consumer` and `--holder` override it for one command.
+    #[arg(long, global = true, env = "AGENTBUS_AGENT")]
+    agent: Option<String>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum DurabilityArg {
-    Sync,
-    Flush,
 }
 
 /// The verbs, in the order `agentbus --help` lists them. Each one's help text is the
@@ -81,6 +72,7 @@ enum Command {
     Lease(lease::LeaseCommand),
     #[command(subcommand)]
     Handoff(handoff::HandoffCommand),
+    Verify(verify::VerifyArgs),
     Doctor(doctor::DoctorArgs),
 }
 
@@ -92,7 +84,13 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return report(Failure::Usage(e.to_string().trim_end().to_owned())),
+        // A person at a terminal reads clap's own text (with its colours and line
+        // breaks); a script reading stderr gets the one JSON object every error is.
+        Err(e) if io::stderr().is_terminal() => {
+            eprintln!("{}", usage_text(&e));
+            return ExitCode::from(2);
+        }
+        Err(e) => return report(Failure::Usage(usage_text(&e))),
     };
     let mut out = io::stdout().lock();
     match run(cli, &mut out) {
@@ -102,6 +100,27 @@ fn main() -> ExitCode {
             report(f)
         }
     }
+}
+
+/// clap's text for a usage error. Its usage line names the global options that were
+/// given (from the environment too), where `--dir <DIR>` would read as required: they
+/// are left out of it.
+fn usage_text(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let lines: Vec<_> = text
+        .trim_end()
+        .lines()
+        .map(|line| match line.strip_prefix("Usage:") {
+            Some(usage) => format!(
+                "Usage:{}",
+                usage
+                    .replace(" --dir <DIR>", "")
+                    .replace(" --agent <AGENT>", "")
+            ),
+            None => line.to_owned(),
+        })
+        .collect();
+    lines.join("\n")
 }
 
 fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
@@ -121,6 +140,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
         Command::Replay(args) => replay::run(&cli, args, out),
         Command::Lease(cmd) => lease::run(&cli, cmd, out),
         Command::Handoff(cmd) => handoff::run(&cli, cmd, out),
+        Command::Verify(args) => verify::run(&cli, args, out),
         Command::Doctor(args) => doctor::run(&cli, args, out),
     }
 }

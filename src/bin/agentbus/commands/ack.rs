@@ -3,7 +3,7 @@ use std::io::Write;
 use clap::Args;
 use serde_json::json;
 
-use super::open_bus;
+use super::{open_writer, Durable};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -21,10 +21,14 @@ pub struct AckArgs {
     /// Ack every delivered message up to and including this seq.
     #[arg(long)]
     upto: Option<u64>,
+    #[command(flatten)]
+    durable: Durable,
 }
 
 pub fn run(cli: &Cli, args: &AckArgs, out: &mut impl Write) -> Result<(), Failure> {
-    let group = open_bus(cli)?.mailbox(&args.mailbox)?.group(&args.group)?;
+    let group = open_writer(cli, &args.durable)?
+        .mailbox(&args.mailbox)?
+        .group(&args.group)?;
     if let Some(upto) = args.upto {
         let n = group.ack_upto(upto)?;
         emit(out, &json!({"upto": upto, "acked": n}))?;

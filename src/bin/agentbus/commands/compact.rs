@@ -2,7 +2,7 @@ use std::io::Write;
 
 use clap::Args;
 
-use super::{mailboxes, open_bus, secs};
+use super::{mailboxes, open_writer, secs, Durable};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -14,11 +14,13 @@ pub struct CompactArgs {
     /// Keep segments written in the last SECS seconds.
     #[arg(long)]
     retention: Option<f64>,
+    #[command(flatten)]
+    durable: Durable,
 }
 
 pub fn run(cli: &Cli, args: &CompactArgs, out: &mut impl Write) -> Result<(), Failure> {
     let retention = args.retention.map(secs).transpose()?;
-    for mb in mailboxes(&open_bus(cli)?, args.mailbox.as_deref())? {
+    for mb in mailboxes(&open_writer(cli, &args.durable)?, args.mailbox.as_deref())? {
         let mut report = mb.compact(retention)?;
         // Printed as `path_json` prints paths: JSON text cannot hold bytes that are not UTF-8.
         for path in &mut report.removed {

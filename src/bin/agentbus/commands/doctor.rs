@@ -3,7 +3,7 @@ use std::io::Write;
 use clap::Args;
 use serde_json::json;
 
-use super::open_bus;
+use super::{open_writer, Durable};
 use crate::output::{emit, path_json, Failure};
 use crate::Cli;
 
@@ -13,10 +13,12 @@ pub struct DoctorArgs {
     /// Truncate torn final lines (left by crashed writers).
     #[arg(long)]
     repair: bool,
+    #[command(flatten)]
+    durable: Durable,
 }
 
 pub fn run(cli: &Cli, args: &DoctorArgs, out: &mut impl Write) -> Result<(), Failure> {
-    let report = open_bus(cli)?.doctor(args.repair)?;
+    let report = open_writer(cli, &args.durable)?.doctor(args.repair)?;
     for p in &report.problems {
         emit(
             out,

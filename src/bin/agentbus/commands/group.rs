@@ -4,7 +4,7 @@ use agentbus::{Error, GroupOptions, StartAt};
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{open_bus, secs};
+use super::{open_bus, open_writer, secs, Durable};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -35,9 +35,14 @@ pub enum GroupCommand {
         /// Only deliver messages of this type to the group (repeatable).
         #[arg(long = "type")]
         kinds: Vec<String>,
+        /// Deliver every type but this one (repeatable), including types added later.
+        #[arg(long = "not-type")]
+        not_kinds: Vec<String>,
         /// Only deliver messages from this agent to the group (repeatable).
         #[arg(long = "from")]
         senders: Vec<String>,
+        #[command(flatten)]
+        durable: Durable,
     },
     /// List the groups of a mailbox.
     List {
@@ -54,6 +59,8 @@ pub enum GroupCommand {
         group: String,
         /// The message's seq.
         seq: u64,
+        #[command(flatten)]
+        durable: Durable,
     },
 }
 
@@ -68,12 +75,17 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             from_end,
             exist_ok,
             kinds,
+            not_kinds,
             senders,
+            durable,
         } => {
-            let mailbox = open_bus(cli)?.mailbox(mailbox)?;
+            let mailbox = open_writer(cli, durable)?.mailbox(mailbox)?;
             let mut filter = agentbus::Filter::new();
             for k in kinds {
                 filter = filter.of_type(k);
+            }
+            for k in not_kinds {
+                filter = filter.not_type(k);
             }
             for f in senders {
                 filter = filter.sender(f);
@@ -110,7 +122,7 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
                         "mailbox": mailbox.name(),
                         "group": name,
                         "max_deliveries": g.max_deliveries(),
-                        "visibility": g.visibility().as_secs_f64(),
+                        "visibility_ms": g.visibility().as_millis() as u64,
                         "dead_letter": g.dead_letter_mailbox(),
                     }),
                 )?;
@@ -121,8 +133,9 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             mailbox,
             group,
             seq,
+            durable,
         } => {
-            let group = open_bus(cli)?.mailbox(mailbox)?.group(group)?;
+            let group = open_writer(cli, durable)?.mailbox(mailbox)?.group(group)?;
             let requeued = group.requeue(*seq)?;
             emit(
                 out,

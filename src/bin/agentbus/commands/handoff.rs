@@ -1,12 +1,16 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use agentbus::{Artifact, Error};
+use agentbus::Error;
 use clap::Subcommand;
+use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{bus_builder, secs, stored};
-use crate::output::{emit, error_json, Failure};
+use super::lease::as_held;
+use super::verify::verified;
+use super::{agent, open_bus, open_writer, secs, stored, Durable};
+use crate::lines::{verify, LeaseLine, MessageLine};
+use crate::output::{emit, Failure};
 use crate::Cli;
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -18,9 +22,9 @@ pub enum HandoffCommand {
     Send {
         /// The receiving mailbox.
         mailbox: String,
-        /// The sending agent.
-        #[arg(long, env = "AGENTBUS_AGENT")]
-        from: String,
+        /// The sending agent (default: `--agent`).
+        #[arg(long)]
+        from: Option<String>,
         /// One line: what this handoff is.
         #[arg(long)]
         summary: String,
@@ -54,14 +58,19 @@ pub enum HandoffCommand {
         /// Correlation id.
         #[arg(long)]
         correlation_id: Option<String>,
+        #[command(flatten)]
+        durable: Durable,
     },
-    /// Take the next handoff waiting in a mailbox (prints it, with "verified").
+    /// Take the next handoff waiting in a mailbox, as `--agent` (prints it, with
+    /// "verified" and "verify_error").
     Recv {
         /// The mailbox.
         mailbox: String,
         /// Wait up to SECS for one.
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         wait: f64,
+        #[command(flatten)]
+        durable: Durable,
     },
     /// Print a handoff (read-only).
     Show {
@@ -77,14 +86,20 @@ pub enum HandoffCommand {
         /// The handoff's seq.
         seq: u64,
     },
-    /// Accept a handoff: verify, take over its lease, answer the sender.
+    /// Accept a handoff as `--agent`: verify, take over its lease, answer the sender.
+    /// Prints {"seq","accepted","lease"} (the lease as `lease show` prints it, or null).
     Accept {
         /// The mailbox.
         mailbox: String,
         /// The handoff's seq.
         seq: u64,
+        /// Seconds the lease you take over lasts unless renewed (default 300).
+        #[arg(long)]
+        ttl: Option<f64>,
+        #[command(flatten)]
+        durable: Durable,
     },
-    /// Reject a handoff; the sender sees the reason.
+    /// Reject a handoff as `--agent`; the sender sees the reason.
     Reject {
         /// The mailbox.
         mailbox: String,
@@ -93,24 +108,22 @@ pub enum HandoffCommand {
         /// Why.
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        durable: Durable,
     },
 }
 
+/// What `handoff accept` prints.
+#[derive(Serialize)]
+struct Accepted<'a> {
+    seq: u64,
+    accepted: bool,
+    lease: Option<LeaseLine<'a>>,
+}
+
 pub fn run(cli: &Cli, cmd: &HandoffCommand, out: &mut impl Write) -> Result<(), Failure> {
-    let agent = std::env::var("AGENTBUS_AGENT").unwrap_or_else(|_| "cli".into());
-    let bus = bus_builder(cli).agent(agent.clone()).open(&cli.dir)?;
-    let show = |m: &agentbus::Message, verified: Option<&Error>| {
-        let mut v = serde_json::to_value(m).expect("message serializes");
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("verified".into(), json!(verified.is_none()));
-            if let Some(e) = verified {
-                obj.insert("verify_error".into(), error_json(e));
-            }
-        }
-        v
-    };
     let read = |mailbox: &str, seq: u64| -> Result<agentbus::Message, Failure> {
-        stored(&bus.mailbox(mailbox)?, seq)?
+        stored(&open_bus(cli)?.mailbox(mailbox)?, seq)?
             .filter(|m| m.kind == agentbus::HANDOFF_TYPE)
             .ok_or_else(|| Failure::Usage(format!("{mailbox} has no handoff {seq}")))
     };
@@ -129,7 +142,10 @@ pub fn run(cli: &Cli, cmd: &HandoffCommand, out: &mut impl Write) -> Result<(), 
             token,
             reply_to,
             correlation_id,
+            durable,
         } => {
+            let from = agent(cli, from, "handoff send")?;
+            let bus = open_writer(cli, durable)?;
             let mut h = bus.handoff(mailbox).from(from).summary(summary);
             if let Some(s) = state {
                 let v: Value = serde_json::from_str(s).map_err(|e| {
@@ -163,40 +179,69 @@ pub fn run(cli: &Cli, cmd: &HandoffCommand, out: &mut impl Write) -> Result<(), 
             }
             emit(out, &h.send()?.receipt)
         }
-        HandoffCommand::Recv { mailbox, wait } => {
-            let mut inbox = bus.handoff_inbox(mailbox)?;
+        HandoffCommand::Recv {
+            mailbox,
+            wait,
+            durable,
+        } => {
+            agent(cli, &None, "handoff recv")?;
+            let mut inbox = open_writer(cli, durable)?.handoff_inbox(mailbox)?;
             let got = match inbox.recv_timeout(secs(*wait)?) {
                 Ok(h) => Some(h),
                 Err(agentbus::RecvTimeoutError::Bus(e)) => return Err(e.into()),
                 Err(_) => None,
             };
             if let Some(h) = got {
-                emit(out, &show(&h.message, h.verify().err().as_ref()))?;
+                emit(
+                    out,
+                    &MessageLine::new(&h.message).verified(h.verify().as_ref().map(|_| ())),
+                )?;
             }
             Ok(())
         }
-        HandoffCommand::Show { mailbox, seq } => emit(out, &read(mailbox, *seq)?),
+        HandoffCommand::Show { mailbox, seq } => {
+            emit(out, &MessageLine::new(&read(mailbox, *seq)?))
+        }
         HandoffCommand::Verify { mailbox, seq } => {
             let m = read(mailbox, *seq)?;
-            m.artifacts.iter().try_for_each(Artifact::verify)?;
+            verify(&m)?;
+            emit(out, &verified(mailbox, &m))
+        }
+        HandoffCommand::Accept {
+            mailbox,
+            seq,
+            ttl,
+            durable,
+        } => {
+            let me = agent(cli, &None, "handoff accept")?;
+            let bus = open_writer(cli, durable)?;
+            let h = bus.handoff_inbox(mailbox)?.take(*seq)?;
+            let lease = match ttl {
+                Some(ttl) => h.accept_lease(me, secs(*ttl)?)?.map(agentbus::Lease::keep),
+                None => h.accept(me)?,
+            };
+            let lease = lease.map(|l| as_held(&bus, l)).transpose()?;
+            let lease = lease.as_ref().map(|l| LeaseLine::new(&l.name, Some(l)));
             emit(
                 out,
-                &json!({"seq": seq, "verified": true, "artifacts": m.artifacts.len()}),
+                &Accepted {
+                    seq: *seq,
+                    accepted: true,
+                    lease,
+                },
             )
-        }
-        HandoffCommand::Accept { mailbox, seq } => {
-            let h = bus.handoff_inbox(mailbox)?.take(*seq)?;
-            let lease = h.accept(&agent)?;
-            emit(out, &json!({"seq": seq, "accepted": true, "lease": lease}))
         }
         HandoffCommand::Reject {
             mailbox,
             seq,
             reason,
+            durable,
         } => {
-            bus.handoff_inbox(mailbox)?
+            let me = agent(cli, &None, "handoff reject")?;
+            open_writer(cli, durable)?
+                .handoff_inbox(mailbox)?
                 .take(*seq)?
-                .reject(&agent, reason)?;
+                .reject(me, reason)?;
             emit(
                 out,
                 &json!({"seq": seq, "rejected": true, "reason": reason}),

@@ -4,7 +4,7 @@ use agentbus::Error;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::open_bus;
+use super::{open_bus, open_writer, Durable};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -19,6 +19,8 @@ pub enum MailboxCommand {
         /// Succeed if the mailbox already exists.
         #[arg(long)]
         exist_ok: bool,
+        #[command(flatten)]
+        durable: Durable,
     },
     /// List mailboxes.
     List,
@@ -26,8 +28,12 @@ pub enum MailboxCommand {
 
 pub fn run(cli: &Cli, cmd: &MailboxCommand, out: &mut impl Write) -> Result<(), Failure> {
     match cmd {
-        MailboxCommand::Create { names, exist_ok } => {
-            let bus = open_bus(cli)?;
+        MailboxCommand::Create {
+            names,
+            exist_ok,
+            durable,
+        } => {
+            let bus = open_writer(cli, durable)?;
             for name in names {
                 let created = match bus.create_mailbox(name) {
                     Ok(_) => true,

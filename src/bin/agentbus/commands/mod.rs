@@ -16,16 +16,16 @@ pub mod replay;
 pub mod send;
 pub mod stats;
 pub mod term;
+pub mod verify;
 pub mod watch;
 
 use std::time::Duration;
 
 use agentbus::{Bus, Durability, Mailbox};
-use clap::Args;
-use serde_json::{json, Value};
+use clap::{Args, ValueEnum};
 
-use crate::output::{rfc3339, Failure};
-use crate::{Cli, DurabilityArg};
+use crate::output::Failure;
+use crate::Cli;
 
 /// The claimed message that `nack`, `extend` and `term` act on.
 #[derive(Args, Debug)]
@@ -42,6 +42,8 @@ pub struct Target {
     /// claim.
     #[arg(long)]
     attempt: Option<u32>,
+    #[command(flatten)]
+    durable: Durable,
 }
 
 /// The group, and with `--attempt` the exact delivery (checked to be current).
@@ -49,19 +51,66 @@ fn target_delivery(
     cli: &Cli,
     t: &Target,
 ) -> Result<(agentbus::Group, Option<agentbus::Delivery>), Failure> {
-    let group = open_bus(cli)?.mailbox(&t.mailbox)?.group(&t.group)?;
+    let group = open_writer(cli, &t.durable)?
+        .mailbox(&t.mailbox)?
+        .group(&t.group)?;
     let delivery = t.attempt.map(|a| group.delivery(t.seq, a)).transpose()?;
     Ok((group, delivery))
 }
 
-pub fn open_bus(cli: &Cli) -> Result<Bus, Failure> {
-    Ok(bus_builder(cli).open(&cli.dir)?)
+/// `--durability`, on the commands that write (the others take no such flag).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Durable {
+    /// When a write counts as done: `sync` (fdatasync, survives power loss) or `flush`
+    /// (survives a crash of this process).
+    #[arg(long, env = "AGENTBUS_DURABILITY", default_value = "sync")]
+    durability: DurabilityArg,
 }
 
-pub fn bus_builder(cli: &Cli) -> agentbus::BusBuilder {
-    Bus::builder().durability(match cli.durability {
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum DurabilityArg {
+    Sync,
+    Flush,
+}
+
+/// The bus, for a command that only reads.
+pub fn open_bus(cli: &Cli) -> Result<Bus, Failure> {
+    Ok(builder(cli).open(&cli.dir)?)
+}
+
+/// The bus, for a command that writes with `d`'s durability.
+pub fn open_writer(cli: &Cli, d: &Durable) -> Result<Bus, Failure> {
+    Ok(writer(cli, d).open(&cli.dir)?)
+}
+
+/// The builder [`open_writer`] opens with.
+pub fn writer(cli: &Cli, d: &Durable) -> agentbus::BusBuilder {
+    builder(cli).durability(match d.durability {
         DurabilityArg::Sync => Durability::Sync,
         DurabilityArg::Flush => Durability::Flush,
+    })
+}
+
+fn builder(cli: &Cli) -> agentbus::BusBuilder {
+    match &cli.agent {
+        Some(agent) => Bus::builder().agent(agent.clone()),
+        None => Bus::builder(),
+    }
+}
+
+/// Who acts: `flag` (`--from`, `--consumer`, `--holder`) if given, else `--agent` /
+/// `AGENTBUS_AGENT`, else `cli`.
+pub fn agent_or_cli<'a>(cli: &'a Cli, flag: &'a Option<String>) -> &'a str {
+    flag.as_deref().or(cli.agent.as_deref()).unwrap_or("cli")
+}
+
+/// Who acts, where the bus must know for sure (a lease holder, the agent answering a
+/// handoff): `flag` if given, else `--agent` / `AGENTBUS_AGENT`, else a usage error.
+pub fn agent<'a>(cli: &'a Cli, flag: &'a Option<String>, what: &str) -> Result<&'a str, Failure> {
+    flag.as_deref().or(cli.agent.as_deref()).ok_or_else(|| {
+        Failure::Usage(format!(
+            "{what} needs to know who you are: give --agent NAME (or set AGENTBUS_AGENT)"
+        ))
     })
 }
 
@@ -100,16 +149,4 @@ pub fn timed_out<T>(r: Result<T, agentbus::RecvTimeoutError>) -> Result<Option<T
         Err(agentbus::RecvTimeoutError::Bus(e)) => Err(Failure::Bus(e)),
         Err(_) => Ok(None),
     }
-}
-
-/// A delivery as the CLI prints it: the message, plus who holds it until when.
-pub fn delivery_json(d: &agentbus::Delivery) -> Value {
-    let mut line = serde_json::to_value(&d.message).expect("message serializes");
-    line["delivery"] = json!({
-        "group": d.group().name(),
-        "consumer": d.consumer,
-        "attempt": d.attempt,
-        "deadline": rfc3339(d.deadline),
-    });
-    line
 }

@@ -4,11 +4,13 @@ use std::time::Instant;
 use agentbus::Error;
 use clap::Args;
 
-use super::{delivery_json, open_bus, secs, timed_out};
+use super::{agent_or_cli, open_bus, open_writer, secs, timed_out, Durable};
+use crate::lines::{verify, MessageLine};
 use crate::output::{emit, error_json, Failure};
 use crate::Cli;
 
-/// Read messages without changing any state; prints one message per line.
+/// Read messages without changing any state, or with `--group` claim them; prints one
+/// message per line.
 #[derive(Args, Debug)]
 pub struct RecvArgs {
     /// The mailbox.
@@ -16,12 +18,19 @@ pub struct RecvArgs {
     /// Start at this seq.
     #[arg(long, default_value_t = 1)]
     from_seq: u64,
-    /// Print at most this many messages.
+    /// At most this many messages. Without `--group`: print at most N (default: every
+    /// stored message from `--from-seq` on). With `--group`: claim at most N (default
+    /// 1: claim one, handle it, ack it, run `recv` again; README "Session-start drain").
     #[arg(long)]
     max: Option<usize>,
-    /// Only this type (repeatable).
+    /// Only this type (repeatable). Without `--group` only; a group filters with
+    /// `group create --type`.
     #[arg(long = "type")]
     kinds: Vec<String>,
+    /// Every type but this one (repeatable), including types added later. Without
+    /// `--group` only.
+    #[arg(long = "not-type")]
+    not_kinds: Vec<String>,
     /// Only messages from this agent.
     #[arg(long)]
     from: Option<String>,
@@ -31,19 +40,31 @@ pub struct RecvArgs {
     /// Claim for this consumer group instead of just reading.
     #[arg(long)]
     group: Option<String>,
-    /// Consumer name for claims.
-    #[arg(long, env = "AGENTBUS_AGENT", default_value = "cli")]
-    consumer: String,
+    /// The consumer name for claims (default: `--agent`, else `cli`).
+    #[arg(long, requires = "group")]
+    consumer: Option<String>,
     /// Visibility timeout of the claims, in seconds (default: the group's).
     #[arg(long, requires = "group")]
     visibility: Option<f64>,
     /// Wait up to SECS for a message when none is waiting.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     wait: f64,
+    /// Check each message's artifacts (size and SHA-256) and say so in it:
+    /// `"verified"` true or false, `"verify_error"` the first failure or null.
+    #[arg(long)]
+    verify: bool,
+    /// With `--group`: how the claims are written.
+    #[command(flatten)]
+    durable: Durable,
 }
 
 pub fn run(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure> {
     if args.group.is_some() {
+        if !args.kinds.is_empty() || !args.not_kinds.is_empty() {
+            return Err(Failure::Usage(
+                "with --group, filter with `group create --type` or `--not-type`".into(),
+            ));
+        }
         claim(cli, args, out)
     } else {
         read(cli, args, out)
@@ -67,6 +88,9 @@ fn read(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure>
     let mut filter = agentbus::Filter::new();
     for kind in &args.kinds {
         filter = filter.of_type(kind);
+    }
+    for kind in &args.not_kinds {
+        filter = filter.not_type(kind);
     }
     if let Some(from) = &args.from {
         filter = filter.sender(from);
@@ -92,7 +116,7 @@ fn read(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure>
         };
         match rx.recv_deadline(until) {
             Ok(envelope) => {
-                emit(out, &envelope.message)?;
+                emit(out, &line(args, MessageLine::new(&envelope.message)))?;
                 printed += 1;
             }
             Err(agentbus::RecvTimeoutError::Bus(
@@ -116,7 +140,7 @@ fn read(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure>
 /// `recv --group`: claims up to `--max` (default 1), waiting up to `--wait` seconds
 /// for the first message.
 fn claim(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure> {
-    let group = open_bus(cli)?
+    let group = open_writer(cli, &args.durable)?
         .mailbox(&args.mailbox)?
         .group(args.group.as_deref().expect("checked by caller"))?;
     let visibility = match args.visibility {
@@ -128,16 +152,27 @@ fn claim(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure
     if max == 0 {
         return Ok(());
     }
+    let consumer = agent_or_cli(cli, &args.consumer);
     let mut rx = group
-        .consumer_with(&args.consumer, recv_mode(args.wait))?
+        .consumer_with(consumer, recv_mode(args.wait))?
         .visibility(visibility);
     let Some(first) = timed_out(rx.recv_deadline(deadline))? else {
         return Ok(());
     };
     // Printed before claiming more, so that a failure there cannot hide a claim.
-    emit(out, &delivery_json(&first))?;
-    for d in group.claim_for(&args.consumer, max - 1, visibility)? {
-        emit(out, &delivery_json(&d))?;
+    emit(out, &line(args, MessageLine::delivery(&first)))?;
+    for d in group.claim_for(consumer, max - 1, visibility)? {
+        emit(out, &line(args, MessageLine::delivery(&d)))?;
     }
     Ok(())
+}
+
+/// `m`, with `--verify` its artifacts checked.
+fn line<'a>(args: &RecvArgs, m: MessageLine<'a>) -> MessageLine<'a> {
+    if args.verify {
+        let checked = verify(m.message());
+        m.verified(checked.as_ref().map(|_| ()))
+    } else {
+        m
+    }
 }

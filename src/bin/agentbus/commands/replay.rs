@@ -4,7 +4,7 @@ use agentbus::NewMessage;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::{open_bus, stored};
+use super::{open_writer, stored, Durable};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -16,11 +16,13 @@ pub struct ReplayArgs {
     /// Seqs of the dead letters to replay.
     #[arg(required = true)]
     seqs: Vec<u64>,
+    #[command(flatten)]
+    durable: Durable,
 }
 
 pub fn run(cli: &Cli, args: &ReplayArgs, out: &mut impl Write) -> Result<(), Failure> {
     let mailbox = &args.mailbox;
-    let bus = open_bus(cli)?;
+    let bus = open_writer(cli, &args.durable)?;
     let dlq = bus.mailbox(mailbox)?;
     for &seq in &args.seqs {
         let dead = stored(&dlq, seq)?

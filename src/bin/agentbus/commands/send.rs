@@ -5,7 +5,7 @@ use agentbus::{Artifact, Error, NewMessage};
 use clap::Args;
 use serde_json::Value;
 
-use super::open_bus;
+use super::{agent_or_cli, open_writer, Durable};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -17,9 +17,9 @@ pub struct SendArgs {
     /// Message type, for example `task`.
     #[arg(long = "type")]
     kind: String,
-    /// Sending agent.
-    #[arg(long, env = "AGENTBUS_AGENT", default_value = "cli")]
-    from: String,
+    /// The sending agent (default: `--agent`, else `cli`).
+    #[arg(long)]
+    from: Option<String>,
     /// Subject line.
     #[arg(long)]
     subject: Option<String>,
@@ -50,18 +50,20 @@ pub struct SendArgs {
     /// A header, `KEY=VALUE` (repeatable).
     #[arg(long = "header")]
     headers: Vec<String>,
+    #[command(flatten)]
+    durable: Durable,
 }
 
 pub fn run(cli: &Cli, args: &SendArgs, out: &mut impl Write) -> Result<(), Failure> {
-    let bus = open_bus(cli)?;
+    let bus = open_writer(cli, &args.durable)?;
     let mailbox = bus.mailbox(&args.mailbox)?;
-    let receipt = mailbox.send(build_message(args)?)?;
+    let receipt = mailbox.send(build_message(agent_or_cli(cli, &args.from), args)?)?;
     emit(out, &receipt)
 }
 
-fn build_message(args: &SendArgs) -> Result<NewMessage, Failure> {
+fn build_message(from: &str, args: &SendArgs) -> Result<NewMessage, Failure> {
     let mut msg = NewMessage::new(&args.kind)
-        .from(&args.from)
+        .from(from)
         .priority(args.priority);
     if let Some(s) = &args.subject {
         msg = msg.subject(s);

@@ -13,7 +13,8 @@ use agentbus::{Delivery, Error, Message, RecvTimeoutError};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::{delivery_json, open_bus, secs};
+use super::{agent_or_cli, open_writer, secs, Durable};
+use crate::lines::MessageLine;
 use crate::output::{emit, error_json, Failure};
 use crate::Cli;
 use handler::{Ended, Ending, Heartbeat, Run};
@@ -45,13 +46,17 @@ pub struct WatchArgs {
     /// just reading.
     #[arg(long)]
     group: Option<String>,
-    /// Consumer name for claims.
-    #[arg(long, env = "AGENTBUS_AGENT", default_value = "cli")]
-    consumer: String,
+    /// The consumer name for claims (default: `--agent`, else `cli`).
+    #[arg(long, requires = "group")]
+    consumer: Option<String>,
     /// Only this type (repeatable). Without `--group` only; a group filters with
     /// `group create --type`.
     #[arg(long = "type")]
     kinds: Vec<String>,
+    /// Every type but this one (repeatable), including types added later. Without
+    /// `--group` only; a group filters with `group create --not-type`.
+    #[arg(long = "not-type")]
+    not_kinds: Vec<String>,
     /// Without `--group`: start at this seq instead of the end (new messages only).
     #[arg(long)]
     from_seq: Option<u64>,
@@ -83,6 +88,9 @@ pub struct WatchArgs {
     /// Poll only (no file-system events), e.g. on a network file system.
     #[arg(long)]
     poll: bool,
+    /// With `--group`: how settlements are written.
+    #[command(flatten)]
+    durable: Durable,
 }
 
 /// What every message of one `watch` shares.
@@ -114,10 +122,10 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
         timeout: args.handler_timeout.map(secs).transpose()?,
         retry: secs(args.retry_delay)?,
     };
-    let bus = open_bus(cli)?;
+    let bus = open_writer(cli, &args.durable)?;
     match &args.group {
         Some(group) => {
-            if !args.kinds.is_empty() || args.from_seq.is_some() {
+            if !args.kinds.is_empty() || !args.not_kinds.is_empty() || args.from_seq.is_some() {
                 return Err(Failure::Usage(
                     "with --group, filter with `group create --type` and the group decides \
                      where to start"
@@ -130,18 +138,17 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
                 None => group.visibility(),
             };
             let mut rx = group
-                .consumer_with(&args.consumer, mode)?
+                .consumer_with(agent_or_cli(cli, &args.consumer), mode)?
                 .visibility(visibility);
             let mut since = Instant::now();
             for _ in 0..w.max {
                 let Some(d) = next(&w, since, |t| rx.recv_timeout(t))? else {
                     break;
                 };
-                let line = match w.exec {
-                    None => delivery_json(&d),
-                    Some(cmd) => handle_delivery(&w, cmd, &d, visibility)?,
-                };
-                emit(out, &line)?;
+                match w.exec {
+                    None => emit(out, &MessageLine::delivery(&d))?,
+                    Some(cmd) => emit(out, &handle_delivery(&w, cmd, &d, visibility)?)?,
+                }
                 out.flush().ok();
                 since = Instant::now();
             }
@@ -155,15 +162,19 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
             for k in &args.kinds {
                 rx = rx.of_type(k);
             }
+            for k in &args.not_kinds {
+                rx = rx.not_type(k);
+            }
             let (mut handled, mut damaged, mut since) = (0, false, Instant::now());
             while handled < w.max {
                 match next(&w, since, |t| rx.recv_timeout(t)) {
                     Ok(Some(env)) => {
-                        let line = match w.exec {
-                            None => serde_json::to_value(&env.message).expect("serializes"),
-                            Some(cmd) => handle_message(&w, cmd, &env.message, &env.mailbox),
-                        };
-                        emit(out, &line)?;
+                        match w.exec {
+                            None => emit(out, &MessageLine::new(&env.message))?,
+                            Some(cmd) => {
+                                emit(out, &handle_message(&w, cmd, &env.message, &env.mailbox))?
+                            }
+                        }
                         out.flush().ok();
                         handled += 1;
                     }
@@ -258,7 +269,7 @@ fn handle_message(w: &Watch<'_>, cmd: &str, m: &Message, mailbox: &str) -> Value
     let env = message_env(m, mailbox, None);
     let run = Run {
         command: cmd,
-        input: serde_json::to_vec(m).expect("message serializes"),
+        input: serde_json::to_vec(&MessageLine::new(m)).expect("message serializes"),
         env: &env,
         timeout: w.timeout,
     };
@@ -300,7 +311,7 @@ fn handle_delivery(
     };
     let run = Run {
         command: cmd,
-        input: serde_json::to_vec(&d.message).expect("message serializes"),
+        input: serde_json::to_vec(&MessageLine::delivery(d)).expect("message serializes"),
         env: &env,
         timeout: w.timeout,
     };
