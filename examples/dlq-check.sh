@@ -8,6 +8,7 @@ printf '%s\n' "$dead" | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    d = json.loads(m["headers"]["dead_letter"])
-    print("dead letter %s: %s seq %s: %s" % (m["seq"], d["mailbox"], d.get("seq", d.get("first_seq")), d["reason"]))'
+    d = m["dead_letter"]
+    seq = d["seq"] if d["seq"] is not None else (d["damaged"] or {}).get("first_seq")
+    print("dead letter %s: %s seq %s: %s" % (m["seq"], d["mailbox"], seq, d["reason"]))'
 exit 1

@@ -45,6 +45,42 @@ fn the_demo_hands_a_verified_draft_and_its_lease_from_writer_to_watcher() {
     }
 }
 
+/// The lines of `text` with each temporary directory (`<TMPDIR>/.tmpXXXXXX`) written
+/// `<tmp>`, sorted: the two processes' lines may interleave either way.
+fn normalized(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| match l.find("/.tmp") {
+            Some(at) => {
+                let start = l[..at].rfind(' ').map_or(0, |s| s + 1);
+                let end = l[at + 5..].find('/').map_or(l.len(), |e| at + 5 + e);
+                format!("{}<tmp>{}", &l[..start], &l[end..])
+            }
+            None => l.to_owned(),
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn the_readme_shows_what_the_demo_prints() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let at = readme
+        .find("What `cargo run --example demo` prints")
+        .unwrap();
+    let start = readme[at..].find("```text\n").unwrap() + at + 8;
+    let end = readme[start..].find("```").unwrap() + start;
+    let shown = &readme[start..end];
+    let out = run("demo");
+    assert_eq!(
+        normalized(shown),
+        normalized(&out),
+        "README:\n{shown}\nrun:\n{out}"
+    );
+}
+
 #[test]
 fn two_writers_lose_nothing() {
     let out = run("two_writers");

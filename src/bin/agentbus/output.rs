@@ -6,8 +6,8 @@
 //! | 0 | success |
 //! | 1 | the operation failed (I/O error, damaged data); see the error object |
 //! | 2 | the request was invalid (usage, bad name, bad JSON, unknown mailbox); nothing was written |
-//! | 4 | `doctor` found problems it did not repair |
 //! | 3 | `lease acquire`: the lease is held by someone else |
+//! | 4 | `doctor` found problems it did not repair |
 //! | 5 | a stale delivery (`nack`, `extend`, `term`) or lease grant (`lease renew`, `release`) |
 //! | 6 | an artifact is missing, is not a regular file, or differs in size or SHA-256 (`send`, `handoff`) |
 
