@@ -221,3 +221,45 @@ fn a_rust_agent_and_the_python_drain_share_a_bus_through_the_environment() {
     let from: Vec<&Value> = sent.iter().map(|m| &m["from"]).collect();
     assert_eq!(from, [&Value::from("writer"), &Value::from("writer")]);
 }
+
+#[test]
+fn the_readme_rust_snippets_read_cleanly_on_github() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut blocks = 0;
+    for block in readme.split("```rust").skip(1) {
+        let code = &block[..block.find("```").unwrap()];
+        let lines: Vec<&str> = code.lines().skip(1).collect();
+        let hidden = lines
+            .iter()
+            .filter(|l| l.trim_start().starts_with("# "))
+            .count();
+        assert!(hidden <= 5, "at most five hidden lines:\n{code}");
+        for line in lines.iter().filter(|l| !l.trim_start().starts_with('#')) {
+            // `?` works on every error a snippet meets: no `.unwrap()` needed.
+            assert!(
+                !line.contains(".unwrap()") && !line.contains(".expect("),
+                "{line}"
+            );
+            // A string literal is on one line: none is still open at its end.
+            assert!(!open_string_at_end(line), "{line}");
+        }
+        blocks += 1;
+    }
+    assert!(blocks >= 6, "{blocks} Rust snippets");
+}
+
+/// Whether a line of Rust ends inside a string literal (comments after `//` aside).
+fn open_string_at_end(line: &str) -> bool {
+    let (mut in_string, mut chars) = (false, line.chars().peekable());
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if in_string => {
+                chars.next();
+            }
+            '"' => in_string = !in_string,
+            '/' if !in_string && chars.peek() == Some(&'/') => break,
+            _ => {}
+        }
+    }
+    in_string
+}
