@@ -5,47 +5,24 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use agentbus::{Artifact, Bus, Error, GroupOptions, NewMessage};
-use common::{fails, ok};
+use common::{fails, ok, run, run_fails, run_ok};
 
 fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    ok(common::cli(dir.path()).arg("init").output().unwrap());
-    ok(common::cli(dir.path())
-        .args(["mailbox", "create", "main"])
-        .output()
-        .unwrap());
-    dir
-}
-
-fn run(dir: &Path, args: &[&str]) -> Output {
-    common::cli(dir).args(args).output().unwrap()
+    common::cli_bus(&["main"])
 }
 
 /// Runs `cmd`, failing the test instead of hanging if it has not ended after a minute
 /// (a loaded machine is slow, but never that slow for these commands).
-fn run_bounded(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            child.kill().unwrap();
-            panic!("{cmd:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+fn run_bounded(cmd: Command) -> Output {
+    common::output_bounded(cmd, Duration::from_secs(60))
 }
 
 fn group_names(dir: &Path, mailbox: &str) -> Vec<String> {
-    ok(run(dir, &["group", "list", mailbox]))
+    run_ok(dir, &["group", "list", mailbox])
         .iter()
         .map(|g| g["group"].as_str().unwrap().to_owned())
         .collect()
@@ -62,8 +39,9 @@ fn group_settings_out_of_range_are_refused_and_create_nothing() {
         // A deadline past what a timestamp can hold.
         ("--visibility", "1e12", "visibility"),
     ] {
-        let e = fails(
-            run(dir.path(), &["group", "create", "main", "g", flag, value]),
+        let e = run_fails(
+            dir.path(),
+            &["group", "create", "main", "g", flag, value],
             2,
         );
         assert_eq!(
@@ -74,7 +52,7 @@ fn group_settings_out_of_range_are_refused_and_create_nothing() {
         assert!(group_names(dir.path(), "main").is_empty(), "{flag} {value}");
     }
     // The limits themselves are fine.
-    ok(run(
+    run_ok(
         dir.path(),
         &[
             "group",
@@ -86,20 +64,18 @@ fn group_settings_out_of_range_are_refused_and_create_nothing() {
             "--visibility",
             "0.001",
         ],
-    ));
+    );
     assert_eq!(group_names(dir.path(), "main"), ["g"]);
 
     // A claim's own visibility is checked the same way.
-    ok(run(dir.path(), &["send", "main", "--type", "t"]));
-    let e = fails(
-        run(
-            dir.path(),
-            &["recv", "main", "--group", "g", "--visibility", "0"],
-        ),
+    run_ok(dir.path(), &["send", "main", "--type", "t"]);
+    let e = run_fails(
+        dir.path(),
+        &["recv", "main", "--group", "g", "--visibility", "0"],
         2,
     );
     assert_eq!(e["setting"], "visibility");
-    let stats = ok(run(dir.path(), &["stats", "main"]));
+    let stats = run_ok(dir.path(), &["stats", "main"]);
     assert_eq!(stats[0]["groups"][0]["delivered"], 0, "{stats:?}");
 
     // The library: a typed error, not a silent change.
@@ -134,50 +110,43 @@ fn lease_acquire_refuses_a_wait_that_is_not_a_duration() {
         assert_eq!(e["error"], "usage");
         assert!(e["message"].as_str().unwrap().contains(wait[1]), "{e}");
     }
-    let e = fails(
-        run(
-            dir.path(),
-            &[
-                "lease",
-                "acquire",
-                "deploy",
-                "--holder",
-                "h",
-                "--ttl",
-                "10",
-                "--wait=-1",
-            ],
-        ),
+    let e = run_fails(
+        dir.path(),
+        &[
+            "lease",
+            "acquire",
+            "deploy",
+            "--holder",
+            "h",
+            "--ttl",
+            "10",
+            "--wait=-1",
+        ],
         2,
     );
     assert!(e["message"].as_str().unwrap().contains("-1"), "{e}");
     // Nothing was granted.
-    let shown = ok(run(dir.path(), &["lease", "show", "deploy"]));
+    let shown = run_ok(dir.path(), &["lease", "show", "deploy"]);
     assert!(shown[0]["holder"].is_null(), "{shown:?}");
 }
 
 #[test]
 fn a_header_without_a_name_is_refused() {
     let dir = setup();
-    let e = fails(
-        run(
-            dir.path(),
-            &["send", "main", "--type", "t", "--header", "=v"],
-        ),
+    let e = run_fails(
+        dir.path(),
+        &["send", "main", "--type", "t", "--header", "=v"],
         2,
     );
     assert_eq!(e["error"], "invalid_message");
-    assert!(ok(run(dir.path(), &["recv", "main"])).is_empty());
+    assert!(run_ok(dir.path(), &["recv", "main"]).is_empty());
 
     // `KEY=` is a header with an empty value, which is fine.
-    ok(run(
+    run_ok(
         dir.path(),
         &["send", "main", "--type", "t", "--header", "k="],
-    ));
-    assert_eq!(
-        ok(run(dir.path(), &["recv", "main"]))[0]["headers"]["k"],
-        ""
     );
+    assert_eq!(run_ok(dir.path(), &["recv", "main"])[0]["headers"]["k"], "");
 }
 
 #[test]
@@ -208,7 +177,7 @@ fn an_artifact_that_is_not_a_regular_file_is_named_for_what_it_is() {
             assert!(e["message"].as_str().unwrap().contains(kind), "{e}");
         }
     }
-    assert!(ok(run(dir.path(), &["recv", "main"])).is_empty());
+    assert!(run_ok(dir.path(), &["recv", "main"]).is_empty());
 
     // At verification time too: a pinned file replaced by a FIFO does not block.
     let file = dir.path().join("draft.md");
@@ -239,46 +208,16 @@ fn an_artifact_that_is_not_a_regular_file_is_named_for_what_it_is() {
 #[test]
 fn a_refused_handoff_leaves_no_group_and_no_reply_mailbox_behind() {
     let dir = setup();
-    let granted = ok(run(
+    let granted = run_ok(
         dir.path(),
         &[
             "lease", "acquire", "ch1", "--holder", "writer", "--ttl", "60",
         ],
-    ));
-    let token = granted[0]["token"].as_u64().unwrap();
-    let stale = (token + 1).to_string();
-    let e = fails(
-        run(
-            dir.path(),
-            &[
-                "handoff",
-                "send",
-                "main",
-                "--from",
-                "writer",
-                "--summary",
-                "s",
-                "--lease",
-                "ch1",
-                "--token",
-                &stale,
-            ],
-        ),
-        5,
     );
-    assert_eq!(e["error"], "stale_lease");
-    assert!(group_names(dir.path(), "main").is_empty());
-    let mailboxes: Vec<_> = ok(run(dir.path(), &["mailbox", "list"]))
-        .iter()
-        .map(|m| m["mailbox"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(mailboxes, ["main"]);
-    assert!(ok(run(dir.path(), &["recv", "main"])).is_empty());
-
-    // With the right token it goes through and creates both.
-    ok(run(
-        dir.path(),
-        &[
+    let token = granted[0]["token"].as_u64().unwrap();
+    let send = |token: u64| {
+        let token = token.to_string();
+        let handoff = [
             "handoff",
             "send",
             "main",
@@ -286,12 +225,24 @@ fn a_refused_handoff_leaves_no_group_and_no_reply_mailbox_behind() {
             "writer",
             "--summary",
             "s",
-            "--lease",
-            "ch1",
-            "--token",
-            &token.to_string(),
-        ],
-    ));
+        ];
+        run(
+            dir.path(),
+            handoff.iter().chain(&["--lease", "ch1", "--token", &token]),
+        )
+    };
+    let e = fails(send(token + 1), 5);
+    assert_eq!(e["error"], "stale_lease");
+    assert!(group_names(dir.path(), "main").is_empty());
+    let mailboxes: Vec<_> = run_ok(dir.path(), &["mailbox", "list"])
+        .iter()
+        .map(|m| m["mailbox"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(mailboxes, ["main"]);
+    assert!(run_ok(dir.path(), &["recv", "main"]).is_empty());
+
+    // With the right token it goes through and creates both.
+    ok(send(token));
     assert_eq!(group_names(dir.path(), "main"), ["handoffs"]);
 }
 
@@ -322,16 +273,16 @@ fn a_refused_handoff_with_a_lease_handle_keeps_the_lease_and_creates_nothing() {
 #[test]
 fn settling_seq_0_is_an_error_not_a_quiet_false() {
     let dir = setup();
-    ok(run(dir.path(), &["group", "create", "main", "g"]));
-    ok(run(dir.path(), &["send", "main", "--type", "t"]));
-    ok(run(dir.path(), &["recv", "main", "--group", "g"]));
+    run_ok(dir.path(), &["group", "create", "main", "g"]);
+    run_ok(dir.path(), &["send", "main", "--type", "t"]);
+    run_ok(dir.path(), &["recv", "main", "--group", "g"]);
     for verb in [
         &["ack", "main", "--group", "g", "0"][..],
         &["nack", "main", "--group", "g", "0"][..],
         &["term", "main", "--group", "g", "0"][..],
         &["extend", "main", "--group", "g", "0", "--by", "5"][..],
     ] {
-        let e = fails(run(dir.path(), verb), 2);
+        let e = run_fails(dir.path(), verb, 2);
         assert_eq!(e["error"], "not_delivered", "{verb:?}: {e}");
     }
     let group = Bus::open(dir.path())
@@ -351,19 +302,19 @@ fn settling_seq_0_is_an_error_not_a_quiet_false() {
 #[test]
 fn replaying_a_dead_letter_twice_sends_one_message() {
     let dir = setup();
-    ok(run(
+    run_ok(
         dir.path(),
         &["group", "create", "main", "g", "--max-deliveries", "1"],
-    ));
-    ok(run(
+    );
+    run_ok(
         dir.path(),
         &["send", "main", "--type", "job", "--body", "b"],
-    ));
-    ok(run(dir.path(), &["recv", "main", "--group", "g"]));
-    ok(run(dir.path(), &["nack", "main", "--group", "g", "1"]));
-    assert_eq!(ok(run(dir.path(), &["recv", "main.dlq"])).len(), 1);
+    );
+    run_ok(dir.path(), &["recv", "main", "--group", "g"]);
+    run_ok(dir.path(), &["nack", "main", "--group", "g", "1"]);
+    assert_eq!(run_ok(dir.path(), &["recv", "main.dlq"]).len(), 1);
 
-    let first = ok(run(dir.path(), &["replay", "main.dlq", "1"]));
+    let first = run_ok(dir.path(), &["replay", "main.dlq", "1"]);
     assert_eq!(
         (
             first[0]["receipt"]["seq"].as_u64(),
@@ -371,24 +322,18 @@ fn replaying_a_dead_letter_twice_sends_one_message() {
         ),
         (Some(2), Some(false))
     );
-    let again = ok(run(dir.path(), &["replay", "main.dlq", "1", "1"]));
+    let again = run_ok(dir.path(), &["replay", "main.dlq", "1", "1"]);
     for line in &again {
         assert_eq!(line["receipt"]["seq"], 2, "{line}");
         assert_eq!(line["receipt"]["duplicate"], true, "{line}");
     }
-    let stored = ok(run(dir.path(), &["recv", "main"]));
+    let stored = run_ok(dir.path(), &["recv", "main"]);
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert_eq!(stored[1]["body"], "b");
 
     // The library's replay message carries the same key.
     let bus = Bus::open(dir.path()).unwrap();
-    let dead = bus
-        .mailbox("main.dlq")
-        .unwrap()
-        .messages()
-        .next()
-        .unwrap()
-        .unwrap();
+    let dead = common::first_message(&bus, "main.dlq");
     let receipt = bus
         .mailbox("main")
         .unwrap()

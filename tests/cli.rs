@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fails, ok};
+use common::{fails, json_lines, ok, run_fails, run_ok};
 
 use std::io::Write;
 use std::process::Stdio;
@@ -12,17 +12,7 @@ use agentbus::Bus;
 use serde_json::Value;
 
 fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    ok(common::cli(dir.path()).arg("init").output().unwrap());
-    let created = ok(common::cli(dir.path())
-        .args(["mailbox", "create", "main", "review"])
-        .output()
-        .unwrap());
-    assert_eq!(
-        created[0],
-        serde_json::json!({"mailbox": "main", "created": true})
-    );
-    dir
+    common::cli_bus(&["main", "review"])
 }
 
 #[test]
@@ -57,10 +47,7 @@ fn send_prints_a_receipt_and_recv_reads_it_back() {
     assert_eq!(receipt[0]["mailbox"], "main");
     assert_eq!(receipt[0]["id"].as_str().unwrap().len(), 36);
 
-    let messages = ok(common::cli(dir.path())
-        .args(["recv", "main"])
-        .output()
-        .unwrap());
+    let messages = run_ok(dir.path(), ["recv", "main"]);
     assert_eq!(messages.len(), 1);
     let m = &messages[0];
     assert_eq!(m["id"], receipt[0]["id"]);
@@ -75,14 +62,7 @@ fn send_prints_a_receipt_and_recv_reads_it_back() {
     assert_eq!(m["artifacts"][0]["sha256"], sha256_hex(b"# draft\n"));
 
     // The library sees the same message.
-    let bus = Bus::open(dir.path()).unwrap();
-    let lib = bus
-        .mailbox("main")
-        .unwrap()
-        .messages()
-        .next()
-        .unwrap()
-        .unwrap();
+    let lib = common::first_message(&Bus::open(dir.path()).unwrap(), "main");
     assert_eq!(lib.id.to_string(), m["id"].as_str().unwrap());
 }
 
@@ -103,8 +83,9 @@ fn recv_filters_and_limits() {
         ("task", "bob", "c2"),
         ("task", "alice", "c2"),
     ] {
-        ok(common::cli(dir.path())
-            .args([
+        run_ok(
+            dir.path(),
+            [
                 "send",
                 "main",
                 "--type",
@@ -113,19 +94,14 @@ fn recv_filters_and_limits() {
                 from,
                 "--correlation-id",
                 corr,
-            ])
-            .output()
-            .unwrap());
+            ],
+        );
     }
     let seqs = |args: &[&str]| -> Vec<u64> {
-        ok(common::cli(dir.path())
-            .args(["recv", "main"])
-            .args(args)
-            .output()
-            .unwrap())
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect()
+        run_ok(dir.path(), ["recv", "main"].iter().chain(args))
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect()
     };
     assert_eq!(seqs(&[]), [1, 2, 3, 4]);
     assert_eq!(seqs(&["--type", "task"]), [1, 3, 4]);
@@ -163,10 +139,7 @@ fn body_from_stdin_and_idempotency_key() {
     assert_eq!(first["duplicate"], false);
     assert_eq!(second["duplicate"], true);
     assert_eq!(first["id"], second["id"]);
-    let messages = ok(common::cli(dir.path())
-        .args(["recv", "main"])
-        .output()
-        .unwrap());
+    let messages = run_ok(dir.path(), ["recv", "main"]);
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0]["body"], "line one\nline two\n");
 }
@@ -176,23 +149,15 @@ fn invalid_input_exits_2_with_a_typed_error_and_writes_nothing() {
     let dir = setup();
     let seg = common::first_segment(dir.path(), "main");
 
-    let e = fails(
-        common::cli(dir.path())
-            .args(["send", "main", "--type", "t", "--payload", "{not json"])
-            .output()
-            .unwrap(),
+    let e = run_fails(
+        dir.path(),
+        ["send", "main", "--type", "t", "--payload", "{not json"],
         2,
     );
     assert_eq!(e["error"], "invalid_message");
     assert!(e["message"].as_str().unwrap().contains("--payload"));
 
-    let e = fails(
-        common::cli(dir.path())
-            .args(["send", "mian", "--type", "t"])
-            .output()
-            .unwrap(),
-        2,
-    );
+    let e = run_fails(dir.path(), ["send", "mian", "--type", "t"], 2);
     assert_eq!(e["error"], "mailbox_not_found");
     assert_eq!(e["existing"], serde_json::json!(["main", "review"]));
 
@@ -208,32 +173,21 @@ fn invalid_input_exits_2_with_a_typed_error_and_writes_nothing() {
     );
     assert_eq!(e["error"], "record_too_large");
 
-    let e = fails(
-        common::cli(dir.path())
-            .args(["send", "main"])
-            .output()
-            .unwrap(),
-        2,
-    );
+    let e = run_fails(dir.path(), ["send", "main"], 2);
     assert_eq!(e["error"], "usage");
-    let e = fails(
-        common::cli(dir.path()).arg("frobnicate").output().unwrap(),
-        2,
-    );
+    let e = run_fails(dir.path(), ["frobnicate"], 2);
     assert_eq!(e["error"], "usage");
 
-    let e = fails(
-        common::cli(dir.path())
-            .args([
-                "send",
-                "main",
-                "--type",
-                "t",
-                "--artifact",
-                "/nonexistent/file",
-            ])
-            .output()
-            .unwrap(),
+    let e = run_fails(
+        dir.path(),
+        [
+            "send",
+            "main",
+            "--type",
+            "t",
+            "--artifact",
+            "/nonexistent/file",
+        ],
         6,
     );
     assert_eq!(e["error"], "artifact_missing");
@@ -250,13 +204,7 @@ fn a_missing_bus_is_an_error_not_a_new_directory() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("typo");
     for path in [missing.as_path(), dir.path()] {
-        let e = fails(
-            common::cli(path)
-                .args(["mailbox", "list"])
-                .output()
-                .unwrap(),
-            2,
-        );
+        let e = run_fails(path, ["mailbox", "list"], 2);
         assert_eq!(e["error"], "not_a_bus");
         assert!(e["message"].as_str().unwrap().contains("agentbus init"));
     }
@@ -278,11 +226,8 @@ fn dir_comes_from_the_environment_too() {
 #[test]
 fn doctor_reports_and_repairs_with_exit_codes() {
     let dir = setup();
-    ok(common::cli(dir.path())
-        .args(["send", "main", "--type", "t"])
-        .output()
-        .unwrap());
-    let clean = ok(common::cli(dir.path()).arg("doctor").output().unwrap());
+    run_ok(dir.path(), ["send", "main", "--type", "t"]);
+    let clean = run_ok(dir.path(), ["doctor"]);
     assert_eq!(clean.last().unwrap()["doctor"], "clean");
     assert_eq!(clean.last().unwrap()["records"], 1);
 
@@ -291,65 +236,54 @@ fn doctor_reports_and_repairs_with_exit_codes() {
     f.write_all(b"{\"seq\":2,\"ty").unwrap();
     let out = common::cli(dir.path()).arg("doctor").output().unwrap();
     assert_eq!(out.status.code(), Some(4));
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(out.stdout);
     assert_eq!(lines[0]["problem"], "torn_tail");
     assert_eq!(lines[0]["line"], 2);
     assert_eq!(lines[0]["path"], seg.to_str().unwrap());
     assert_eq!(lines[1]["doctor"], "problems");
 
-    let repaired = ok(common::cli(dir.path())
-        .args(["doctor", "--repair"])
-        .output()
-        .unwrap());
+    let repaired = run_ok(dir.path(), ["doctor", "--repair"]);
     assert_eq!(repaired[0]["repaired"], true);
     assert_eq!(repaired[1]["doctor"], "clean");
-    let again = ok(common::cli(dir.path()).arg("doctor").output().unwrap());
+    let again = run_ok(dir.path(), ["doctor"]);
     assert_eq!(again[0]["problems"], 0);
 }
 
 #[test]
 fn group_verbs_claim_ack_nack_dead_letter_replay_stats_compact() {
     let dir = setup();
-    let cli = || common::cli(dir.path());
-    let created = ok(cli()
-        .args([
+    let created = run_ok(
+        dir.path(),
+        [
             "group",
             "create",
             "main",
             "workers",
             "--max-deliveries",
             "2",
-        ])
-        .output()
-        .unwrap());
+        ],
+    );
     assert_eq!(created[0]["created"], true);
-    let groups = ok(cli().args(["group", "list", "main"]).output().unwrap());
+    let groups = run_ok(dir.path(), ["group", "list", "main"]);
     assert_eq!(groups[0]["dead_letter"], "main.dlq");
 
     // Nothing to deliver: no output, exit 0 (also after waiting).
-    assert!(ok(cli()
-        .args(["recv", "main", "--group", "workers"])
-        .output()
-        .unwrap())
-    .is_empty());
-    assert!(ok(cli()
-        .args(["recv", "main", "--group", "workers", "--wait", "0.2"])
-        .output()
-        .unwrap())
+    assert!(run_ok(dir.path(), ["recv", "main", "--group", "workers"]).is_empty());
+    assert!(run_ok(
+        dir.path(),
+        ["recv", "main", "--group", "workers", "--wait", "0.2"]
+    )
     .is_empty());
 
     for body in ["a", "b", "c"] {
-        ok(cli()
-            .args(["send", "main", "--type", "job", "--body", body])
-            .output()
-            .unwrap());
+        run_ok(
+            dir.path(),
+            ["send", "main", "--type", "job", "--body", body],
+        );
     }
-    let claimed = ok(cli()
-        .args([
+    let claimed = run_ok(
+        dir.path(),
+        [
             "recv",
             "main",
             "--group",
@@ -358,9 +292,8 @@ fn group_verbs_claim_ack_nack_dead_letter_replay_stats_compact() {
             "w1",
             "--max",
             "2",
-        ])
-        .output()
-        .unwrap());
+        ],
+    );
     assert_eq!(claimed.len(), 2);
     assert_eq!(claimed[0]["seq"], 1);
     assert_eq!(claimed[0]["body"], "a");
@@ -368,27 +301,16 @@ fn group_verbs_claim_ack_nack_dead_letter_replay_stats_compact() {
     assert_eq!(claimed[0]["delivery"]["consumer"], "w1");
     assert_eq!(claimed[0]["delivery"]["attempt"], 1);
 
-    let acked = ok(cli()
-        .args(["ack", "main", "--group", "workers", "1"])
-        .output()
-        .unwrap());
+    let acked = run_ok(dir.path(), ["ack", "main", "--group", "workers", "1"]);
     assert_eq!(acked[0], serde_json::json!({"seq": 1, "acked": true}));
-    ok(cli()
-        .args([
-            "nack",
-            "main",
-            "--group",
-            "workers",
-            "2",
-            "--reason",
-            "bad input",
-        ])
-        .output()
-        .unwrap());
-    let again = ok(cli()
-        .args(["recv", "main", "--group", "workers"])
-        .output()
-        .unwrap());
+    let nack = |reason| {
+        let args = [
+            "nack", "main", "--group", "workers", "2", "--reason", reason,
+        ];
+        run_ok(dir.path(), args)
+    };
+    nack("bad input");
+    let again = run_ok(dir.path(), ["recv", "main", "--group", "workers"]);
     assert_eq!(
         (
             again[0]["seq"].as_u64(),
@@ -397,36 +319,13 @@ fn group_verbs_claim_ack_nack_dead_letter_replay_stats_compact() {
         (Some(2), Some(2))
     );
     // The second failure is the last allowed delivery: dead-lettered.
-    ok(cli()
-        .args([
-            "nack",
-            "main",
-            "--group",
-            "workers",
-            "2",
-            "--reason",
-            "still bad",
-        ])
-        .output()
-        .unwrap());
-    let e = fails(
-        cli()
-            .args(["nack", "main", "--group", "workers", "2"])
-            .output()
-            .unwrap(),
-        5,
-    );
+    nack("still bad");
+    let e = run_fails(dir.path(), ["nack", "main", "--group", "workers", "2"], 5);
     assert_eq!(e["error"], "stale_delivery");
-    let e = fails(
-        cli()
-            .args(["ack", "main", "--group", "workers", "9"])
-            .output()
-            .unwrap(),
-        2,
-    );
+    let e = run_fails(dir.path(), ["ack", "main", "--group", "workers", "9"], 2);
     assert_eq!(e["error"], "not_delivered");
 
-    let stats = ok(cli().args(["stats", "main"]).output().unwrap());
+    let stats = run_ok(dir.path(), ["stats", "main"]);
     let g = &stats[0]["groups"][0];
     assert_eq!(stats[0]["published"], 3);
     assert_eq!(
@@ -442,42 +341,36 @@ fn group_verbs_claim_ack_nack_dead_letter_replay_stats_compact() {
         (Some(1), Some(1))
     );
 
-    let dead = ok(cli().args(["recv", "main.dlq"]).output().unwrap());
+    let dead = run_ok(dir.path(), ["recv", "main.dlq"]);
     assert_eq!(dead[0]["body"], "b");
-    let replayed = ok(cli().args(["replay", "main.dlq", "1"]).output().unwrap());
+    let replayed = run_ok(dir.path(), ["replay", "main.dlq", "1"]);
     assert_eq!(replayed[0]["receipt"]["seq"], 4);
     assert_eq!(replayed[0]["receipt"]["mailbox"], "main");
 
-    let rest = ok(cli()
-        .args(["recv", "main", "--group", "workers", "--max", "10"])
-        .output()
-        .unwrap());
+    let rest = run_ok(
+        dir.path(),
+        ["recv", "main", "--group", "workers", "--max", "10"],
+    );
     let seqs: Vec<_> = rest.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [3, 4]);
-    let upto = ok(cli()
-        .args(["ack", "main", "--group", "workers", "--upto", "4"])
-        .output()
-        .unwrap());
+    let upto = run_ok(
+        dir.path(),
+        ["ack", "main", "--group", "workers", "--upto", "4"],
+    );
     assert_eq!(upto[0]["acked"], 2);
 
-    let compacted = ok(cli().args(["compact"]).output().unwrap());
+    let compacted = run_ok(dir.path(), ["compact"]);
     assert!(compacted.iter().any(|c| c["mailbox"] == "main"));
 }
 
 #[test]
 fn nack_with_attempt_refuses_a_claim_that_is_no_longer_yours() {
     let dir = setup();
-    let cli = || common::cli(dir.path());
-    ok(cli()
-        .args(["group", "create", "main", "g"])
-        .output()
-        .unwrap());
-    ok(cli()
-        .args(["send", "main", "--type", "job"])
-        .output()
-        .unwrap());
-    let first = ok(cli()
-        .args([
+    run_ok(dir.path(), ["group", "create", "main", "g"]);
+    run_ok(dir.path(), ["send", "main", "--type", "job"]);
+    let first = run_ok(
+        dir.path(),
+        [
             "recv",
             "main",
             "--group",
@@ -486,27 +379,25 @@ fn nack_with_attempt_refuses_a_claim_that_is_no_longer_yours() {
             "bob",
             "--visibility",
             "0.01",
-        ])
-        .output()
-        .unwrap());
+        ],
+    );
     assert_eq!(first[0]["delivery"]["attempt"], 1);
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let second = ok(cli()
-        .args(["recv", "main", "--group", "g", "--consumer", "alice"])
-        .output()
-        .unwrap());
+    let second = run_ok(
+        dir.path(),
+        ["recv", "main", "--group", "g", "--consumer", "alice"],
+    );
     assert_eq!(second[0]["delivery"]["attempt"], 2);
     // Bob comes back late: his attempt is stale, exit 5, Alice's claim stands.
-    let e = fails(
-        cli()
-            .args(["nack", "main", "--group", "g", "1", "--attempt", "1"])
-            .output()
-            .unwrap(),
+    let e = run_fails(
+        dir.path(),
+        ["nack", "main", "--group", "g", "1", "--attempt", "1"],
         5,
     );
     assert_eq!(e["error"], "stale_delivery");
-    ok(cli()
-        .args([
+    run_ok(
+        dir.path(),
+        [
             "extend",
             "main",
             "--group",
@@ -516,23 +407,15 @@ fn nack_with_attempt_refuses_a_claim_that_is_no_longer_yours() {
             "2",
             "--by",
             "60",
-        ])
-        .output()
-        .unwrap());
-    assert!(ok(cli()
-        .args(["recv", "main", "--group", "g"])
-        .output()
-        .unwrap())
-    .is_empty());
+        ],
+    );
+    assert!(run_ok(dir.path(), ["recv", "main", "--group", "g"]).is_empty());
 }
 
 #[test]
 fn recv_waits_for_the_first_message_with_and_without_a_group() {
     let dir = setup();
-    ok(common::cli(dir.path())
-        .args(["group", "create", "main", "workers"])
-        .output()
-        .unwrap());
+    run_ok(dir.path(), ["group", "create", "main", "workers"]);
     let start = |args: &[&str]| {
         common::cli(dir.path())
             .args(args)
@@ -545,10 +428,10 @@ fn recv_waits_for_the_first_message_with_and_without_a_group() {
     let reader = start(&["recv", "main", "--wait", "60"]);
     let claimer = start(&["recv", "main", "--group", "workers", "--wait", "60"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    ok(common::cli(dir.path())
-        .args(["send", "main", "--type", "t", "--body", "late"])
-        .output()
-        .unwrap());
+    run_ok(
+        dir.path(),
+        ["send", "main", "--type", "t", "--body", "late"],
+    );
     let read = ok(reader.wait_with_output().unwrap());
     assert_eq!((read.len(), &read[0]["body"]), (1, &Value::from("late")));
     let claimed = ok(claimer.wait_with_output().unwrap());
@@ -561,15 +444,10 @@ fn recv_waits_for_the_first_message_with_and_without_a_group() {
 fn recv_reports_damage_on_stderr_without_counting_it_against_max() {
     let dir = setup();
     for body in ["one", "two"] {
-        ok(common::cli(dir.path())
-            .args(["send", "main", "--type", "t", "--body", body])
-            .output()
-            .unwrap());
+        run_ok(dir.path(), ["send", "main", "--type", "t", "--body", body]);
     }
     // Damage the first record's body (its checksum no longer matches).
-    let seg = common::first_segment(dir.path(), "main");
-    let text = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, text.replacen("\"one\"", "\"One\"", 1)).unwrap();
+    common::edit_first_segment(dir.path(), "main", "\"one\"", "\"One\"");
 
     let out = common::cli(dir.path())
         .args(["recv", "main", "--max", "1"])
@@ -579,11 +457,7 @@ fn recv_reports_damage_on_stderr_without_counting_it_against_max() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     let error: Value = serde_json::from_str(stderr.lines().next().unwrap()).unwrap();
     assert_eq!(error["error"], "corrupt", "{stderr}");
-    let stdout: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let stdout = json_lines(out.stdout);
     assert_eq!(stdout.len(), 1);
     assert_eq!(
         (&stdout[0]["seq"], &stdout[0]["body"]),

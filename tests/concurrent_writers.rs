@@ -12,6 +12,22 @@ use agentbus::{Bus, Durability, NewMessage};
 const WRITERS: usize = 8;
 const PER_WRITER: usize = 2_000;
 
+/// Starts `n` writer processes, each sending [`PER_WRITER`] messages to `main` of the
+/// bus at `root`.
+fn spawn_writers(root: &std::path::Path, n: usize) -> Vec<std::process::Child> {
+    (0..n)
+        .map(|w| {
+            common::child("writer_process")
+                .env("BUS", root)
+                .env("WRITER", w.to_string())
+                .env("COUNT", PER_WRITER.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn eight_writer_processes_give_contiguous_seqs_and_unique_ids() {
     let dir = tempfile::tempdir().unwrap();
@@ -20,17 +36,7 @@ fn eight_writer_processes_give_contiguous_seqs_and_unique_ids() {
     let bus = Bus::builder().segment_bytes(64 * 1024).init(&root).unwrap();
     bus.create_mailbox("main").unwrap();
 
-    let children: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            common::child("writer_process")
-                .env("BUS", &root)
-                .env("WRITER", w.to_string())
-                .env("COUNT", PER_WRITER.to_string())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = spawn_writers(&root, WRITERS);
     for mut c in children {
         assert!(c.wait().unwrap().success(), "a writer process failed");
     }
@@ -74,24 +80,10 @@ fn a_reader_and_a_group_at_the_tail_keep_up_with_writers_rolling_segments() {
     let root = dir.path().join("bus");
     // Two or three records per segment: a reader at the tail meets a rollover at
     // almost every record, with writers racing it.
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(512)
-        .init(&root)
-        .unwrap();
+    let bus = common::segmented_bus(&root, 512);
     let mailbox = bus.create_mailbox("main").unwrap();
     let group = mailbox.create_group("g").unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|w| {
-            common::child("writer_process")
-                .env("BUS", &root)
-                .env("WRITER", w.to_string())
-                .env("COUNT", PER_WRITER.to_string())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = spawn_writers(&root, 2);
     let deadline = Instant::now() + Duration::from_secs(120);
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -154,11 +146,7 @@ fn writer_process() {
 #[test]
 fn threads_sharing_and_not_sharing_a_handle() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(16 * 1024)
-        .init(dir.path())
-        .unwrap();
+    let bus = common::segmented_bus(dir.path(), 16 * 1024);
     let shared = bus.create_mailbox("main").unwrap();
     std::thread::scope(|s| {
         for t in 0..4 {

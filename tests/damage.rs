@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::fs::OpenOptions;
-use std::io::Write;
+use std::path::PathBuf;
 
-use agentbus::{Bus, Durability, Error, NewMessage, ProblemKind};
+use agentbus::{Bus, Durability, Error, Mailbox, NewMessage, ProblemKind};
+use common::append;
 
 fn bus(dir: &std::path::Path) -> Bus {
     Bus::builder()
@@ -16,13 +16,12 @@ fn bus(dir: &std::path::Path) -> Bus {
         .unwrap()
 }
 
-fn append_raw(path: &std::path::Path, bytes: &[u8]) {
-    OpenOptions::new()
-        .append(true)
-        .open(path)
-        .unwrap()
-        .write_all(bytes)
-        .unwrap();
+/// A bus at `dir` like [`bus`]'s, with mailbox `main` holding a message of type `t` for
+/// each of `bodies`; and the path of its first segment.
+fn main_with(dir: &tempfile::TempDir, bodies: &[&str]) -> (Bus, Mailbox, PathBuf) {
+    let bus = bus(dir.path());
+    let mb = common::mailbox_with(&bus, "main", bodies);
+    (bus, mb, common::first_segment(dir.path(), "main"))
 }
 
 fn bodies(mb: &agentbus::Mailbox) -> Vec<String> {
@@ -34,13 +33,9 @@ fn bodies(mb: &agentbus::Mailbox) -> Vec<String> {
 #[test]
 fn torn_tail_is_not_delivered_and_the_next_writer_repairs_it() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    mb.send(NewMessage::new("t").body("one")).unwrap();
-    mb.send(NewMessage::new("t").body("two")).unwrap();
-    let seg = common::first_segment(dir.path(), "main");
+    let (bus, mb, seg) = main_with(&dir, &["one", "two"]);
     let good_len = std::fs::metadata(&seg).unwrap().len();
-    append_raw(&seg, br#"{"crc":"00000000","seq":3,"body":"thr"#);
+    append(&seg, br#"{"crc":"00000000","seq":3,"body":"thr"#);
 
     // Readers stop before the torn line, without an error.
     assert_eq!(bodies(&mb), ["one", "two"]);
@@ -66,7 +61,7 @@ fn torn_tail_is_not_delivered_and_the_next_writer_repairs_it() {
     assert!(bus.doctor(false).unwrap().problems.is_empty());
 
     // And a handle with a cached tail notices the change too.
-    append_raw(&seg, b"{\"seq\":4,");
+    append(&seg, b"{\"seq\":4,");
     assert_eq!(mb.send(NewMessage::new("t").body("four")).unwrap().seq, 4);
     assert_eq!(bodies(&mb), ["one", "two", "three", "four"]);
 }
@@ -74,14 +69,10 @@ fn torn_tail_is_not_delivered_and_the_next_writer_repairs_it() {
 #[test]
 fn doctor_repair_truncates_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    bus.create_mailbox("main")
-        .unwrap()
-        .send(NewMessage::new("t"))
-        .unwrap();
-    let seg = common::first_segment(dir.path(), "main");
+    let (bus, mb, seg) = main_with(&dir, &[]);
+    mb.send(NewMessage::new("t")).unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
-    append_raw(&seg, b"{\"seq\":2");
+    append(&seg, b"{\"seq\":2");
     let report = bus.doctor(true).unwrap();
     assert!(report.is_clean());
     assert!(report.problems[0].repaired);
@@ -92,14 +83,8 @@ fn doctor_repair_truncates_a_torn_tail() {
 #[test]
 fn a_damaged_middle_record_is_reported_with_file_and_line_and_nothing_else_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    for body in ["alpha", "bravo", "charlie"] {
-        mb.send(NewMessage::new("t").body(body)).unwrap();
-    }
-    let seg = common::first_segment(dir.path(), "main");
-    let text = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, text.replacen("bravo", "brave", 1)).unwrap();
+    let (bus, mb, seg) = main_with(&dir, &["alpha", "bravo", "charlie"]);
+    common::edit_first_segment(dir.path(), "main", "bravo", "brave");
 
     let items: Vec<_> = mb.messages().collect();
     assert_eq!(items.len(), 3);
@@ -128,13 +113,8 @@ fn a_damaged_middle_record_is_reported_with_file_and_line_and_nothing_else_is_lo
 #[test]
 fn a_damaged_last_record_stops_writers_loudly() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    mb.send(NewMessage::new("t").body("alpha")).unwrap();
-    mb.send(NewMessage::new("t").body("bravo")).unwrap();
-    let seg = common::first_segment(dir.path(), "main");
-    let text = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, text.replacen("bravo", "brave", 1)).unwrap();
+    let (_bus, _mb, seg) = main_with(&dir, &["alpha", "bravo"]);
+    common::edit_first_segment(dir.path(), "main", "bravo", "brave");
     let before = std::fs::read(&seg).unwrap();
 
     let fresh = Bus::open(dir.path()).unwrap().mailbox("main").unwrap();
@@ -152,10 +132,7 @@ fn a_damaged_last_record_stops_writers_loudly() {
 #[test]
 fn oversized_records_are_refused_on_write_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    mb.send(NewMessage::new("t").body("small")).unwrap();
-    let seg = common::first_segment(dir.path(), "main");
+    let (_bus, mb, seg) = main_with(&dir, &["small"]);
     let before = std::fs::read(&seg).unwrap();
 
     let big = NewMessage::new("t").body("x".repeat(5000));
@@ -179,17 +156,9 @@ fn oversized_records_are_refused_on_write_and_nothing_is_written() {
 #[test]
 fn oversized_records_are_reported_on_read_and_reading_continues() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    mb.send(NewMessage::new("t").body("one")).unwrap();
-    let seg = common::first_segment(dir.path(), "main");
-    // An outside tool wrote a 10 KB record, then a normal one.
-    let huge = format!(
-        "{{\"seq\":2,\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"x\",\"type\":\"t\",\"body\":\"{}\"}}\n",
-        uuid::Uuid::nil(),
-        "y".repeat(10_000)
-    );
-    append_raw(&seg, huge.as_bytes());
+    let (_bus, mb, seg) = main_with(&dir, &["one"]);
+    // An outside tool wrote a 10 KB record.
+    append(&seg, common::raw_record(2, "t", &"y".repeat(10_000)));
     let items: Vec<_> = mb.messages().collect();
     assert_eq!(items.len(), 2);
     match &items[1] {
@@ -204,10 +173,8 @@ fn oversized_records_are_reported_on_read_and_reading_continues() {
 #[test]
 fn records_with_wrong_field_types_are_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    let seg = common::first_segment(dir.path(), "main");
-    append_raw(
+    let (_bus, mb, seg) = main_with(&dir, &[]);
+    append(
         &seg,
         b"{\"seq\":1,\"id\":42,\"type\":[]}\nnot json at all\n",
     );
@@ -224,16 +191,13 @@ fn records_with_wrong_field_types_are_reported() {
 #[test]
 fn a_follower_that_saw_a_torn_tail_reads_the_repaired_record() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    mb.send(NewMessage::new("t").body("one")).unwrap();
+    let (_bus, mb, seg) = main_with(&dir, &["one"]);
     let mut follower = mb.messages();
     assert_eq!(
         follower.next().unwrap().unwrap().body.as_deref(),
         Some("one")
     );
-    let seg = common::first_segment(dir.path(), "main");
-    append_raw(
+    append(
         &seg,
         br#"{"crc":"00000000","seq":2,"body":"torn torn torn torn"#,
     );
@@ -250,11 +214,7 @@ fn a_follower_that_saw_a_torn_tail_reads_the_repaired_record() {
 #[test]
 fn a_gap_between_segments_is_reported_and_reading_continues_after_it() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(600)
-        .init(dir.path())
-        .unwrap();
+    let bus = common::segmented_bus(dir.path(), 600);
     let mb = bus.create_mailbox("main").unwrap();
     for i in 0..30 {
         mb.send(NewMessage::new("t").body(format!("{i:0>100}")))
@@ -301,19 +261,9 @@ fn a_gap_between_segments_is_reported_and_reading_continues_after_it() {
 #[test]
 fn a_record_after_a_seq_gap_is_reported_then_delivered() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    mb.send(NewMessage::new("t").body("one")).unwrap();
-    let seg = common::first_segment(dir.path(), "main");
+    let (_bus, mb, seg) = main_with(&dir, &["one"]);
     // An outside writer skipped seq 2 and 3.
-    append_raw(
-        &seg,
-        format!(
-            "{{\"seq\":4,\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"x\",\"type\":\"t\",\"body\":\"four\"}}\n",
-            uuid::Uuid::nil()
-        )
-        .as_bytes(),
-    );
+    append(&seg, common::raw_record(4, "t", "four"));
     let items: Vec<_> = mb.messages().collect();
     assert_eq!(items.len(), 3);
     assert!(items[0].is_ok());
@@ -361,7 +311,7 @@ fn doctor_checks_key_index_group_state_and_lease_files_too() {
     // Torn tails in undamaged files (their writers died mid-append): group state, a
     // key bucket, a lease file.
     let torn = mb.path().join("groups/g2/state.0.jsonl");
-    append_raw(&torn, b"{\"seq\":9");
+    append(&torn, b"{\"seq\":9");
     mb.send(NewMessage::new("t").idempotency_key("other"))
         .unwrap();
     let torn_bucket = std::fs::read_dir(mb.path().join("keys"))
@@ -369,10 +319,10 @@ fn doctor_checks_key_index_group_state_and_lease_files_too() {
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|x| x == "jsonl") && *p != bucket)
         .unwrap();
-    append_raw(&torn_bucket, b"{\"seq\":9");
+    append(&torn_bucket, b"{\"seq\":9");
     bus.lease("other").try_acquire().unwrap().release().unwrap();
     let torn_lease = dir.path().join("leases/other.jsonl");
-    append_raw(&torn_lease, b"{\"seq\":9");
+    append(&torn_lease, b"{\"seq\":9");
 
     let report = bus.doctor(false).unwrap();
     let damaged: Vec<_> = report

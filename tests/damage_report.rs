@@ -5,17 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use agentbus::{Bus, Durability, Error, NewMessage};
+use agentbus::{Bus, Error, NewMessage};
 
 /// A mailbox `main` holding `alpha`, then a damaged `bravo` as its last record.
 fn with_damaged_last_record(dir: &std::path::Path) -> Bus {
     let bus = common::flush_bus(dir);
-    let mb = bus.create_mailbox("main").unwrap();
-    mb.send(NewMessage::new("t").body("alpha")).unwrap();
-    mb.send(NewMessage::new("t").body("bravo")).unwrap();
-    let seg = common::first_segment(dir, "main");
-    let text = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, text.replacen("bravo", "brave", 1)).unwrap();
+    common::mailbox_with(&bus, "main", &["alpha", "bravo"]);
+    common::edit_first_segment(dir, "main", "bravo", "brave");
     bus
 }
 
@@ -52,7 +48,7 @@ fn a_damaged_last_record_hides_nothing_before_it() {
         !out.status.success(),
         "damage is reported in the exit status"
     );
-    let stats = common::ok(common::cli(dir.path()).arg("stats").output().unwrap());
+    let stats = common::run_ok(dir.path(), ["stats"]);
     assert_eq!(stats[0]["mailbox"], "main");
     assert_eq!(stats[0]["published"], 2);
 }
@@ -60,27 +56,14 @@ fn a_damaged_last_record_hides_nothing_before_it() {
 #[test]
 fn a_follower_behind_compaction_is_told_so_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(1024)
-        .init(dir.path())
-        .unwrap();
-    let mb = bus.create_mailbox("main").unwrap();
-    let group = mb.create_group("workers").unwrap();
+    let bus = common::segmented_bus(dir.path(), 1024);
+    let (bus, mb, group) = common::with_group(bus, "main", "workers");
     mb.send(NewMessage::new("t").body("0")).unwrap();
 
     // The follower opens the first segment, then falls behind.
     let mut rx = bus.follow(&["main"]).unwrap().from_seq(1);
     assert_eq!(rx.try_recv().unwrap().message.seq, 1);
-    for i in 1..60 {
-        mb.send(NewMessage::new("t").body(i.to_string())).unwrap();
-    }
-    for d in group.claim("w", 100).unwrap() {
-        d.ack().unwrap();
-    }
-    let report = mb.compact(None).unwrap();
-    assert!(report.removed.len() >= 2, "{report:?}");
-    let first_available = mb.first_seq().unwrap();
+    let first_available = common::grow_settle_and_compact(&mb, &group);
     assert!(bus.doctor(false).unwrap().is_clean());
 
     // It reads what its open segment still holds, then learns it was compacted past.
@@ -130,23 +113,13 @@ fn damage_notices(bus: &Bus, mailbox: &str) -> Vec<serde_json::Value> {
 #[test]
 fn a_group_reports_damage_in_its_path_and_delivers_the_record_once_repaired() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    let group = mb.create_group("workers").unwrap();
-    for body in ["alpha", "bravo", "charlie"] {
-        mb.send(NewMessage::new("t").body(body)).unwrap();
-    }
+    let (bus, mb, group) = common::with_group(common::flush_bus(dir.path()), "main", "workers");
+    common::send_bodies(&mb, "t", &["alpha", "bravo", "charlie"]);
     let seg = common::first_segment(dir.path(), "main");
     let intact = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, intact.replacen("bravo", "brave", 1)).unwrap();
+    common::edit_first_segment(dir.path(), "main", "bravo", "brave");
 
-    let got: Vec<u64> = group
-        .claim("w", 10)
-        .unwrap()
-        .iter()
-        .map(|d| d.seq())
-        .collect();
-    assert_eq!(got, [1, 3]);
+    assert_eq!(common::seqs(&group.claim("w", 10).unwrap()), [1, 3]);
     assert_eq!(group.stats().unwrap().dead, 1);
     let notices = damage_notices(&bus, "main");
     assert_eq!(notices.len(), 1, "{notices:?}");
@@ -181,22 +154,13 @@ fn a_group_reports_damage_in_its_path_and_delivers_the_record_once_repaired() {
 #[test]
 fn a_group_reports_a_duplicate_record_that_hides_no_seq() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    let group = mb.create_group("workers").unwrap();
+    let (bus, mb, group) = common::with_group(common::flush_bus(dir.path()), "main", "workers");
     mb.send(NewMessage::new("t").body("alpha")).unwrap();
     let seg = common::first_segment(dir.path(), "main");
     // An outside tool appends a copy of record 1 (seq 1 again).
-    let text = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, format!("{text}{text}")).unwrap();
+    common::append(&seg, std::fs::read(&seg).unwrap());
 
-    let got: Vec<u64> = group
-        .claim("w", 10)
-        .unwrap()
-        .iter()
-        .map(|d| d.seq())
-        .collect();
-    assert_eq!(got, [1]);
+    assert_eq!(common::seqs(&group.claim("w", 10).unwrap()), [1]);
     let notices = damage_notices(&bus, "main");
     assert_eq!(notices.len(), 1, "{notices:?}");
     assert!(notices[0]["first_seq"].is_null());
@@ -209,7 +173,6 @@ fn the_cli_warns_of_damage_a_group_passes_over_and_requeues_it_once_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let bus = with_damaged_last_record(dir.path());
     bus.mailbox("main").unwrap().create_group("g").unwrap();
-    let seg = common::first_segment(dir.path(), "main");
 
     let out = common::cli(dir.path())
         .args(["recv", "main", "--group", "g", "--max", "5"])
@@ -223,21 +186,10 @@ fn the_cli_warns_of_damage_a_group_passes_over_and_requeues_it_once_repaired() {
     );
     assert_eq!(common::ok(out)[0]["seq"], 1);
 
-    let text = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, text.replacen("brave", "bravo", 1)).unwrap();
-    let requeued = common::ok(
-        common::cli(dir.path())
-            .args(["group", "requeue", "main", "g", "2"])
-            .output()
-            .unwrap(),
-    );
+    common::edit_first_segment(dir.path(), "main", "brave", "bravo");
+    let requeued = common::run_ok(dir.path(), ["group", "requeue", "main", "g", "2"]);
     assert_eq!(requeued[0]["requeued"], true);
-    let got = common::ok(
-        common::cli(dir.path())
-            .args(["recv", "main", "--group", "g"])
-            .output()
-            .unwrap(),
-    );
+    let got = common::run_ok(dir.path(), ["recv", "main", "--group", "g"]);
     assert_eq!(
         (got[0]["seq"].as_u64(), got[0]["body"].as_str()),
         (Some(2), Some("bravo"))

@@ -5,37 +5,58 @@
 
 mod common;
 
-use std::io::Write;
 use std::time::Duration;
 
-use common::{send_n, state_files};
+use common::{
+    append, first_segment, jobs_group, raw_record, segmented_bus, send_n, seqs, state_files,
+};
 
-use agentbus::{Bus, Durability, GroupOptions, NewMessage, StartAt};
+use agentbus::{Group, GroupOptions, Mailbox, NewMessage, StartAt};
 
-/// A bus whose mailboxes roll over every `bytes`, so tests can work across segments.
-fn segmented_bus(dir: &std::path::Path, bytes: u64) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(bytes)
-        .init(dir)
+/// A fresh handle on group `g` of `jobs` in the bus at `dir` (like another process).
+fn fresh_group(dir: &tempfile::TempDir) -> Group {
+    common::open_group(dir.path(), "jobs", "g")
+}
+
+/// The generation a state file's name (`state.<generation>.jsonl`) gives.
+fn generation(file: &str) -> u64 {
+    file["state.".len()..file.len() - ".jsonl".len()]
+        .parse()
         .unwrap()
 }
 
-/// Sends `n` messages one by one (a batch never rolls over in the middle).
-fn send_each(mb: &agentbus::Mailbox, n: usize) {
+/// The text of group `g`'s (one) state file.
+fn state_text(mb: &Mailbox) -> String {
+    let gdir = mb.path().join("groups/g");
+    std::fs::read_to_string(gdir.join(&state_files(&gdir)[0])).unwrap()
+}
+
+/// Replaces `from` by `to` in line `index` (from 0) of the first segment of `jobs`.
+fn damage_line(dir: &tempfile::TempDir, index: usize, from: &str, to: &str) {
+    let seg = first_segment(dir.path(), "jobs");
+    let text = std::fs::read_to_string(&seg).unwrap();
+    let line = text.lines().nth(index).unwrap().to_owned();
+    std::fs::write(&seg, text.replacen(&line, &line.replace(from, to), 1)).unwrap();
+}
+
+/// A bus at `dir` rolling over every `bytes`, with mailbox `jobs` and its group `group`,
+/// and `n` messages sent one by one (a batch never rolls over in the middle) with bodies
+/// `0...0`, `0...1`, ... (60 characters each).
+fn segmented_jobs(dir: &tempfile::TempDir, bytes: u64, group: &str, n: usize) -> (Mailbox, Group) {
+    let bus = segmented_bus(dir.path(), bytes);
+    let mb = bus.create_mailbox("jobs").unwrap();
+    let group = mb.create_group(group).unwrap();
     for i in 0..n {
         mb.send(NewMessage::new("job").body(format!("{i:0>60}")))
             .unwrap();
     }
+    (mb, group)
 }
 
 #[test]
 fn state_survives_rotation_reopening_and_an_interrupted_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
-    send_n(&mb, 12_000);
+    let (_bus, mb, group) = jobs_group(dir.path(), 12_000);
     // Claim and ack one by one: ~2 MB of state records.
     for _ in 0..6_000 {
         group.claim_one("w").unwrap().unwrap().ack().unwrap();
@@ -59,32 +80,19 @@ fn state_survives_rotation_reopening_and_an_interrupted_rotation() {
         s
     };
     let before = timeless(group.stats().unwrap());
-    let fresh = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
+    let fresh = fresh_group(&dir);
     assert_eq!(timeless(fresh.stats().unwrap()), before);
     assert_eq!((before.acked, before.in_flight), (6_000, 5));
 
     // A rotation that died after creating the next file but before its checkpoint:
     // nothing is lost, and the stray (empty) file is removed by the next load.
-    let n: u64 = files[0]["state.".len()..files[0].len() - ".jsonl".len()]
-        .parse()
-        .unwrap();
+    let n = generation(&files[0]);
     std::fs::write(gdir.join(format!("state.{}.jsonl", n + 1)), b"").unwrap();
     held[0].ack().unwrap();
     let after = fresh.stats().unwrap();
     assert_eq!((after.acked, after.in_flight), (6_001, 4));
     assert_eq!(fresh.claim_one("w").unwrap().unwrap().seq(), 6_006);
-    let reloaded = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
-    assert_eq!(reloaded.stats().unwrap().acked, 6_001);
+    assert_eq!(fresh_group(&dir).stats().unwrap().acked, 6_001);
     assert_eq!(state_files(&gdir), files);
 }
 
@@ -129,12 +137,7 @@ fn compaction_removes_settled_segments_and_keeps_readers_going() {
         stats.first_seq
     );
     assert_eq!(mb.messages().next().unwrap().unwrap().seq, stats.first_seq);
-    let rest: Vec<u64> = slow
-        .claim("w", 1000)
-        .unwrap()
-        .iter()
-        .map(|d| d.seq())
-        .collect();
+    let rest = seqs(&slow.claim("w", 1000).unwrap());
     assert_eq!(rest, (251..=500).collect::<Vec<_>>());
     assert_eq!(stats.published, 500);
 
@@ -152,41 +155,19 @@ fn compaction_removes_settled_segments_and_keeps_readers_going() {
 #[test]
 fn a_handle_that_slept_through_several_rotations_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
-    mb.create_group("g").unwrap();
-    send_n(&mb, 3_000);
+    let (_bus, mb, _) = jobs_group(dir.path(), 3_000);
     // Two handles with their own caches, like two processes.
-    let sleeper = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
-    let busy = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
+    let sleeper = fresh_group(&dir);
+    let busy = fresh_group(&dir);
     let held = sleeper.claim_one("sleeper").unwrap().unwrap();
     for _ in 0..2_000 {
         busy.claim_one("busy").unwrap().unwrap().ack().unwrap();
     }
-    let gen_file = state_files(&mb.path().join("groups/g")).remove(0);
-    let gen: u64 = gen_file["state.".len()..gen_file.len() - ".jsonl".len()]
-        .parse()
-        .unwrap();
+    let gen = generation(&state_files(&mb.path().join("groups/g"))[0]);
     assert!(gen >= 3, "expected several rotations, got generation {gen}");
 
     held.ack().unwrap();
-    let fresh = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
-    let stats = fresh.stats().unwrap();
+    let stats = fresh_group(&dir).stats().unwrap();
     assert_eq!(
         (stats.acked, stats.in_flight, stats.next_seq),
         (2_001, 0, 2_002)
@@ -194,29 +175,8 @@ fn a_handle_that_slept_through_several_rotations_catches_up() {
     assert_eq!(sleeper.claim_one("sleeper").unwrap().unwrap().seq(), 2_002);
 }
 
-fn raw_record(seq: u64, body: &str) -> String {
-    format!(
-        "{{\"seq\":{seq},\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"x\",\"type\":\"job\",\"body\":\"{body}\"}}\n",
-        uuid::Uuid::now_v7()
-    )
-}
-
-fn append_raw(path: &std::path::Path, text: &str) {
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-}
-
-fn claim_all(group: &agentbus::Group) -> Vec<u64> {
-    let seqs: Vec<u64> = group
-        .claim("w", 10_000)
-        .unwrap()
-        .iter()
-        .map(|d| d.seq())
-        .collect();
+fn claim_all(group: &Group) -> Vec<u64> {
+    let seqs = seqs(&group.claim("w", 10_000).unwrap());
     group.ack_upto(u64::MAX).unwrap();
     seqs
 }
@@ -224,14 +184,8 @@ fn claim_all(group: &agentbus::Group) -> Vec<u64> {
 #[test]
 fn damaged_records_under_a_group_are_counted_dead_and_never_block_it() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
-    send_n(&mb, 5);
-    let seg = mb.path().join("log/00000000000000000001.jsonl");
-    let text = std::fs::read_to_string(&seg).unwrap();
-    let third = text.lines().nth(2).unwrap().to_owned();
-    std::fs::write(&seg, text.replace(&third, &third.replace("\"2\"", "\"X\""))).unwrap();
+    let (_bus, _mb, group) = jobs_group(dir.path(), 5);
+    damage_line(&dir, 2, "\"2\"", "\"X\"");
 
     assert_eq!(claim_all(&group), [1, 2, 4, 5]);
     let stats = group.stats().unwrap();
@@ -244,19 +198,14 @@ fn damaged_records_under_a_group_are_counted_dead_and_never_block_it() {
 #[test]
 fn a_duplicate_or_skipped_seq_loses_no_valid_message_in_a_group() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
-    send_n(&mb, 3);
-    let seg = mb.path().join("log/00000000000000000001.jsonl");
+    let (_bus, _mb, group) = jobs_group(dir.path(), 3);
+    let seg = first_segment(dir.path(), "jobs");
     // A duplicate of 3, then 4, then a jump to 7 (5 and 6 missing), then 8.
-    append_raw(&seg, &raw_record(3, "dup"));
-    append_raw(&seg, &raw_record(4, "four"));
-    append_raw(&seg, &raw_record(7, "seven"));
-    append_raw(&seg, &raw_record(8, "eight"));
+    for (seq, body) in [(3, "dup"), (4, "four"), (7, "seven"), (8, "eight")] {
+        append(&seg, raw_record(seq, "job", body));
+    }
     let delivered = group.claim("w", 100).unwrap();
-    let seqs: Vec<u64> = delivered.iter().map(|d| d.seq()).collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 7, 8]);
+    assert_eq!(seqs(&delivered), [1, 2, 3, 4, 7, 8]);
     assert_eq!(
         delivered[2].message.body.as_deref(),
         Some("2"),
@@ -265,22 +214,13 @@ fn a_duplicate_or_skipped_seq_loses_no_valid_message_in_a_group() {
     let stats = group.stats().unwrap();
     assert_eq!((stats.dead, stats.next_seq), (2, 9));
     // A fresh handle (another process) agrees and finds nothing more.
-    let fresh = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
-    assert!(fresh.claim("w", 100).unwrap().is_empty());
+    assert!(fresh_group(&dir).claim("w", 100).unwrap().is_empty());
 }
 
 #[test]
 fn a_gap_between_segments_under_a_group_skips_exactly_the_missing_seqs() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = segmented_bus(dir.path(), 1024);
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
-    send_each(&mb, 60);
+    let (mb, group) = segmented_jobs(&dir, 1024, "g", 60);
     let mut segs: Vec<u64> = std::fs::read_dir(mb.path().join("log"))
         .unwrap()
         .map(|e| {
@@ -307,9 +247,9 @@ fn a_group_started_at_the_end_gets_past_a_damaged_first_record() {
     let late = mb
         .create_group_with("late", GroupOptions::new().start(StartAt::End))
         .unwrap();
-    let seg = mb.path().join("log/00000000000000000001.jsonl");
-    append_raw(&seg, "{\"seq\":4,\"this is not json\n");
-    append_raw(&seg, &raw_record(5, "five"));
+    let seg = first_segment(dir.path(), "jobs");
+    append(&seg, "{\"seq\":4,\"this is not json\n");
+    append(&seg, raw_record(5, "job", "five"));
     assert_eq!(claim_all(&late), [5]);
     assert_eq!(late.stats().unwrap().dead, 1);
 }
@@ -317,10 +257,7 @@ fn a_group_started_at_the_end_gets_past_a_damaged_first_record() {
 #[test]
 fn a_group_created_after_compaction_starts_at_the_oldest_stored_message() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = segmented_bus(dir.path(), 1024);
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let first = mb.create_group("first").unwrap();
-    send_each(&mb, 60);
+    let (mb, first) = segmented_jobs(&dir, 1024, "first", 60);
     first.claim("w", 100).unwrap();
     first.ack_upto(60).unwrap();
     assert!(!mb.compact(None).unwrap().removed.is_empty());
@@ -335,42 +272,24 @@ fn a_group_created_after_compaction_starts_at_the_oldest_stored_message() {
 #[test]
 fn a_checkpoint_write_that_died_half_way_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
-    mb.create_group("g").unwrap();
+    let (_bus, mb, _) = jobs_group(dir.path(), 0);
     let gdir = mb.path().join("groups/g");
     std::fs::write(gdir.join(".checkpoint.json.0123abcd.tmp"), b"{\"half").unwrap();
     send_n(&mb, 1);
-    let fresh = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
-    assert_eq!(fresh.claim_one("w").unwrap().unwrap().seq(), 1);
+    assert_eq!(fresh_group(&dir).claim_one("w").unwrap().unwrap().seq(), 1);
     assert!(!gdir.join(".checkpoint.json.0123abcd.tmp").exists());
 }
 
 #[test]
 fn a_delivered_message_damaged_afterwards_is_counted_dead_not_a_claim_error_forever() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
-    send_n(&mb, 2);
+    let (_bus, _mb, group) = jobs_group(dir.path(), 2);
     let d = group.claim_one("w").unwrap().unwrap();
     d.nack(Duration::ZERO, Some("later")).unwrap();
     // The record of seq 1 is damaged after it was delivered.
-    let seg = mb.path().join("log/00000000000000000001.jsonl");
-    let text = std::fs::read_to_string(&seg).unwrap();
-    let first = text.lines().next().unwrap().to_owned();
-    std::fs::write(
-        &seg,
-        text.replacen(&first, &first.replace("\"0\"", "\"X\""), 1),
-    )
-    .unwrap();
+    damage_line(&dir, 0, "\"0\"", "\"X\"");
     let next = group.claim("w", 10).unwrap();
-    assert_eq!(next.iter().map(|d| d.seq()).collect::<Vec<_>>(), [2]);
+    assert_eq!(seqs(&next), [2]);
     let stats = group.stats().unwrap();
     assert_eq!((stats.dead, stats.in_flight), (1, 1));
 }
@@ -378,27 +297,14 @@ fn a_delivered_message_damaged_afterwards_is_counted_dead_not_a_claim_error_fore
 #[test]
 fn a_batch_claim_is_one_record_and_its_messages_redeliver_from_another_handle() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = segmented_bus(dir.path(), 2048);
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
-    send_each(&mb, 50);
+    let (mb, group) = segmented_jobs(&dir, 2048, "g", 50);
     assert_eq!(group.claim("w", 50).unwrap().len(), 50);
-    let state = std::fs::read_to_string(
-        mb.path()
-            .join("groups/g")
-            .join(&state_files(&mb.path().join("groups/g"))[0]),
-    )
-    .unwrap();
+    let state = state_text(&mb);
     assert_eq!(state.lines().count(), 1, "one claim_range record: {state}");
     assert!(state.contains("\"op\":\"claim_range\""));
 
     // Another process replays the range (without positions) and redelivers by seq.
-    let fresh = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
+    let fresh = fresh_group(&dir);
     fresh.nack(37, Duration::ZERO, Some("again")).unwrap();
     let d = fresh.claim_one("w2").unwrap().unwrap();
     assert_eq!((d.seq(), d.attempt), (37, 2));
@@ -426,23 +332,13 @@ fn a_batch_claim_replayed_by_another_handle_keeps_each_message_age_and_redeliver
     mb.send(NewMessage::new("job").body("new")).unwrap();
     let batch = group.claim("w", 10).unwrap();
     assert_eq!(batch.len(), 2);
-    let state = std::fs::read_to_string(
-        mb.path()
-            .join("groups/g")
-            .join(&state_files(&mb.path().join("groups/g"))[0]),
-    )
-    .unwrap();
+    let state = state_text(&mb);
     assert!(state.contains(r#""op":"claim_range""#), "{state}");
     batch[0].ack().unwrap();
     let sent = batch[1].message.ts;
 
     // Another handle (like another process) knows the batch only from its one record.
-    let other = Bus::open(dir.path())
-        .unwrap()
-        .mailbox("jobs")
-        .unwrap()
-        .group("g")
-        .unwrap();
+    let other = fresh_group(&dir);
     let oldest = other.stats().unwrap().oldest_unacked_ms.unwrap();
     let age = (time::OffsetDateTime::now_utc() - sent).whole_milliseconds() as u64;
     assert!(
@@ -460,10 +356,7 @@ fn a_batch_claim_replayed_by_another_handle_keeps_each_message_age_and_redeliver
 #[test]
 fn a_rotation_that_keeps_failing_fails_no_call_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
-    send_n(&mb, 2_000);
+    let (_bus, mb, group) = jobs_group(dir.path(), 2_000);
     let gdir = mb.path().join("groups/g");
     assert_eq!(state_files(&gdir), ["state.0.jsonl"]);
     // The next generation's file cannot be created: a directory stands in its place.
@@ -473,20 +366,12 @@ fn a_rotation_that_keeps_failing_fails_no_call_and_loses_nothing() {
     }
     let size = std::fs::metadata(gdir.join("state.0.jsonl")).unwrap().len();
     assert!(size > 64 * 1024, "past the rotation size: {size} bytes");
-    let fresh = || {
-        Bus::open(dir.path())
-            .unwrap()
-            .mailbox("jobs")
-            .unwrap()
-            .group("g")
-            .unwrap()
-    };
-    assert_eq!(fresh().stats().unwrap().acked, 1_000);
+    assert_eq!(fresh_group(&dir).stats().unwrap().acked, 1_000);
 
     // Once the obstacle is gone, the next write rotates.
     std::fs::remove_dir(gdir.join("state.1.jsonl")).unwrap();
     group.claim_one("w").unwrap().unwrap().ack().unwrap();
     assert_eq!(state_files(&gdir), ["state.1.jsonl"]);
-    let stats = fresh().stats().unwrap();
+    let stats = fresh_group(&dir).stats().unwrap();
     assert_eq!((stats.acked, stats.next_seq), (1_001, 1_002));
 }

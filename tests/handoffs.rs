@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use agentbus::{Answer, Bus, Error, HANDOFF_GROUP};
+use agentbus::{Answer, Bus, Delivery, Error, Group, LeaseInfo, ReceivedHandoff, HANDOFF_GROUP};
 
 /// Runs a receiver process that answers every handoff in `main` until `count` are
 /// answered: accept if the artifacts verify, otherwise reject with the error.
@@ -19,17 +19,22 @@ fn spawn_receiver(root: &std::path::Path, count: usize) -> std::process::Child {
         .unwrap()
 }
 
+/// In a child process: the reviewer's inbox on `main` of the bus named by `BUS`.
+fn reviewer_inbox() -> agentbus::HandoffInbox {
+    let bus = Bus::builder()
+        .agent("reviewer")
+        .open(common::env("BUS"))
+        .unwrap();
+    bus.handoff_inbox("main").unwrap()
+}
+
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn handoff_receiver() {
     if !common::is_child() {
         return;
     }
-    let bus = Bus::builder()
-        .agent("reviewer")
-        .open(common::env("BUS"))
-        .unwrap();
-    let mut inbox = bus.handoff_inbox("main").unwrap();
+    let mut inbox = reviewer_inbox();
     for _ in 0..common::env("COUNT").parse::<usize>().unwrap() {
         let h = inbox.recv_timeout(Duration::from_secs(30)).unwrap();
         match h.verify() {
@@ -75,6 +80,30 @@ fn reviewer(bus: &Bus, agent: &str) -> (Bus, agentbus::Group) {
         .group(HANDOFF_GROUP)
         .unwrap();
     (receiver, group)
+}
+
+/// An earlier attempt of a receiver that dies with the handoff in hand: `consumer`'s
+/// claim on it, running out after `visibility`.
+fn first_attempt(group: &Group, consumer: &str, visibility: Duration) -> Delivery {
+    group
+        .claim_for(consumer, 1, visibility)
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
+/// What an attempt to accept does first: the writer's lease on `task` (at `token`)
+/// moved to the reviewer.
+fn move_lease(receiver: &Bus, token: u64) -> LeaseInfo {
+    receiver
+        .transfer_lease("task", "writer", token, "reviewer", Duration::from_secs(60))
+        .unwrap()
+}
+
+/// The next handoff in `main` for `receiver`, within 5 s.
+fn next_handoff(receiver: &Bus) -> ReceivedHandoff {
+    let mut inbox = receiver.handoff_inbox("main").unwrap();
+    inbox.recv_timeout(Duration::from_secs(5)).unwrap()
 }
 
 /// An answer as an earlier attempt would have left it: sent, but never acked.
@@ -238,20 +267,12 @@ fn a_receiver_that_crashed_mid_accept_can_accept_again() {
     let (_sent, token) = send_leased(dir.path(), &bus);
     // First attempt: the lease moves, then the receiver "dies" before answering.
     let (receiver, group) = reviewer(&bus, "reviewer");
-    let d = group
-        .claim_for("reviewer", 1, Duration::from_millis(1))
-        .unwrap()
-        .pop()
-        .unwrap();
-    let moved = receiver
-        .transfer_lease("task", "writer", token, "reviewer", Duration::from_secs(60))
-        .unwrap();
+    let d = first_attempt(&group, "reviewer", Duration::from_millis(1));
+    let moved = move_lease(&receiver, token);
     drop(d);
     std::thread::sleep(Duration::from_millis(10));
     // Redelivered: accepting again succeeds and keeps the moved lease.
-    let mut inbox = receiver.handoff_inbox("main").unwrap();
-    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
-    let new = h.accept("reviewer").unwrap().unwrap();
+    let new = next_handoff(&receiver).accept("reviewer").unwrap().unwrap();
     assert_eq!(new.holder.as_deref(), Some("reviewer"));
     assert!(new.token > token);
     assert_eq!(new.token, moved.token, "the lease moved once");
@@ -272,15 +293,9 @@ fn a_receiver_that_crashed_after_answering_accepts_again_without_a_second_answer
     let (dir, _root, bus) = setup();
     let (_sent, token) = send_leased(dir.path(), &bus);
     let (receiver, group) = reviewer(&bus, "reviewer");
-    let d = group
-        .claim_for("reviewer", 1, Duration::from_millis(1))
-        .unwrap()
-        .pop()
-        .unwrap();
+    let d = first_attempt(&group, "reviewer", Duration::from_millis(1));
     // The first attempt moved the lease and answered, then died before acking.
-    let moved = receiver
-        .transfer_lease("task", "writer", token, "reviewer", Duration::from_secs(60))
-        .unwrap();
+    let moved = move_lease(&receiver, token);
     let expires_at = moved
         .expires_at
         .format(&time::format_description::well_known::Rfc3339)
@@ -296,9 +311,7 @@ fn a_receiver_that_crashed_after_answering_accepts_again_without_a_second_answer
     drop(d);
     std::thread::sleep(Duration::from_millis(10));
 
-    let mut inbox = receiver.handoff_inbox("main").unwrap();
-    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
-    let lease = h.accept("reviewer").unwrap().unwrap();
+    let lease = next_handoff(&receiver).accept("reviewer").unwrap().unwrap();
     assert_eq!(lease.token, moved.token);
     assert_eq!(bus.lease_info("task").unwrap().unwrap().token, moved.token);
     assert_eq!(answers(&bus).len(), 1, "answered once");
@@ -378,13 +391,7 @@ fn the_cli_sends_verifies_and_answers_handoffs() {
         "editor",
     );
     assert_eq!(code, Some(0));
-    let answer = bus
-        .mailbox("writer")
-        .unwrap()
-        .messages()
-        .next()
-        .unwrap()
-        .unwrap();
+    let answer = common::first_message(&bus, "writer");
     assert_eq!(answer.kind, "handoff.rejected");
     assert_eq!(
         answer.payload.unwrap()["reason"],
@@ -398,17 +405,11 @@ fn an_accept_after_a_reject_is_refused_and_the_lease_stays() {
     let (sent, _token) = send_leased(dir.path(), &bus);
     let (receiver, group) = reviewer(&bus, "reviewer");
     // Reviewer 1 rejects, but its claim runs out before the ack lands (a crash).
-    let short = group
-        .claim_for("r1", 1, Duration::from_millis(200))
-        .unwrap()
-        .pop()
-        .unwrap();
+    let short = first_attempt(&group, "r1", Duration::from_millis(200));
     earlier_answer(&receiver, &short.message, agentbus::REJECTED_TYPE, "r1");
     std::thread::sleep(Duration::from_millis(250));
     // Reviewer 2 gets the redelivery and tries to accept: refused, lease untouched.
-    let mut inbox = receiver.handoff_inbox("main").unwrap();
-    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
-    match h.accept("r2") {
+    match next_handoff(&receiver).accept("r2") {
         Err(Error::StaleDelivery { reason, .. }) => {
             assert!(reason.contains("handoff.rejected"), "{reason}")
         }
@@ -461,16 +462,10 @@ fn a_second_agent_cannot_claim_success_for_someone_elses_accept() {
     bus.handoff("main").summary("s").send().unwrap();
     let (receiver, group) = reviewer(&bus, "r2");
     // r1 accepted, then died before its ack landed.
-    let first = group
-        .claim_for("r1", 1, Duration::from_millis(200))
-        .unwrap()
-        .pop()
-        .unwrap();
+    let first = first_attempt(&group, "r1", Duration::from_millis(200));
     earlier_answer(&receiver, &first.message, agentbus::ACCEPTED_TYPE, "r1");
     std::thread::sleep(Duration::from_millis(250));
-    let mut inbox = receiver.handoff_inbox("main").unwrap();
-    let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
-    match h.accept("r2") {
+    match next_handoff(&receiver).accept("r2") {
         Err(Error::StaleDelivery { reason, .. }) => assert!(reason.contains("by r1"), "{reason}"),
         other => panic!("expected StaleDelivery naming r1, got {other:?}"),
     }
@@ -523,12 +518,8 @@ fn limited_acceptor() {
     if !common::is_child() {
         return;
     }
-    let bus = Bus::builder()
-        .agent("reviewer")
-        .open(common::env("BUS"))
-        .unwrap();
     let seq: u64 = common::env("SEQ").parse().unwrap();
-    let mut inbox = bus.handoff_inbox("main").unwrap();
+    let mut inbox = reviewer_inbox();
     let set_limit = |limit| unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
         let rl = libc::rlimit {

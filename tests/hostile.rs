@@ -40,14 +40,7 @@ impl Setup {
             std::fs::read_to_string(&self.victim).unwrap(),
             "outside the bus"
         );
-        let first = self
-            .bus
-            .mailbox("main")
-            .unwrap()
-            .messages()
-            .next()
-            .unwrap()
-            .unwrap();
+        let first = common::first_message(&self.bus, "main");
         assert_eq!(first.body.as_deref(), Some("precious message"));
     }
 

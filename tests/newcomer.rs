@@ -117,7 +117,7 @@ fn from_env_reads_what_the_cli_reads() {
         .unwrap();
     assert!(status.success());
     // The CLI reads the same message, from the same agent.
-    let read = common::ok(common::cli(&root).args(["recv", "main"]).output().unwrap());
+    let read = common::run_ok(&root, ["recv", "main"]);
     assert_eq!(read[0]["from"], "rust-agent");
 
     let bad = common::child("child_from_env")
@@ -163,13 +163,7 @@ fn dead_letters_and_damage_notices_read_back_typed() {
         let d = g.claim_one("c").unwrap().unwrap();
         d.nack(Duration::ZERO, Some(reason)).unwrap();
     }
-    let dead = bus
-        .mailbox("jobs.dlq")
-        .unwrap()
-        .messages()
-        .next()
-        .unwrap()
-        .unwrap();
+    let dead = common::first_message(&bus, "jobs.dlq");
     let info = dead.dead_letter().expect("a dead letter");
     assert_eq!((info.mailbox.as_str(), info.group.as_str()), ("jobs", "w"));
     assert_eq!(info.seq, Some(1));

@@ -8,37 +8,41 @@ mod common;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
-use common::{fails, ok};
+use common::{fails, ok, run_fails, run_ok};
 
 /// `parent/<name bytes>`, a path with a byte that is not UTF-8.
 fn raw(parent: &Path, name: &[u8]) -> PathBuf {
     parent.join(OsStr::from_bytes(name))
 }
 
+/// `agentbus send main --type t <flag> <path>` on the bus at `dir`.
+fn send_naming(dir: &Path, flag: &str, path: &Path) -> Output {
+    common::cli(dir)
+        .args(["send", "main", "--type", "t", flag])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_bus_directory_whose_name_is_not_utf8_works_and_prints_json() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = raw(tmp.path(), b"bus\xff");
-    let init = ok(common::cli(&dir).arg("init").output().unwrap());
+    let init = run_ok(&dir, ["init"]);
     let shown = init[0]["init"].as_str().unwrap();
     assert!(shown.ends_with("bus\u{fffd}"), "{shown}");
-    ok(common::cli(&dir)
-        .args(["mailbox", "create", "main"])
-        .output()
-        .unwrap());
-    ok(common::cli(&dir)
-        .args(["send", "main", "--type", "t", "--body", "hello"])
-        .output()
-        .unwrap());
-    let read = ok(common::cli(&dir).args(["recv", "main"]).output().unwrap());
+    run_ok(&dir, ["mailbox", "create", "main"]);
+    run_ok(&dir, ["send", "main", "--type", "t", "--body", "hello"]);
+    let read = run_ok(&dir, ["recv", "main"]);
     assert_eq!(read[0]["body"], "hello");
-    let doctor = ok(common::cli(&dir).arg("doctor").output().unwrap());
+    let doctor = run_ok(&dir, ["doctor"]);
     assert_eq!(doctor[0]["doctor"], "clean");
 
     // Errors that name a path inside it are JSON too.
     let missing = raw(tmp.path(), b"no-bus\xfe");
-    let e = fails(common::cli(&missing).arg("stats").output().unwrap(), 2);
+    let e = run_fails(&missing, ["stats"], 2);
     assert_eq!(e["error"], "not_a_bus");
     assert!(
         e["path"].as_str().unwrap().ends_with("no-bus\u{fffd}"),
@@ -55,10 +59,7 @@ fn a_bus_directory_whose_name_is_not_utf8_works_and_prints_json() {
     for _ in 0..3 {
         mb.send(agentbus::NewMessage::new("t")).unwrap();
     }
-    let compacted = ok(common::cli(&small)
-        .args(["compact", "main", "--retention", "0"])
-        .output()
-        .unwrap());
+    let compacted = run_ok(&small, ["compact", "main", "--retention", "0"]);
     let removed = compacted[0]["removed"].as_array().unwrap();
     assert_eq!(removed.len(), 2, "{compacted:?}");
     assert!(removed[0].as_str().unwrap().contains("small\u{fffd}"));
@@ -79,19 +80,8 @@ fn a_bus_directory_whose_name_is_not_utf8_works_and_prints_json() {
 
 #[test]
 fn a_body_file_whose_name_is_not_utf8_is_read_or_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    ok(common::cli(dir.path()).arg("init").output().unwrap());
-    ok(common::cli(dir.path())
-        .args(["mailbox", "create", "main"])
-        .output()
-        .unwrap());
-    let send = |path: &Path| {
-        common::cli(dir.path())
-            .args(["send", "main", "--type", "t", "--body-file"])
-            .arg(path)
-            .output()
-            .unwrap()
-    };
+    let dir = common::cli_bus(&["main"]);
+    let send = |path: &Path| send_naming(dir.path(), "--body-file", path);
 
     let body = raw(dir.path(), b"body\xfe.txt");
     std::fs::write(&body, "from a Latin-1 name").unwrap();
@@ -111,29 +101,15 @@ fn a_body_file_whose_name_is_not_utf8_is_read_or_reported() {
     assert_eq!(e["error"], "invalid_message");
     assert!(e["message"].as_str().unwrap().contains("UTF-8"), "{e}");
 
-    let read = ok(common::cli(dir.path())
-        .args(["recv", "main"])
-        .output()
-        .unwrap());
+    let read = run_ok(dir.path(), ["recv", "main"]);
     assert_eq!(read.len(), 1);
     assert_eq!(read[0]["body"], "from a Latin-1 name");
 }
 
 #[test]
 fn an_artifact_whose_name_is_not_utf8_is_refused_before_anything_is_written() {
-    let dir = tempfile::tempdir().unwrap();
-    ok(common::cli(dir.path()).arg("init").output().unwrap());
-    ok(common::cli(dir.path())
-        .args(["mailbox", "create", "main"])
-        .output()
-        .unwrap());
-    let send = |path: &Path| {
-        common::cli(dir.path())
-            .args(["send", "main", "--type", "t", "--artifact"])
-            .arg(path)
-            .output()
-            .unwrap()
-    };
+    let dir = common::cli_bus(&["main"]);
+    let send = |path: &Path| send_naming(dir.path(), "--artifact", path);
 
     let e = fails(send(&raw(dir.path(), b"gone\xff.md")), 6);
     assert_eq!(e["error"], "artifact_missing");
@@ -160,10 +136,7 @@ fn an_artifact_whose_name_is_not_utf8_is_refused_before_anything_is_written() {
     );
     assert_eq!(e["error"], "invalid_message");
 
-    let read = ok(common::cli(dir.path())
-        .args(["recv", "main"])
-        .output()
-        .unwrap());
+    let read = run_ok(dir.path(), ["recv", "main"]);
     assert!(read.is_empty(), "{read:?}");
     let lib = agentbus::Artifact::capture(&named).unwrap_err();
     assert!(matches!(lib, agentbus::Error::InvalidMessage(_)), "{lib:?}");

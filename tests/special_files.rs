@@ -11,8 +11,8 @@ mod common;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use agentbus::NewMessage;
 
@@ -69,23 +69,8 @@ fn plant_device(path: &Path) {
 }
 
 /// Runs `cmd`, failing the test if it does not finish within [`BOUND`].
-fn bounded(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > BOUND {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{cmd:?} hung for {BOUND:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
+fn bounded(cmd: Command) -> Output {
+    common::output_bounded(cmd, BOUND)
 }
 
 /// The error object a failed command printed on stderr.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use agentbus::{Bus, Durability, GroupOptions, NewMessage};
+use agentbus::{GroupOptions, NewMessage};
 use serde_json::Value;
 
 /// How long any one `watch` run in these tests may take before it counts as hung.
@@ -19,6 +19,21 @@ fn watch(dir: &Path) -> Command {
     let mut cmd = common::cli(dir);
     cmd.arg("watch");
     cmd
+}
+
+/// `watch` following `main` from seq 1 until it has been idle for `idle` seconds.
+fn follow_main(dir: &Path, idle: &str) -> Command {
+    let mut cmd = watch(dir);
+    cmd.args(["main", "--from-seq", "1", "--idle-timeout", idle]);
+    cmd
+}
+
+/// `watch` of group `g` of `jobs` running `handler` for up to `max` messages, to its
+/// end (within [`HUNG`]; `what` names it if not).
+fn watch_group(dir: &Path, max: &str, handler: &str, what: &str) -> common::Bounded {
+    let mut cmd = watch(dir);
+    cmd.args(["jobs", "--group", "g", "--max", max, "--exec", handler]);
+    common::output_within(what, cmd, HUNG)
 }
 
 /// The JSON lines of `stderr` (other lines, such as a handler's own, skipped).
@@ -33,19 +48,13 @@ fn json_lines(stderr: &str) -> Vec<Value> {
 fn watch_reports_damage_and_goes_on_after_every_restart() {
     let dir = tempfile::tempdir().unwrap();
     let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
-    for body in ["alpha", "bravo", "charlie"] {
-        mb.send(NewMessage::new("t").body(body)).unwrap();
-    }
-    let seg = common::first_segment(dir.path(), "main");
-    let text = std::fs::read_to_string(&seg).unwrap();
-    std::fs::write(&seg, text.replacen("bravo", "brave", 1)).unwrap();
+    common::mailbox_with(&bus, "main", &["alpha", "bravo", "charlie"]);
+    common::edit_first_segment(dir.path(), "main", "bravo", "brave");
 
     // Twice: a restarted follower meets the damage again, reports it again, and again
     // reads on past it.
     for _ in 0..2 {
-        let mut cmd = watch(dir.path());
-        cmd.args(["main", "--from-seq", "1", "--idle-timeout", "1"]);
+        let cmd = follow_main(dir.path(), "1");
         let out = common::output_within("watch past damage", cmd, HUNG);
         let bodies: Vec<_> = out
             .lines()
@@ -67,16 +76,8 @@ fn watch_reports_damage_and_goes_on_after_every_restart() {
     }
 
     // With --exec too: the handler runs for the intact records.
-    let mut cmd = watch(dir.path());
-    cmd.args([
-        "main",
-        "--from-seq",
-        "1",
-        "--idle-timeout",
-        "1",
-        "--exec",
-        "cat >/dev/null",
-    ]);
+    let mut cmd = follow_main(dir.path(), "1");
+    cmd.args(["--exec", "cat >/dev/null"]);
     let out = common::output_within("watch --exec past damage", cmd, HUNG);
     let seqs: Vec<_> = out
         .lines()
@@ -89,13 +90,8 @@ fn watch_reports_damage_and_goes_on_after_every_restart() {
 #[test]
 fn a_watcher_behind_compaction_is_told_so_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(1024)
-        .init(dir.path())
-        .unwrap();
-    let mb = bus.create_mailbox("main").unwrap();
-    let group = mb.create_group("workers").unwrap();
+    let bus = common::segmented_bus(dir.path(), 1024);
+    let (_bus, mb, group) = common::with_group(bus, "main", "workers");
     mb.send(NewMessage::new("t").body("0")).unwrap();
 
     // The watcher's handler holds it at seq 1 until `go` exists, while the log grows
@@ -106,16 +102,8 @@ fn a_watcher_behind_compaction_is_told_so_and_goes_on() {
         started.display(),
         go.display()
     );
-    let mut cmd = watch(dir.path());
-    cmd.args([
-        "main",
-        "--from-seq",
-        "1",
-        "--idle-timeout",
-        "2",
-        "--exec",
-        &handler,
-    ]);
+    let mut cmd = follow_main(dir.path(), "2");
+    cmd.args(["--exec", &handler]);
     let errors = tempfile::NamedTempFile::new().unwrap();
     let child = cmd
         .stdout(Stdio::piped())
@@ -124,28 +112,15 @@ fn a_watcher_behind_compaction_is_told_so_and_goes_on() {
         .unwrap();
     // The handler of seq 1 runs once watch has read seq 1.
     common::wait_for("the first handler", HUNG, || std::fs::read(&started).ok());
-    for i in 1..60 {
-        mb.send(NewMessage::new("t").body(i.to_string())).unwrap();
-    }
-    for d in group.claim("w", 100).unwrap() {
-        d.ack().unwrap();
-    }
-    let report = mb.compact(None).unwrap();
-    assert!(report.removed.len() >= 2, "{report:?}");
-    let first_available = mb.first_seq().unwrap();
+    let first_available = common::grow_settle_and_compact(&mb, &group);
     std::fs::write(&go, "").unwrap();
 
     let out = child.wait_with_output().unwrap();
     let stderr = std::fs::read_to_string(errors.path()).unwrap();
     assert!(out.status.success(), "compaction is not damage: {stderr}");
-    let seqs: Vec<u64> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
+    let seqs: Vec<u64> = common::json_lines(out.stdout)
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
         .collect();
     let reports = json_lines(&stderr);
     assert_eq!(reports.len(), 1, "{stderr}");
@@ -162,9 +137,7 @@ fn a_watcher_behind_compaction_is_told_so_and_goes_on() {
 #[test]
 fn any_valid_message_reaches_its_handler_whatever_its_fields_hold() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let jobs = bus.create_mailbox("jobs").unwrap();
-    jobs.create_group("g").unwrap();
+    let (_bus, jobs, _) = common::jobs_group(dir.path(), 0);
     let long = "x".repeat(40 * 1024);
     jobs.send(
         NewMessage::new("job")
@@ -250,9 +223,7 @@ fn any_valid_message_reaches_its_handler_whatever_its_fields_hold() {
 #[test]
 fn a_handler_that_fills_stderr_before_reading_a_large_message_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let jobs = bus.create_mailbox("jobs").unwrap();
-    jobs.create_group("g").unwrap();
+    let (_bus, jobs, _) = common::jobs_group(dir.path(), 0);
     let body = "b".repeat(200 * 1024);
     jobs.send(NewMessage::new("job").body(body.clone()))
         .unwrap();
@@ -264,9 +235,7 @@ fn a_handler_that_fills_stderr_before_reading_a_large_message_completes() {
         "head -c 262144 /dev/zero | tr '\\0' e >&2; cat > {}",
         got.display()
     );
-    let mut cmd = watch(dir.path());
-    cmd.args(["jobs", "--group", "g", "--max", "1", "--exec", &handler]);
-    let out = common::output_within("a handler with full pipes", cmd, HUNG);
+    let out = watch_group(dir.path(), "1", &handler, "a handler with full pipes");
     let lines = out.lines();
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["outcome"], "acked", "{}", lines[0]);
@@ -279,13 +248,7 @@ fn a_handler_that_fills_stderr_before_reading_a_large_message_completes() {
 #[test]
 fn a_background_job_left_by_the_handler_does_not_hold_watch_up() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let jobs = bus.create_mailbox("jobs").unwrap();
-    jobs.create_group("g").unwrap();
-    for i in 0..2 {
-        jobs.send(NewMessage::new("job").body(i.to_string()))
-            .unwrap();
-    }
+    common::jobs_group(dir.path(), 2);
     // Each handler leaves a job running far longer than the test may take, holding
     // every descriptor the handler had.
     let pids = dir.path().join("pids");
@@ -293,9 +256,7 @@ fn a_background_job_left_by_the_handler_does_not_hold_watch_up() {
         "cat >/dev/null; sleep 600 & echo $! >> {}; echo started >&2; exit 0",
         pids.display()
     );
-    let mut cmd = watch(dir.path());
-    cmd.args(["jobs", "--group", "g", "--max", "2", "--exec", &handler]);
-    let out = common::output_within("watch with background jobs", cmd, HUNG);
+    let out = watch_group(dir.path(), "2", &handler, "watch with background jobs");
     let jobs_left: Vec<u32> = std::fs::read_to_string(&pids)
         .unwrap()
         .lines()
@@ -403,13 +364,7 @@ fn spawn_watch(dir: &Path, handler: &str, errors: &tempfile::NamedTempFile) -> s
 #[test]
 fn sigterm_finishes_the_message_in_hand_and_a_second_signal_gives_it_back() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let jobs = bus.create_mailbox("jobs").unwrap();
-    let group = jobs.create_group("g").unwrap();
-    for i in 0..2 {
-        jobs.send(NewMessage::new("job").body(i.to_string()))
-            .unwrap();
-    }
+    let (_bus, _jobs, group) = common::jobs_group(dir.path(), 2);
     let started = dir.path().join("started");
     let release = dir.path().join("release");
 
@@ -439,11 +394,7 @@ fn sigterm_finishes_the_message_in_hand_and_a_second_signal_gives_it_back() {
         !stderr.contains("got-term"),
         "the handler was not signalled: {stderr}"
     );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = common::json_lines(out.stdout);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(
         (lines[0]["seq"].as_u64(), lines[0]["outcome"].as_str()),
@@ -520,44 +471,33 @@ fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
     }
     let dir = tempfile::tempdir().unwrap();
     let bus_dir = dir.path().join("bus");
-    common::ok(common::cli(&bus_dir).arg("init").output().unwrap());
-    common::ok(
-        common::cli(&bus_dir)
-            .args(["mailbox", "create", "alerts"])
-            .output()
-            .unwrap(),
+    common::run_ok(&bus_dir, ["init"]);
+    common::run_ok(&bus_dir, ["mailbox", "create", "alerts"]);
+    common::run_ok(
+        &bus_dir,
+        [
+            "group",
+            "create",
+            "alerts",
+            "pager",
+            "--max-deliveries",
+            "5",
+        ],
     );
-    common::ok(
-        common::cli(&bus_dir)
-            .args([
-                "group",
-                "create",
-                "alerts",
-                "pager",
-                "--max-deliveries",
-                "5",
-            ])
-            .output()
-            .unwrap(),
+    common::run_ok(
+        &bus_dir,
+        [
+            "send",
+            "alerts",
+            "--type",
+            "alert",
+            "--subject",
+            "disk full on db-1",
+        ],
     );
-    common::ok(
-        common::cli(&bus_dir)
-            .args([
-                "send",
-                "alerts",
-                "--type",
-                "alert",
-                "--subject",
-                "disk full on db-1",
-            ])
-            .output()
-            .unwrap(),
-    );
-    common::ok(
-        common::cli(&bus_dir)
-            .args(["send", "alerts", "--type", "alert", "--body", "no subject"])
-            .output()
-            .unwrap(),
+    common::run_ok(
+        &bus_dir,
+        ["send", "alerts", "--type", "alert", "--body", "no subject"],
     );
     let spool = dir.path().join("spool");
     let watch_alerts = |max: &str| {

@@ -1,11 +1,13 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::Path;
-use std::process::Command;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use agentbus::{Bus, Delivery, Durability, Group, Mailbox, Message, NewMessage};
+use serde_json::Value;
 
 /// Environment variable that marks a process as a child spawned by a test.
 pub const CHILD_ENV: &str = "AGENTBUS_TEST_CHILD";
@@ -53,6 +55,81 @@ pub fn open_flush_bus(dir: impl AsRef<Path>) -> Bus {
         .unwrap()
 }
 
+/// A new bus at `dir` like [`flush_bus`]'s whose mailboxes roll over every `bytes`, so
+/// that tests can work across segments.
+pub fn segmented_bus(dir: impl AsRef<Path>, bytes: u64) -> Bus {
+    Bus::builder()
+        .durability(Durability::Flush)
+        .segment_bytes(bytes)
+        .init(dir)
+        .unwrap()
+}
+
+/// `bus` with a new mailbox `mailbox` and its new group `group`.
+pub fn with_group(bus: Bus, mailbox: &str, group: &str) -> (Bus, Mailbox, Group) {
+    let mb = bus.create_mailbox(mailbox).unwrap();
+    let group = mb.create_group(group).unwrap();
+    (bus, mb, group)
+}
+
+/// A [`flush_bus`] at `dir` with mailbox `jobs`, its group `g`, and `n` messages in it
+/// (sent by [`send_n`]).
+pub fn jobs_group(dir: &Path, n: usize) -> (Bus, Mailbox, Group) {
+    let (bus, mb, group) = with_group(flush_bus(dir), "jobs", "g");
+    send_n(&mb, n);
+    (bus, mb, group)
+}
+
+/// A new mailbox `name` on `bus` holding a message of type `t` for each of `bodies`.
+pub fn mailbox_with(bus: &Bus, name: &str, bodies: &[&str]) -> Mailbox {
+    let mb = bus.create_mailbox(name).unwrap();
+    send_bodies(&mb, "t", bodies);
+    mb
+}
+
+/// Sends messages of type `t` with bodies `"1"` to `"59"` after the one message a test
+/// put in `mb` (on a bus of 1 KiB segments), settles all of them in `group` and
+/// compacts `mb`, which must remove segments; returns the oldest seq still stored.
+pub fn grow_settle_and_compact(mb: &Mailbox, group: &Group) -> u64 {
+    for i in 1..60 {
+        mb.send(NewMessage::new("t").body(i.to_string())).unwrap();
+    }
+    for d in group.claim("w", 100).unwrap() {
+        d.ack().unwrap();
+    }
+    let report = mb.compact(None).unwrap();
+    assert!(report.removed.len() >= 2, "{report:?}");
+    mb.first_seq().unwrap()
+}
+
+/// A fresh handle on `group` of `mailbox` in the bus at `dir`, with caches of its own,
+/// as another process would open it.
+pub fn open_group(dir: &Path, mailbox: &str, group: &str) -> Group {
+    Bus::open(dir)
+        .unwrap()
+        .mailbox(mailbox)
+        .unwrap()
+        .group(group)
+        .unwrap()
+}
+
+/// Sends one message of type `kind` for each of `bodies`, in order.
+pub fn send_bodies(mb: &Mailbox, kind: &str, bodies: &[&str]) {
+    for body in bodies {
+        mb.send(NewMessage::new(kind).body(*body)).unwrap();
+    }
+}
+
+/// The first message stored in `mailbox` of `bus`.
+pub fn first_message(bus: &Bus, mailbox: &str) -> Message {
+    bus.mailbox(mailbox)
+        .unwrap()
+        .messages()
+        .next()
+        .expect("a message")
+        .unwrap()
+}
+
 /// Sends `n` messages of type `job` with bodies `"0"`, `"1"`, ..., in batches of 1000.
 pub fn send_n(mb: &Mailbox, n: usize) {
     let batch: Vec<_> = (0..n)
@@ -87,7 +164,7 @@ pub fn claim_within(group: &Group, consumer: &str, timeout: Duration) -> Deliver
 }
 
 /// The `dead_letter` header of a dead-lettered message, parsed.
-pub fn dead_letter_info(dead: &Message) -> serde_json::Value {
+pub fn dead_letter_info(dead: &Message) -> Value {
     serde_json::from_str(&dead.headers[agentbus::DEAD_LETTER_HEADER]).unwrap()
 }
 
@@ -102,12 +179,91 @@ pub fn state_files(group_dir: &Path) -> Vec<String> {
     v
 }
 
+/// Appends `bytes` to the file at `path`, as an outside writer would.
+pub fn append(path: &Path, bytes: impl AsRef<[u8]>) {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(bytes.as_ref())
+        .unwrap();
+}
+
+/// A record as an outside writer without checksums would append it: `seq`, a new id,
+/// type `kind`, `body`, a newline.
+pub fn raw_record(seq: u64, kind: &str, body: &str) -> String {
+    format!(
+        "{{\"seq\":{seq},\"id\":\"{}\",\"ts\":\"2026-01-01T00:00:00Z\",\"from\":\"x\",\"type\":\"{kind}\",\"body\":\"{body}\"}}\n",
+        uuid::Uuid::now_v7()
+    )
+}
+
+/// Replaces the first `from` in the first segment of `mailbox` by `to`, as an outside
+/// tool damaging (or repairing) a record would; returns the segment's path.
+pub fn edit_first_segment(bus: &Path, mailbox: &str, from: &str, to: &str) -> PathBuf {
+    let seg = first_segment(bus, mailbox);
+    let text = std::fs::read_to_string(&seg).unwrap();
+    std::fs::write(&seg, text.replacen(from, to, 1)).unwrap();
+    seg
+}
+
 /// The `agentbus` binary built for these tests.
 pub fn cli(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentbus"));
     cmd.arg("--dir").arg(dir);
     cmd.env_remove("AGENTBUS_DIR").env_remove("AGENTBUS_AGENT");
     cmd
+}
+
+/// Runs the CLI on the bus at `dir` with `args`, to its end.
+pub fn run<I>(dir: &Path, args: I) -> Output
+where
+    I: IntoIterator,
+    I::Item: AsRef<OsStr>,
+{
+    cli(dir).args(args).output().unwrap()
+}
+
+/// Runs the CLI on the bus at `dir` with `args`; it must succeed: its JSON lines.
+pub fn run_ok<I>(dir: &Path, args: I) -> Vec<Value>
+where
+    I: IntoIterator,
+    I::Item: AsRef<OsStr>,
+{
+    ok(run(dir, args))
+}
+
+/// Runs the CLI on the bus at `dir` with `args`; it must fail with exit `code`: its
+/// error object (see [`fails`]).
+pub fn run_fails<I>(dir: &Path, args: I, code: i32) -> Value
+where
+    I: IntoIterator,
+    I::Item: AsRef<OsStr>,
+{
+    fails(run(dir, args), code)
+}
+
+/// A new bus in a temporary directory made with the CLI (`init`, then `mailbox create`
+/// of `mailboxes`).
+pub fn cli_bus(mailboxes: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(dir.path(), ["init"]);
+    let created = run_ok(dir.path(), ["mailbox", "create"].iter().chain(mailboxes));
+    assert_eq!(created.len(), mailboxes.len(), "{created:?}");
+    for (line, name) in created.iter().zip(mailboxes) {
+        assert_eq!(*line, serde_json::json!({"mailbox": name, "created": true}));
+    }
+    dir
+}
+
+/// The JSON lines of `out` (each line must parse).
+pub fn json_lines(out: impl AsRef<[u8]>) -> Vec<Value> {
+    std::str::from_utf8(out.as_ref())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
 }
 
 /// Path of the first segment of `mailbox` in the bus at `bus`.
@@ -147,23 +303,19 @@ impl Rng {
 }
 
 /// Asserts that a CLI run succeeded and parses its stdout as JSON lines.
-pub fn ok(out: std::process::Output) -> Vec<serde_json::Value> {
+pub fn ok(out: Output) -> Vec<Value> {
     assert!(
         out.status.success(),
         "status {:?}, stderr {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
+    json_lines(out.stdout)
 }
 
 /// Asserts that a CLI run failed with exit `code` and one JSON object on stderr, and
 /// returns that object.
-pub fn fails(out: std::process::Output, code: i32) -> serde_json::Value {
+pub fn fails(out: Output, code: i32) -> Value {
     assert_eq!(
         out.status.code(),
         Some(code),
@@ -189,11 +341,8 @@ pub struct Bounded {
 
 impl Bounded {
     /// Its stdout as JSON lines (each line must parse).
-    pub fn lines(&self) -> Vec<serde_json::Value> {
-        self.stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-            .collect()
+    pub fn lines(&self) -> Vec<Value> {
+        json_lines(&self.stdout)
     }
 }
 
@@ -230,6 +379,17 @@ pub fn output_within(what: &str, mut cmd: Command, limit: Duration) -> Bounded {
         status,
         stdout: reader.join().unwrap(),
         stderr: std::fs::read_to_string(errors.path()).unwrap(),
+    }
+}
+
+/// [`output_within`] as a plain [`Output`]: `cmd` run to its end, for at most `limit`.
+pub fn output_bounded(cmd: Command, limit: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let out = output_within(&what, cmd, limit);
+    Output {
+        status: out.status,
+        stdout: out.stdout.into_bytes(),
+        stderr: out.stderr.into_bytes(),
     }
 }
 

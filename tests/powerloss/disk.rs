@@ -421,26 +421,20 @@ impl Disk {
                     durable,
                     pending,
                 } => {
-                    let n = if cut == Cut::Prefix {
-                        pick(pending.len()).min(pending.len())
-                    } else {
-                        0
-                    };
+                    let n = survivors(cut, &mut pick, pending.len());
                     for op in &pending[..n] {
                         apply_file_op(durable, op);
                     }
                     self.stats.dropped_file_changes += (pending.len() - n) as u64;
                     if let Some(FileOp::Write { offset, data }) = pending.get(n) {
-                        if cut == Cut::Prefix {
-                            let len = pick(data.len()).min(data.len());
-                            if len > 0 {
-                                self.stats.torn_writes += 1;
-                                let part = FileOp::Write {
-                                    offset: *offset,
-                                    data: data[..len].to_vec(),
-                                };
-                                apply_file_op(durable, &part);
-                            }
+                        let len = survivors(cut, &mut pick, data.len());
+                        if len > 0 {
+                            self.stats.torn_writes += 1;
+                            let part = FileOp::Write {
+                                offset: *offset,
+                                data: data[..len].to_vec(),
+                            };
+                            apply_file_op(durable, &part);
                         }
                     }
                     live.clone_from(durable);
@@ -452,11 +446,7 @@ impl Disk {
                     pending,
                     parent: p,
                 } => {
-                    let n = if cut == Cut::Prefix {
-                        pick(pending.len()).min(pending.len())
-                    } else {
-                        0
-                    };
+                    let n = survivors(cut, &mut pick, pending.len());
                     for op in &pending[..n] {
                         apply_dir_op(durable, op);
                     }
@@ -490,6 +480,16 @@ impl Disk {
         }
         self.inodes = kept;
         self.frozen = false;
+    }
+}
+
+/// How much of `n` unsynced changes (or bytes of a write) a cut keeps: what `pick(n)`
+/// says for [`Cut::Prefix`] (at most `n`), nothing otherwise.
+fn survivors(cut: Cut, pick: &mut impl FnMut(usize) -> usize, n: usize) -> usize {
+    if cut == Cut::Prefix {
+        pick(n).min(n)
+    } else {
+        0
     }
 }
 

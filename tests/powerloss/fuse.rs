@@ -107,6 +107,27 @@ macro_rules! with_disk {
     };
 }
 
+impl PowerFs {
+    /// Runs `change` on the disk, then answers `reply` with success or its errno.
+    fn change(&self, reply: ReplyEmpty, change: impl FnOnce(&mut Disk) -> Result<(), i32>) {
+        with_disk!(self, reply, |d| change(d), |reply, ()| reply.ok())
+    }
+}
+
+/// Creates `name` in `parent` (a directory if `dir`), owned by `req`'s user, with the
+/// permissions of `mode` less `umask`: its attributes.
+fn create_in(
+    d: &mut Disk,
+    req: &Request,
+    (parent, name): (INodeNo, &OsStr),
+    dir: bool,
+    (mode, umask): (u32, u32),
+) -> Result<FileAttr, i32> {
+    let perm = (mode & !umask & 0o7777) as u16;
+    let ino = d.create(parent.0, name, dir, perm, req.uid(), req.gid())?;
+    Ok(attr(ino, d.get(ino)?))
+}
+
 impl Filesystem for PowerFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         with_disk!(
@@ -173,37 +194,17 @@ impl Filesystem for PowerFs {
         with_disk!(
             self,
             reply,
-            |d| {
-                let perm = (mode & !umask & 0o7777) as u16;
-                let ino = d.create(parent.0, name, true, perm, req.uid(), req.gid())?;
-                Ok(attr(ino, d.get(ino)?))
-            },
+            |d| { create_in(d, req, (parent, name), true, (mode, umask)) },
             |reply, a| reply.entry(&TTL, &a, Generation(0))
         )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        with_disk!(
-            self,
-            reply,
-            |d| {
-                d.remove(parent.0, name, false)?;
-                Ok(())
-            },
-            |reply, ()| reply.ok()
-        )
+        self.change(reply, |d| d.remove(parent.0, name, false))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        with_disk!(
-            self,
-            reply,
-            |d| {
-                d.remove(parent.0, name, true)?;
-                Ok(())
-            },
-            |reply, ()| reply.ok()
-        )
+        self.change(reply, |d| d.remove(parent.0, name, true))
     }
 
     fn rename(
@@ -216,19 +217,13 @@ impl Filesystem for PowerFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        with_disk!(
-            self,
-            reply,
-            |d| {
-                if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
-                    return Err(libc::EINVAL);
-                }
-                let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-                d.rename(parent.0, name, newparent.0, newname, noreplace)?;
-                Ok(())
-            },
-            |reply, ()| reply.ok()
-        )
+        self.change(reply, |d| {
+            if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
+                return Err(libc::EINVAL);
+            }
+            let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+            d.rename(parent.0, name, newparent.0, newname, noreplace)
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -262,9 +257,7 @@ impl Filesystem for PowerFs {
                 if mode & libc::S_IFMT != libc::S_IFREG {
                     return Err(libc::EPERM); // FIFOs, devices: not in this file system
                 }
-                let perm = (mode & !umask & 0o7777) as u16;
-                let ino = d.create(parent.0, name, false, perm, req.uid(), req.gid())?;
-                Ok(attr(ino, d.get(ino)?))
+                create_in(d, req, (parent, name), false, (mode, umask))
             },
             |reply, a| reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty())
         )
@@ -320,23 +313,8 @@ impl Filesystem for PowerFs {
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        with_disk!(
-            self,
-            reply,
-            |d| {
-                d.sync(ino.0)?;
-                Ok(())
-            },
-            |reply, ()| reply.ok()
-        )
+    fn fsync(&self, _: &Request, ino: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
+        self.change(reply, |d| d.sync(ino.0))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -393,23 +371,8 @@ impl Filesystem for PowerFs {
         reply.ok();
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        with_disk!(
-            self,
-            reply,
-            |d| {
-                d.sync(ino.0)?;
-                Ok(())
-            },
-            |reply, ()| reply.ok()
-        )
+    fn fsyncdir(&self, _: &Request, ino: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
+        self.change(reply, |d| d.sync(ino.0))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
