@@ -89,6 +89,16 @@ impl Env {
             .unwrap()
     }
 
+    /// What a behaviour gives on this backend: `dir` on the directory, `nats` on
+    /// JetStream (where README documents a difference).
+    fn pick<T>(&self, dir: T, nats: T) -> T {
+        if self.nats {
+            nats
+        } else {
+            dir
+        }
+    }
+
     /// Asserts that `after` is the token of the grant after the one with `before`:
     /// the next number on the directory; higher on JetStream, whose tokens are revisions
     /// of the namespace's bucket (strictly increasing, not consecutive: README).

@@ -122,10 +122,9 @@ fn a_reader_and_a_group_at_the_tail_keep_up_with_writers_rolling_segments() {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn writer_process() {
-    if !common::is_child() {
+    let Some(w) = common::child_env("WRITER") else {
         return;
-    }
-    let w = common::env("WRITER");
+    };
     let count: usize = common::env("COUNT").parse().unwrap();
     let bus = Bus::builder()
         .durability(Durability::Flush)

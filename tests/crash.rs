@@ -92,10 +92,10 @@ fn sigkilled_writers_lose_no_acknowledged_message() {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn crash_writer() {
-    if !common::is_child() {
+    let Some(seed) = common::child_env("SEED") else {
         return;
-    }
-    let mut rng = common::Rng::new(common::env("SEED").parse().unwrap());
+    };
+    let mut rng = common::Rng::new(seed.parse().unwrap());
     let durability = match common::env("DURABILITY").as_str() {
         "sync" => Durability::Sync,
         _ => Durability::Flush,
@@ -180,10 +180,9 @@ fn a_writer_killed_mid_append_leaves_no_stale_lock_and_its_torn_record_is_cut() 
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn half_writer() {
-    if !common::is_child() {
+    let Some(root) = common::child_env("BUS").map(std::path::PathBuf::from) else {
         return;
-    }
-    let root = std::path::PathBuf::from(common::env("BUS"));
+    };
     let lock = std::fs::File::open(root.join("mailboxes/main/lock")).unwrap();
     lock.lock().unwrap();
     std::fs::OpenOptions::new()

@@ -56,9 +56,7 @@ fn a_damaged_last_record_hides_nothing_before_it() {
 #[test]
 fn a_follower_behind_compaction_is_told_so_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::segmented_bus(dir.path(), 1024);
-    let (bus, mb, group) = common::with_group(bus, "main", "workers");
-    mb.send(NewMessage::new("t").body("0")).unwrap();
+    let (bus, mb, group) = common::main_with_workers(dir.path());
 
     // The follower opens the first segment, then falls behind.
     let mut rx = bus.follow(&["main"]).unwrap().from_seq(1);

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use agentbus::{Bus, Durability, NewMessage};
+use agentbus::{Bus, NewMessage};
 
 /// The code block of FORMAT.md in language `lang` whose first line is
 /// `# outside-writer`.
@@ -89,11 +89,7 @@ fn shell_and_python_examples_write_records_the_library_reads() {
 #[test]
 fn outside_writers_and_library_writers_interleave_without_gaps() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(2048)
-        .init(dir.path())
-        .unwrap();
+    let bus = common::segmented_bus(dir.path(), 2048);
     let mb = bus.create_mailbox("main").unwrap();
     std::thread::scope(|s| {
         for lang in ["bash", "bash", "python"] {

@@ -241,8 +241,7 @@ fn a_gap_between_segments_under_a_group_skips_exactly_the_missing_seqs() {
 #[test]
 fn a_group_started_at_the_end_gets_past_a_damaged_first_record() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "jobs");
     send_n(&mb, 3);
     let late = mb
         .create_group_with("late", GroupOptions::new().start(StartAt::End))
@@ -319,8 +318,7 @@ fn a_batch_claim_is_one_record_and_its_messages_redeliver_from_another_handle() 
 #[test]
 fn a_batch_claim_replayed_by_another_handle_keeps_each_message_age_and_redelivers_it() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "jobs");
     let group = mb
         .create_group_with(
             "g",

@@ -31,11 +31,11 @@ fn reviewer_inbox() -> agentbus::HandoffInbox {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn handoff_receiver() {
-    if !common::is_child() {
+    let Some(count) = common::child_env("COUNT") else {
         return;
-    }
+    };
     let mut inbox = reviewer_inbox();
-    for _ in 0..common::env("COUNT").parse::<usize>().unwrap() {
+    for _ in 0..count.parse::<usize>().unwrap() {
         let h = inbox.recv_timeout(Duration::from_secs(30)).unwrap();
         match h.verify() {
             Ok(()) => {
@@ -486,12 +486,7 @@ fn an_accept_whose_answer_cannot_be_written_keeps_the_lease_for_its_retry() {
         .env("SEQ", sent.receipt.seq.to_string())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::succeeded("limited_acceptor", &out);
     assert!(stdout.contains("FIRST io EFBIG"), "{stdout}");
     assert!(stdout.contains("RETRY accepted"), "{stdout}");
 
@@ -515,10 +510,10 @@ fn an_accept_whose_answer_cannot_be_written_keeps_the_lease_for_its_retry() {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn limited_acceptor() {
-    if !common::is_child() {
+    let Some(seq) = common::child_env("SEQ") else {
         return;
-    }
-    let seq: u64 = common::env("SEQ").parse().unwrap();
+    };
+    let seq: u64 = seq.parse().unwrap();
     let mut inbox = reviewer_inbox();
     let set_limit = |limit| unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);

@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::fs::symlink;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbus::{Bus, Error, NewMessage};
@@ -166,8 +167,11 @@ fn move_out_and_link(s: &Setup, inner: &str) -> std::path::PathBuf {
     outside
 }
 
+/// Files with their contents.
+type Snapshot = Vec<(PathBuf, Vec<u8>)>;
+
 /// Every file below `dir`, with its contents, sorted.
-fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+fn snapshot(dir: &std::path::Path) -> Snapshot {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -181,13 +185,20 @@ fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     out
 }
 
+/// A handle on `main` opened (and its directories checked, nothing cached yet) before
+/// `inner` of it is moved out and linked ([`move_out_and_link`]); the moved directory
+/// and what it held.
+fn opened_before_the_swap(s: &Setup, inner: &str) -> (agentbus::Mailbox, PathBuf, Snapshot) {
+    let early = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
+    let outside = move_out_and_link(s, &format!("mailboxes/main/{inner}"));
+    let before = snapshot(&outside);
+    (early, outside, before)
+}
+
 #[test]
 fn a_symlinked_log_directory_is_refused_even_under_an_open_handle() {
     let s = setup();
-    // Opened (and its directories checked) before the swap, nothing cached yet.
-    let early = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
-    let outside = move_out_and_link(&s, "mailboxes/main/log");
-    let before = snapshot(&outside);
+    let (early, outside, before) = opened_before_the_swap(&s, "log");
 
     let e = early
         .send(NewMessage::new("t").body("lands outside"))
@@ -202,9 +213,7 @@ fn a_symlinked_log_directory_is_refused_even_under_an_open_handle() {
 #[test]
 fn a_symlinked_key_directory_is_refused() {
     let s = setup();
-    let early = Bus::open(&s.root).unwrap().mailbox("main").unwrap();
-    let outside = move_out_and_link(&s, "mailboxes/main/keys");
-    let before = snapshot(&outside);
+    let (early, outside, before) = opened_before_the_swap(&s, "keys");
     let e = early
         .send(NewMessage::new("t").idempotency_key("k"))
         .unwrap_err();

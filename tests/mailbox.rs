@@ -5,14 +5,13 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use agentbus::{Bus, Durability, Error, NewMessage};
+use agentbus::{Bus, Error, NewMessage};
 
 #[test]
 fn an_empty_newest_segment_ends_reading_and_is_written_into() {
     // A writer that dies right after rolling over leaves an empty segment behind.
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
+    let (bus, mb) = common::flush_mailbox(dir.path(), "main");
     mb.send(NewMessage::new("t")).unwrap();
     std::fs::File::create(mb.path().join("log/00000000000000000002.jsonl")).unwrap();
     assert_eq!(mb.messages().count(), 1);
@@ -26,11 +25,7 @@ fn an_empty_newest_segment_ends_reading_and_is_written_into() {
 #[test]
 fn writers_with_fresh_handles_continue_after_rollover() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(1000)
-        .init(dir.path())
-        .unwrap();
+    let bus = common::segmented_bus(dir.path(), 1000);
     bus.create_mailbox("main").unwrap();
     for i in 1..=50u64 {
         // A new handle each time: like one CLI process per send.
@@ -83,8 +78,7 @@ fn writers_with_fresh_handles_continue_after_rollover() {
 #[test]
 fn a_key_whose_index_entry_was_lost_in_a_crash_is_recovered() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "main");
     let first = mb.send(NewMessage::new("t").idempotency_key("k")).unwrap();
     // Simulate a crash between the message append and the index append.
     for e in std::fs::read_dir(mb.path().join("keys")).unwrap() {
@@ -194,8 +188,7 @@ fn symlinks_inside_the_bus_are_not_followed() {
 #[test]
 fn keys_of_a_whole_batch_are_recovered_when_indexing_was_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "main");
     let receipts = mb
         .send_batch([
             NewMessage::new("t").idempotency_key("k1"),
@@ -223,8 +216,7 @@ fn keys_of_a_whole_batch_are_recovered_when_indexing_was_lost() {
 #[test]
 fn keys_written_by_outside_writers_are_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "main");
     mb.send(NewMessage::new("t").idempotency_key("first"))
         .unwrap();
     let seg = mb.path().join("log/00000000000000000001.jsonl");

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use agentbus::{Bus, Error, NewMessage};
+use agentbus::{Bus, Error, Group, Mailbox, NewMessage};
 
 struct Env {
     /// `nats://host:port`
@@ -51,6 +51,14 @@ fn env(test: &str) -> Option<Env> {
 impl Env {
     fn bus(&self) -> Bus {
         Bus::builder().agent("t").init(&self.url).unwrap()
+    }
+
+    /// A new bus in this namespace with mailbox `mailbox` and its group `g`.
+    fn group_of(&self, mailbox: &str) -> (Bus, Mailbox, Group) {
+        let bus = self.bus();
+        let mb = bus.create_mailbox(mailbox).unwrap();
+        let group = mb.create_group("g").unwrap();
+        (bus, mb, group)
     }
 
     fn subject(&self, mailbox: &str) -> String {
@@ -119,9 +127,7 @@ fn record(body: &str) -> Vec<u8> {
 #[test]
 fn a_settlement_nobody_confirms_is_an_error() {
     let Some(env) = env("settle") else { return };
-    let bus = env.bus();
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
+    let (_bus, mb, group) = env.group_of("jobs");
     mb.send(NewMessage::new("job")).unwrap();
     mb.send(NewMessage::new("job")).unwrap();
     let claimed = group.claim("w", 2).unwrap();
@@ -150,9 +156,7 @@ fn a_settlement_nobody_confirms_is_an_error() {
 #[test]
 fn records_that_are_not_messages_are_dead_lettered_with_their_bytes() {
     let Some(env) = env("foreign") else { return };
-    let bus = env.bus();
-    let mb = bus.create_mailbox("jobs").unwrap();
-    let group = mb.create_group("g").unwrap();
+    let (bus, mb, group) = env.group_of("jobs");
     env.publish("jobs", b"plain text, not JSON", &[]);
     env.publish("jobs", br#"{"hello":"world"}"#, &[]);
     env.publish("jobs", &[0xff, 0x00, 0xfe], &[]);
@@ -216,12 +220,12 @@ fn consumers_of_other_clients_are_not_groups() {
     assert_eq!(mb.groups().unwrap(), ["b-agentbus"]);
     for args in [&["group", "list", "jobs"][..], &["stats"]] {
         let out = env.cli(args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("b-agentbus"), "{args:?}: {stdout}");
         assert!(!stdout.contains("a-foreign"), "{args:?}: {stdout}");
     }
@@ -232,9 +236,7 @@ fn consumers_of_other_clients_are_not_groups() {
 #[test]
 fn a_nats_msg_id_alone_is_the_idempotency_key() {
     let Some(env) = env("msgid") else { return };
-    let bus = env.bus();
-    let mb = bus.create_mailbox("inbox").unwrap();
-    let group = mb.create_group("g").unwrap();
+    let (_bus, mb, group) = env.group_of("inbox");
     env.publish("inbox", &record("from python"), &[("Nats-Msg-Id", "py-1")]);
     let read = mb.messages().next().unwrap().unwrap();
     assert_eq!(read.idempotency_key.as_deref(), Some("py-1"));

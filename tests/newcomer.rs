@@ -18,8 +18,7 @@ struct Review {
 #[test]
 fn payloads_are_typed_both_ways() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("reviews").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "reviews");
     let review = Review {
         chapter: 3,
         notes: vec!["tone".into()],
@@ -51,8 +50,7 @@ fn payloads_are_typed_both_ways() {
 #[test]
 fn a_restarting_consumer_creates_or_opens_its_group_and_is_told_of_other_settings() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "jobs");
     mb.send(NewMessage::new("job")).unwrap();
     let opts = || {
         GroupOptions::new()
@@ -133,8 +131,7 @@ fn from_env_reads_what_the_cli_reads() {
 #[test]
 fn receiver_errors_pass_on_with_the_question_mark() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
+    let (bus, mb) = common::flush_mailbox(dir.path(), "main");
     let mut rx = bus.follow(&["main"]).unwrap();
     let mut try_one = || -> agentbus::Result<u64> { Ok(rx.try_recv()?.message.seq) };
     assert!(matches!(try_one(), Err(Error::Empty)));
@@ -153,8 +150,7 @@ fn receiver_errors_pass_on_with_the_question_mark() {
 #[test]
 fn dead_letters_and_damage_notices_read_back_typed() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("jobs").unwrap();
+    let (bus, mb) = common::flush_mailbox(dir.path(), "jobs");
     let g = mb
         .create_group_with("w", GroupOptions::new().max_deliveries(2))
         .unwrap();
@@ -208,17 +204,10 @@ fn dead_letters_and_damage_notices_read_back_typed() {
 #[test]
 fn exclude_filters_pass_every_other_type() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("events").unwrap();
-    let g = mb
-        .create_group_with(
-            "quiet",
-            GroupOptions::new().filter(Filter::new().not_type("alert")),
-        )
-        .unwrap();
-    for kind in ["task", "alert", "added.later", "alert"] {
-        mb.send(NewMessage::new(kind)).unwrap();
-    }
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "events");
+    let no_alerts = GroupOptions::new().filter(Filter::new().not_type("alert"));
+    let g = mb.create_group_with("quiet", no_alerts).unwrap();
+    common::send_kinds(&mb, &["task", "alert", "added.later", "alert"]);
     let kinds =
         |ms: Vec<agentbus::Message>| -> Vec<String> { ms.into_iter().map(|m| m.kind).collect() };
     let read: Vec<_> = mb

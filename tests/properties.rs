@@ -100,11 +100,7 @@ proptest! {
     #[test]
     fn group_operations_lose_nothing_and_ack_nothing_twice(ops in prop::collection::vec(op(), 1..40)) {
         let dir = tempfile::tempdir().unwrap();
-        let bus = Bus::builder()
-            .durability(Durability::Flush)
-            .segment_bytes(600)
-            .init(dir.path())
-            .unwrap();
+        let bus = common::segmented_bus(dir.path(), 600);
         let mb = bus.create_mailbox("m").unwrap();
         mb.create_group("g").unwrap();
         let mut group = mb.group("g").unwrap();

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, Write};
-use std::process::Stdio;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use agentbus::{Bus, Durability, Filter, GroupOptions, NewMessage, WatchMode};
@@ -25,27 +24,19 @@ fn cross_process_recv(mode: &str, poll_ms: u64) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::init(dir.path()).unwrap();
     let main = bus.create_mailbox("main").unwrap();
-    let mut child = common::child("blocked_receiver")
-        .env("BUS", dir.path())
-        .env("MODE", mode)
-        .env("POLL_MS", poll_ms.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = common::spawn_lines(
+        common::child("blocked_receiver")
+            .env("BUS", dir.path())
+            .env("MODE", mode)
+            .env("POLL_MS", poll_ms.to_string()),
+    );
     let ready = lines
-        .by_ref()
-        .map(Result::unwrap)
         .find(|l| l.starts_with("READY"))
         .expect("receiver never got ready");
     std::thread::sleep(Duration::from_millis(100)); // let it block in recv
     main.send(NewMessage::new("ping").body("hello")).unwrap();
     let mut out = vec![ready];
-    out.extend(
-        lines
-            .map(Result::unwrap)
-            .filter(|l| l.starts_with("RECEIVED") || l.starts_with("TIMEOUT")),
-    );
+    out.extend(lines.filter(|l| l.starts_with("RECEIVED") || l.starts_with("TIMEOUT")));
     assert!(child.wait().unwrap().success());
     out
 }
@@ -68,10 +59,10 @@ fn a_blocked_recv_in_another_process_is_woken_by_polling_alone() {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn blocked_receiver() {
-    if !common::is_child() {
+    let Some(mode) = common::child_env("MODE") else {
         return;
-    }
-    let mode = match common::env("MODE").as_str() {
+    };
+    let mode = match mode.as_str() {
         "poll" => WatchMode::PollOnly,
         _ => WatchMode::Auto,
     };
@@ -222,22 +213,10 @@ fn a_group_filter_skips_other_types_for_every_consumer() {
     let dir = tempfile::tempdir().unwrap();
     let bus = bus_with(dir.path(), WatchMode::Auto, Duration::from_millis(100));
     let jobs = bus.create_mailbox("jobs").unwrap();
-    let reviews = jobs
-        .create_group_with(
-            "reviews",
-            GroupOptions::new().filter(Filter::new().of_type("review")),
-        )
-        .unwrap();
-    for kind in ["review", "build", "review", "deploy"] {
-        jobs.send(NewMessage::new(kind)).unwrap();
-    }
-    let seqs: Vec<u64> = reviews
-        .claim("w", 10)
-        .unwrap()
-        .iter()
-        .map(|d| d.seq())
-        .collect();
-    assert_eq!(seqs, [1, 3]);
+    let only_reviews = GroupOptions::new().filter(Filter::new().of_type("review"));
+    let reviews = jobs.create_group_with("reviews", only_reviews).unwrap();
+    common::send_kinds(&jobs, &["review", "build", "review", "deploy"]);
+    assert_eq!(common::seqs(&reviews.claim("w", 10).unwrap()), [1, 3]);
     let stats = reviews.stats().unwrap();
     assert_eq!((stats.skipped, stats.lag), (2, 0));
 

@@ -189,8 +189,7 @@ fn uuid_like(n: u64) -> String {
 fn a_backwards_or_repeated_seq_from_an_outside_writer_is_refused_not_built_on() {
     for (case, bad) in [("backwards", 3), ("repeated", 5)] {
         let dir = tempfile::tempdir().unwrap();
-        let bus = common::flush_bus(dir.path());
-        let mb = bus.create_mailbox("main").unwrap();
+        let (_bus, mb) = common::flush_mailbox(dir.path(), "main");
         for _ in 1..=5 {
             mb.send(NewMessage::new("t")).unwrap();
         }
@@ -216,8 +215,7 @@ fn a_backwards_or_repeated_seq_from_an_outside_writer_is_refused_not_built_on() 
 #[test]
 fn a_damaged_last_record_that_still_parses_its_seq_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "main");
     mb.send(NewMessage::new("t").body("alpha")).unwrap();
     // The next seq, but a checksum that does not match: damaged, though its seq reads.
     let line = format!(
@@ -249,8 +247,7 @@ fn an_outside_writer_that_continues_the_sequence_is_built_on() {
     // (A jump forward hands out no seq twice: readers report the seqs missing, and
     // sends go on after it; see tests/damage.rs.)
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let mb = bus.create_mailbox("main").unwrap();
+    let (_bus, mb) = common::flush_mailbox(dir.path(), "main");
     mb.send(NewMessage::new("t")).unwrap();
     outside_record(dir.path(), 2);
     assert_eq!(mb.send(NewMessage::new("t")).unwrap().seq, 3);

@@ -30,10 +30,7 @@ const ROLES: [&str; 6] = [
 
 #[test]
 fn soak_with_sigkill_chaos_keeps_every_invariant() {
-    let secs: u64 = std::env::var("AGENTBUS_SOAK_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let secs = common::env_number("AGENTBUS_SOAK_SECS").unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("bus");
     let bus = common::flush_bus(&root);
@@ -145,13 +142,11 @@ fn soak_with_sigkill_chaos_keeps_every_invariant() {
 #[test]
 #[ignore = "runs only as a child process of the soak test"]
 fn soak_writer() {
-    if !common::is_child() {
+    let Some(bus) = common::child_bus() else {
         return;
-    }
+    };
     let id = common::env("ID");
-    let jobs = common::open_flush_bus(common::env("BUS"))
-        .mailbox("jobs")
-        .unwrap();
+    let jobs = bus.mailbox("jobs").unwrap();
     let mut out = std::io::stdout().lock();
     for n in 0.. {
         // Restarted writers resend the same keys: idempotency keeps them single.
@@ -168,15 +163,11 @@ fn soak_writer() {
 #[test]
 #[ignore = "runs only as a child process of the soak test"]
 fn soak_consumer() {
-    if !common::is_child() {
+    let Some(bus) = common::child_bus() else {
         return;
-    }
+    };
     let id = common::env("ID");
-    let group = common::open_flush_bus(common::env("BUS"))
-        .mailbox("jobs")
-        .unwrap()
-        .group("workers")
-        .unwrap();
+    let group = bus.mailbox("jobs").unwrap().group("workers").unwrap();
     let mut rx = group.consumer(&format!("c{id}")).unwrap();
     loop {
         match rx.try_recv() {
@@ -193,10 +184,9 @@ fn soak_consumer() {
 #[test]
 #[ignore = "runs only as a child process of the soak test"]
 fn soak_contender() {
-    if !common::is_child() {
+    let Some(bus) = common::child_bus() else {
         return;
-    }
-    let bus = common::open_flush_bus(common::env("BUS"));
+    };
     let id = common::env("ID");
     let root = std::path::PathBuf::from(common::env("BUS"));
     let mut out = std::io::stdout().lock();

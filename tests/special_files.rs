@@ -80,6 +80,12 @@ fn error_of(out: &Output) -> serde_json::Value {
     serde_json::from_str(stderr.trim()).unwrap_or_else(|e| panic!("{stderr:?}: {e}"))
 }
 
+/// A send and a read on the bus at `root` fail at once with `unsafe_file` about `file`.
+fn refused_to_send_and_read(root: &Path, file: &str) {
+    refused(root, file, SEND);
+    refused(root, file, RECV);
+}
+
 /// `args` on the bus at `root` fail at once with `unsafe_file` about `file`.
 fn refused(root: &Path, file: &str, args: &[&str]) {
     let out = bounded({
@@ -111,8 +117,7 @@ fn a_fifo_at_mailbox_metadata_or_lock_is_refused() {
     for file in ["mailboxes/main/mailbox.json", "mailboxes/main/lock"] {
         let (_d, root) = bus();
         plant_fifo(&root.join(file));
-        refused(&root, file, SEND);
-        refused(&root, file, RECV);
+        refused_to_send_and_read(&root, file);
     }
 }
 
@@ -120,8 +125,7 @@ fn a_fifo_at_mailbox_metadata_or_lock_is_refused() {
 fn a_fifo_segment_is_refused_by_writers_readers_and_stats() {
     let (_d, root) = bus();
     plant_fifo(&root.join(SEGMENT));
-    refused(&root, SEGMENT, SEND);
-    refused(&root, SEGMENT, RECV);
+    refused_to_send_and_read(&root, SEGMENT);
     refused(&root, SEGMENT, &["stats"]);
     refused(&root, SEGMENT, &["doctor"]);
 }
@@ -183,8 +187,7 @@ fn doctor_reports_a_fifo_in_the_key_index_without_reading_it() {
 fn devices_are_refused() {
     let (_d, root) = bus();
     plant_device(&root.join(SEGMENT));
-    refused(&root, SEGMENT, SEND);
-    refused(&root, SEGMENT, RECV);
+    refused_to_send_and_read(&root, SEGMENT);
     plant_device(&root.join("agentbus.json"));
     refused(&root, "agentbus.json", RECV);
 }

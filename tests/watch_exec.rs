@@ -90,9 +90,7 @@ fn watch_reports_damage_and_goes_on_after_every_restart() {
 #[test]
 fn a_watcher_behind_compaction_is_told_so_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::segmented_bus(dir.path(), 1024);
-    let (_bus, mb, group) = common::with_group(bus, "main", "workers");
-    mb.send(NewMessage::new("t").body("0")).unwrap();
+    let (_bus, mb, group) = common::main_with_workers(dir.path());
 
     // The watcher's handler holds it at seq 1 until `go` exists, while the log grows
     // by many segments and is compacted under it.
@@ -276,8 +274,7 @@ fn a_background_job_left_by_the_handler_does_not_hold_watch_up() {
 #[test]
 fn a_hung_handler_is_killed_with_its_process_group_at_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = common::flush_bus(dir.path());
-    let jobs = bus.create_mailbox("jobs").unwrap();
+    let (bus, jobs) = common::flush_mailbox(dir.path(), "jobs");
     jobs.create_group_with("g", GroupOptions::new().max_deliveries(2))
         .unwrap();
     jobs.send(NewMessage::new("job")).unwrap();

@@ -18,12 +18,7 @@ fn a_write_cut_short_by_a_file_size_limit_leaves_a_clean_log() {
         .env("BUS", &root)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::succeeded("limited_writer", &out);
     assert!(stdout.contains("SINGLE io EFBIG"), "{stdout}");
     assert!(stdout.contains("BATCH committed 1"), "{stdout}");
 
@@ -38,10 +33,9 @@ fn a_write_cut_short_by_a_file_size_limit_leaves_a_clean_log() {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn limited_writer() {
-    if !common::is_child() {
+    let Some(bus) = common::child_bus() else {
         return;
-    }
-    let bus = common::open_flush_bus(common::env("BUS"));
+    };
     let mb = bus.mailbox("main").unwrap();
     let seg = mb.path().join("log/00000000000000000001.jsonl");
     let size = std::fs::metadata(&seg).unwrap().len();

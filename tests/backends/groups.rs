@@ -4,7 +4,7 @@
 //! letters, and the stats counters.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -98,20 +98,15 @@ behaviours! {
             .collect();
         let mut claims: HashMap<u64, Vec<String>> = HashMap::new();
         let mut acks: HashMap<u64, Vec<String>> = HashMap::new();
-        for child in children {
-            let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "a worker failed");
-            for line in out.stdout.lines() {
-                let line = line.unwrap();
-                // The test harness prints lines of its own; ours are "CLAIM|ACK worker seq".
-                let parts: Vec<&str> = line.split(' ').collect();
-                let map = match parts[..] {
-                    ["CLAIM", _, _] => &mut claims,
-                    ["ACK", _, _] => &mut acks,
-                    _ => continue,
-                };
-                map.entry(parts[2].parse().unwrap()).or_default().push(parts[1].to_owned());
-            }
+        for line in common::lines_of(children, "a worker") {
+            // The test harness prints lines of its own; ours are "CLAIM|ACK worker seq".
+            let parts: Vec<&str> = line.split(' ').collect();
+            let map = match parts[..] {
+                ["CLAIM", _, _] => &mut claims,
+                ["ACK", _, _] => &mut acks,
+                _ => continue,
+            };
+            map.entry(parts[2].parse().unwrap()).or_default().push(parts[1].to_owned());
         }
         for seq in 1..=MESSAGES as u64 {
             let c = claims.get(&seq).map_or(0, Vec::len);
@@ -191,7 +186,7 @@ behaviours! {
         assert_eq!(got.iter().map(|d| d.seq()).collect::<Vec<_>>(), [2, 3]);
         // The directory counts what the filter passed over; JetStream does not (README).
         let skipped = drafts.stats().unwrap().skipped;
-        assert_eq!(skipped, if env.is_nats() { 0 } else { 2 });
+        assert_eq!(skipped, env.pick(2, 0));
     }
 
     /// A group created at the end skips the history and gets only what is sent after.
@@ -300,13 +295,9 @@ behaviours! {
         assert!(group.claim_one("d").unwrap().is_none());
         let stats = group.stats().unwrap();
         let counts = (stats.acked, stats.termed, stats.pending, stats.in_flight);
-        if env.is_nats() {
-            // README: JetStream does not count termed messages, and `acked` is the
-            // highest fully settled seq, which the termed seq 4 is.
-            assert_eq!(counts, (4, 0, 0, 0));
-        } else {
-            assert_eq!(counts, (3, 1, 0, 0));
-        }
+        // README: JetStream does not count termed messages, and `acked` is the highest
+        // fully settled seq, which the termed seq 4 is.
+        assert_eq!(counts, env.pick((3, 1, 0, 0), (4, 0, 0, 0)));
 
         if env.is_nats() {
             // README: settling by seq works only for a delivery this handle holds.
@@ -404,15 +395,9 @@ behaviours! {
             .unwrap();
         mb.send(NewMessage::new("job").body("important")).unwrap();
 
-        let mut child = common::child("groups::claim_and_hang")
-            .env("BUS", &env.location)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut child, mut lines) =
+            common::spawn_lines(common::child("groups::claim_and_hang").env("BUS", &env.location));
         let claimed = lines
-            .by_ref()
-            .map(Result::unwrap)
             .find_map(|l| l.strip_prefix("CLAIMED ").map(str::to_owned))
             .expect("child never claimed");
         let claimed_at = Instant::now();
@@ -574,14 +559,9 @@ behaviours! {
         assert_eq!(attempts, [1, 2, 3]);
         let stats = group.stats().unwrap();
         let counts = (stats.dead, stats.acked, stats.pending, stats.in_flight);
-        if env.is_nats() {
-            // README: JetStream counts dead letters from the dead-letter mailbox, and
-            // `acked` is the highest fully acked seq (the buried seq 1 is settled, seq 2
-            // acked).
-            assert_eq!(counts, (1, 2, 0, 0));
-        } else {
-            assert_eq!(counts, (1, 1, 0, 0));
-        }
+        // README: JetStream counts dead letters from the dead-letter mailbox, and `acked`
+        // is the highest fully acked seq (the buried seq 1 is settled, seq 2 acked).
+        assert_eq!(counts, env.pick((1, 1, 0, 0), (1, 2, 0, 0)));
 
         let dead: Vec<_> = dlq.messages().map(Result::unwrap).collect();
         assert_eq!(dead.len(), 1);
@@ -770,11 +750,10 @@ const MESSAGES: usize = 10_000;
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn drain_worker() {
-    if !common::is_child() {
+    let Some(bus) = common::child_bus() else {
         return;
-    }
+    };
     let worker = common::env("WORKER");
-    let bus = common::open_flush_bus(common::env("BUS"));
     let group = bus.mailbox("jobs").unwrap().group("workers").unwrap();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
@@ -796,10 +775,9 @@ fn drain_worker() {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn claim_and_hang() {
-    if !common::is_child() {
+    let Some(bus) = common::child_env("BUS").map(|b| Bus::open(b).unwrap()) else {
         return;
-    }
-    let bus = Bus::open(common::env("BUS")).unwrap();
+    };
     let group = bus.mailbox("jobs").unwrap().group("workers").unwrap();
     let d = group.claim_one("doomed").unwrap().unwrap();
     println!("CLAIMED {}", d.seq());

@@ -302,16 +302,11 @@ behaviours! {
             })
             .collect();
         let mut holds: Vec<(u64, u128, u128, String)> = Vec::new();
-        for child in children {
-            let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "a contender failed");
-            for line in out.stdout.lines() {
-                let line = line.unwrap();
-                let parts: Vec<&str> = line.split(' ').collect();
-                if let ["HOLD", holder, token, start, end] = parts[..] {
-                    let (token, start, end) = (token.parse(), start.parse(), end.parse());
-                    holds.push((token.unwrap(), start.unwrap(), end.unwrap(), holder.into()));
-                }
+        for line in common::lines_of(children, "a contender") {
+            let parts: Vec<&str> = line.split(' ').collect();
+            if let ["HOLD", holder, token, start, end] = parts[..] {
+                let (token, start, end) = (token.parse(), start.parse(), end.parse());
+                holds.push((token.unwrap(), start.unwrap(), end.unwrap(), holder.into()));
             }
         }
         assert_eq!(holds.len(), HOLDS);
@@ -368,10 +363,9 @@ fn spawn_holder(bus: &str, process_bound: bool, ttl_ms: u64) -> std::process::Ch
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn holder() {
-    if !common::is_child() {
+    let Some(bus) = common::child_env("BUS").map(|b| Bus::open(b).unwrap()) else {
         return;
-    }
-    let bus = Bus::open(common::env("BUS")).unwrap();
+    };
     let lease = bus
         .lease("job")
         .holder("doomed")
@@ -402,10 +396,9 @@ fn nanos() -> u128 {
 #[test]
 #[ignore = "runs only as a child process of another test"]
 fn contender() {
-    if !common::is_child() {
+    let Some(bus) = common::child_bus() else {
         return;
-    }
-    let bus = common::open_flush_bus(common::env("BUS"));
+    };
     let holder = common::env("HOLDER");
     let n: usize = common::env("HOLDS").parse().unwrap();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

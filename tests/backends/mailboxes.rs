@@ -292,11 +292,11 @@ behaviours! {
 #[test]
 #[ignore = "run as a child process"]
 fn child_sender() {
-    if !common::is_child() {
+    let Some(agent) = common::child_env("AGENTBUS_TEST_AGENT") else {
         return;
-    }
+    };
     let bus = Bus::builder()
-        .agent(common::env("AGENTBUS_TEST_AGENT"))
+        .agent(agent)
         .durability(Durability::Flush)
         .open(common::env("AGENTBUS_TEST_BUS"))
         .unwrap();

@@ -38,6 +38,61 @@ pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"))
 }
 
+/// Inside a process started by [`child`]: environment variable `name`, which it must
+/// have. Outside one: `None`, and the (ignored) child test returns at once.
+pub fn child_env(name: &str) -> Option<String> {
+    is_child().then(|| env(name))
+}
+
+/// Inside a process started by [`child`]: the bus named by `BUS`, opened like
+/// [`open_flush_bus`]. Outside one: `None`.
+pub fn child_bus() -> Option<Bus> {
+    child_env("BUS").map(open_flush_bus)
+}
+
+/// The number environment variable `name` holds, if it is set to one.
+pub fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// Asserts that the process `what` succeeded (showing its stdout and stderr if not)
+/// and returns its stdout.
+pub fn succeeded(what: &str, out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what}: {:?}: {stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// Starts `cmd` with its stdout piped: the child and its stdout's lines.
+pub fn spawn_lines(cmd: &mut Command) -> (std::process::Child, impl Iterator<Item = String>) {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    (child, stdout.lines().map(Result::unwrap))
+}
+
+/// Waits for each of `children` (started with stdout piped), which must succeed (or
+/// the test fails naming `what`), and returns every line they printed.
+pub fn lines_of(children: Vec<std::process::Child>, what: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{what} failed");
+        lines.extend(
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    lines
+}
+
 /// A new bus at `dir` that flushes every write without fsync: fast, and all a test
 /// needs unless it is about fsync itself.
 pub fn flush_bus(dir: impl AsRef<Path>) -> Bus {
@@ -72,6 +127,21 @@ pub fn with_group(bus: Bus, mailbox: &str, group: &str) -> (Bus, Mailbox, Group)
     (bus, mb, group)
 }
 
+/// A [`flush_bus`] at `dir` with a new mailbox `name`.
+pub fn flush_mailbox(dir: &Path, name: &str) -> (Bus, Mailbox) {
+    let bus = flush_bus(dir);
+    let mb = bus.create_mailbox(name).unwrap();
+    (bus, mb)
+}
+
+/// A bus at `dir` of 1 KiB segments with mailbox `main`, its group `workers`, and one
+/// message (body `"0"`): set for [`grow_settle_and_compact`].
+pub fn main_with_workers(dir: &Path) -> (Bus, Mailbox, Group) {
+    let (bus, mb, group) = with_group(segmented_bus(dir, 1024), "main", "workers");
+    mb.send(NewMessage::new("t").body("0")).unwrap();
+    (bus, mb, group)
+}
+
 /// A [`flush_bus`] at `dir` with mailbox `jobs`, its group `g`, and `n` messages in it
 /// (sent by [`send_n`]).
 pub fn jobs_group(dir: &Path, n: usize) -> (Bus, Mailbox, Group) {
@@ -87,8 +157,8 @@ pub fn mailbox_with(bus: &Bus, name: &str, bodies: &[&str]) -> Mailbox {
     mb
 }
 
-/// Sends messages of type `t` with bodies `"1"` to `"59"` after the one message a test
-/// put in `mb` (on a bus of 1 KiB segments), settles all of them in `group` and
+/// Sends messages of type `t` with bodies `"1"` to `"59"` after the one message of
+/// [`main_with_workers`], settles all of them in `group` and
 /// compacts `mb`, which must remove segments; returns the oldest seq still stored.
 pub fn grow_settle_and_compact(mb: &Mailbox, group: &Group) -> u64 {
     for i in 1..60 {
@@ -130,6 +200,13 @@ pub fn first_message(bus: &Bus, mailbox: &str) -> Message {
         .unwrap()
 }
 
+/// Sends one message (without a body) of each type in `kinds`, in order.
+pub fn send_kinds(mb: &Mailbox, kinds: &[&str]) {
+    for kind in kinds {
+        mb.send(NewMessage::new(*kind)).unwrap();
+    }
+}
+
 /// Sends `n` messages of type `job` with bodies `"0"`, `"1"`, ..., in batches of 1000.
 pub fn send_n(mb: &Mailbox, n: usize) {
     let batch: Vec<_> = (0..n)
@@ -137,6 +214,16 @@ pub fn send_n(mb: &Mailbox, n: usize) {
         .collect();
     for chunk in batch.chunks(1000) {
         mb.send_batch(chunk.to_vec()).unwrap();
+    }
+}
+
+/// The reason of a read `item`, which must be [`agentbus::Error::Corrupt`] at `line`.
+pub fn corrupt_reason(item: &agentbus::Result<Message>, line: u64) -> String {
+    match item {
+        Err(agentbus::Error::Corrupt {
+            line: at, reason, ..
+        }) if *at == line => reason.clone(),
+        other => panic!("expected damage at line {line}, got {other:?}"),
     }
 }
 

@@ -375,8 +375,8 @@ impl Disk {
 
     /// fsync, fdatasync or a directory fsync: the live state of `ino` becomes durable.
     pub fn sync(&mut self, ino: u64) -> Result<(), Errno> {
-        let inode = self.inodes.get_mut(&ino).ok_or(libc::ENOENT)?;
-        match &mut inode.body {
+        let body = &mut self.inodes.get_mut(&ino).ok_or(libc::ENOENT)?.body;
+        match body {
             Body::File {
                 live,
                 durable,

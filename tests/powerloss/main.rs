@@ -206,13 +206,8 @@ struct Figures {
 
 #[test]
 fn power_cuts_lose_nothing_that_was_synced() {
-    let cuts: u64 = std::env::var("AGENTBUS_POWERLOSS_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let seed = std::env::var("AGENTBUS_POWERLOSS_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    let cuts = common::env_number("AGENTBUS_POWERLOSS_CUTS").unwrap_or(200);
+    let seed = common::env_number("AGENTBUS_POWERLOSS_SEED")
         .unwrap_or_else(|| common::Rng::seeded_from_time().1);
     say!("powerloss: seed {seed} (AGENTBUS_POWERLOSS_SEED={seed} repeats the choices)");
     let mut rng = common::Rng::new(seed);

@@ -5,7 +5,10 @@
 
 use agentbus::{Bus, NewMessage};
 
+use std::path::{Path, PathBuf};
+
 use crate::disk::Cut;
+use crate::fuse::{Mounted, SharedDisk};
 use crate::{fuse_here, power_cut};
 
 #[test]
@@ -25,12 +28,9 @@ fn a_bus_just_created_survives_a_power_cut() {
 #[test]
 fn a_mailbox_just_created_survives_a_power_cut() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((disk, mounted, mnt)) = fuse_here(tmp.path()) else {
+    let Some((disk, mounted, root, bus)) = synced_bus(tmp.path()) else {
         return;
     };
-    let root = mnt.join("bus");
-    let bus = Bus::init(&root).unwrap();
-    sync(&mnt); // the bus's own entry: the test above
     bus.create_mailbox("jobs").unwrap();
     drop(bus);
     let mounted = power_cut(mounted, &disk, Cut::Strict, |_| 0);
@@ -49,12 +49,9 @@ fn a_mailbox_just_created_survives_a_power_cut() {
 #[test]
 fn a_group_just_created_survives_a_power_cut() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((disk, mounted, mnt)) = fuse_here(tmp.path()) else {
+    let Some((disk, mounted, root, bus)) = synced_bus(tmp.path()) else {
         return;
     };
-    let root = mnt.join("bus");
-    let bus = Bus::init(&root).unwrap();
-    sync(&mnt);
     let jobs = bus.create_mailbox("jobs").unwrap();
     sync(&root.join("mailboxes/jobs/mailbox.json")); // the test above
     jobs.send(NewMessage::new("job")).unwrap();
@@ -73,7 +70,18 @@ fn a_group_just_created_survives_a_power_cut() {
     mounted.unmount().unwrap();
 }
 
+/// A new bus `bus` on a power-loss file system mounted in `tmp`, its own entry synced
+/// (what `a_bus_just_created_survives_a_power_cut` is about): the disk, the mount, the
+/// bus's path and the bus. `None` where FUSE cannot run.
+fn synced_bus(tmp: &Path) -> Option<(SharedDisk, Mounted, PathBuf, Bus)> {
+    let (disk, mounted, mnt) = fuse_here(tmp)?;
+    let root = mnt.join("bus");
+    let bus = Bus::init(&root).unwrap();
+    sync(&mnt);
+    Some((disk, mounted, root, bus))
+}
+
 /// fsyncs a file or directory, for what another test of this file is about.
-fn sync(path: &std::path::Path) {
+fn sync(path: &Path) {
     std::fs::File::open(path).unwrap().sync_all().unwrap();
 }

@@ -78,17 +78,15 @@ pub fn after_cut(root: &Path, ledger: &Ledger) -> Check {
     }
     receipts(ledger, &stored, &mut c);
     for (name, (_, messages)) in &stored {
-        let mut keys: HashMap<&str, u64> = HashMap::new();
-        for m in messages.values() {
-            if let Some(k) = m.idempotency_key.as_deref() {
-                if let Some(seq) = keys.insert(k, m.seq) {
-                    c.fail(format!(
-                        "{name}: key {k:?} stored twice, at seqs {seq} and {}",
-                        m.seq
-                    ));
-                }
-            }
-        }
+        by_field(
+            messages,
+            |m| m.idempotency_key.as_deref(),
+            |k, seq, again| {
+                c.fail(format!(
+                    "{name}: key {k:?} stored twice, at seqs {seq} and {again}"
+                ));
+            },
+        );
     }
     flushed(&bus, ledger, &mut c);
     let answers = answers(&stored, &mut c);
@@ -271,24 +269,41 @@ fn receipts(ledger: &Ledger, stored: &HashMap<&str, (u64, BTreeMap<u64, Message>
     }
 }
 
+/// The seq of each message by the value of its `field` (messages without one left
+/// out); `twice(value, seq, later seq)` for each value a later message holds again.
+fn by_field(
+    messages: &BTreeMap<u64, Message>,
+    field: fn(&Message) -> Option<&str>,
+    mut twice: impl FnMut(&str, u64, u64),
+) -> HashMap<&str, u64> {
+    let mut seqs = HashMap::new();
+    for m in messages.values() {
+        if let Some(value) = field(m) {
+            if let Some(seq) = seqs.insert(value, m.seq) {
+                twice(value, seq, m.seq);
+            }
+        }
+    }
+    seqs
+}
+
 /// Handoff answers stored in the courier's inbox, by handoff id; more than one answer
 /// to a handoff is a failure.
 fn answers<'a>(
     stored: &'a HashMap<&str, (u64, BTreeMap<u64, Message>)>,
     c: &mut Check,
 ) -> HashMap<&'a str, u64> {
-    let mut out: HashMap<&str, u64> = HashMap::new();
+    let mut out = HashMap::new();
     if let Some((_, messages)) = stored.get("courier-inbox") {
-        for m in messages.values() {
-            if let Some(cause) = m.causation_id.as_deref() {
-                if let Some(prev) = out.insert(cause, m.seq) {
-                    c.fail(format!(
-                        "handoff {cause} answered twice: seqs {prev} and {} of courier-inbox",
-                        m.seq
-                    ));
-                }
-            }
-        }
+        out = by_field(
+            messages,
+            |m| m.causation_id.as_deref(),
+            |cause, prev, again| {
+                c.fail(format!(
+                    "handoff {cause} answered twice: seqs {prev} and {again} of courier-inbox"
+                ));
+            },
+        );
     }
     c.answered = out.len() as u64;
     out
