@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use agentbus::{Bus, Durability, Error, Group, NewMessage};
+use agentbus::{Bus, Error, Group, NewMessage};
 
 /// Where a test's bus lives, plus a scratch directory for its files.
 struct Env {
@@ -74,9 +74,8 @@ impl Env {
     }
 
     fn builder(&self, agent: &str) -> agentbus::BusBuilder {
-        Bus::builder()
+        common::flush_builder()
             .agent(agent)
-            .durability(Durability::Flush)
             .poll_interval(Duration::from_millis(50))
     }
 
@@ -87,6 +86,18 @@ impl Env {
             .unwrap()
             .group(group)
             .unwrap()
+    }
+
+    /// The writer's bus with a new mailbox `jobs` and its new group `group`.
+    fn jobs(
+        &self,
+        group: &str,
+        options: agentbus::GroupOptions,
+    ) -> (Bus, agentbus::Mailbox, Group) {
+        let bus = self.bus("writer");
+        let mb = bus.create_mailbox("jobs").unwrap();
+        let group = mb.create_group_with(group, options).unwrap();
+        (bus, mb, group)
     }
 
     /// What a behaviour gives on this backend: `dir` on the directory, `nats` on

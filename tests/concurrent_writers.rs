@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use agentbus::{Bus, Durability, NewMessage};
+use agentbus::{Bus, NewMessage};
 
 const WRITERS: usize = 8;
 const PER_WRITER: usize = 2_000;
@@ -126,8 +126,7 @@ fn writer_process() {
         return;
     };
     let count: usize = common::env("COUNT").parse().unwrap();
-    let bus = Bus::builder()
-        .durability(Durability::Flush)
+    let bus = common::flush_builder()
         .agent(format!("writer-{w}"))
         .open(common::env("BUS"))
         .unwrap();

@@ -132,19 +132,12 @@ fn a_writer_killed_mid_append_leaves_no_stale_lock_and_its_torn_record_is_cut() 
     let mailbox = bus.create_mailbox("main").unwrap();
     mailbox.send(NewMessage::new("before")).unwrap();
 
-    let mut child = common::child("half_writer")
-        .env("BUS", &root)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, mut lines) =
+        common::spawn_lines(common::child("half_writer").env("BUS", &root));
     // Wait for the child's signal (the test harness prints its own lines first); keep
     // the pipe open so the child is not killed by SIGPIPE.
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     assert!(
-        lines
-            .by_ref()
-            .map(Result::unwrap)
-            .any(|l| l.trim() == "LOCKED"),
+        lines.any(|l| l.trim() == "LOCKED"),
         "child never took the lock"
     );
 

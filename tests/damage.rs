@@ -5,12 +5,11 @@ mod common;
 
 use std::path::PathBuf;
 
-use agentbus::{Bus, Durability, Error, Mailbox, NewMessage, ProblemKind};
+use agentbus::{Bus, Error, Mailbox, NewMessage, ProblemKind};
 use common::append;
 
 fn bus(dir: &std::path::Path) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
+    common::flush_builder()
         .max_record_bytes(4096)
         .init(dir)
         .unwrap()

@@ -82,6 +82,20 @@ fn reviewer(bus: &Bus, agent: &str) -> (Bus, agentbus::Group) {
     (receiver, group)
 }
 
+/// [`setup`], a handoff sent with the writer's lease ([`send_leased`]), and the
+/// reviewer's view ([`reviewer`]).
+fn leased_to_reviewer() -> (
+    tempfile::TempDir,
+    Bus,
+    (agentbus::SentHandoff, u64),
+    (Bus, Group),
+) {
+    let (dir, _root, bus) = setup();
+    let sent = send_leased(dir.path(), &bus);
+    let review = reviewer(&bus, "reviewer");
+    (dir, bus, sent, review)
+}
+
 /// An earlier attempt of a receiver that dies with the handoff in hand: `consumer`'s
 /// claim on it, running out after `visibility`.
 fn first_attempt(group: &Group, consumer: &str, visibility: Duration) -> Delivery {
@@ -263,10 +277,8 @@ fn empty_artifacts_are_refused_and_unanswered_handoffs_show_as_pending() {
 
 #[test]
 fn a_receiver_that_crashed_mid_accept_can_accept_again() {
-    let (dir, _root, bus) = setup();
-    let (_sent, token) = send_leased(dir.path(), &bus);
+    let (_dir, bus, (_sent, token), (receiver, group)) = leased_to_reviewer();
     // First attempt: the lease moves, then the receiver "dies" before answering.
-    let (receiver, group) = reviewer(&bus, "reviewer");
     let d = first_attempt(&group, "reviewer", Duration::from_millis(1));
     let moved = move_lease(&receiver, token);
     drop(d);
@@ -290,9 +302,7 @@ fn answers(bus: &Bus) -> Vec<agentbus::Message> {
 
 #[test]
 fn a_receiver_that_crashed_after_answering_accepts_again_without_a_second_answer() {
-    let (dir, _root, bus) = setup();
-    let (_sent, token) = send_leased(dir.path(), &bus);
-    let (receiver, group) = reviewer(&bus, "reviewer");
+    let (_dir, bus, (_sent, token), (receiver, group)) = leased_to_reviewer();
     let d = first_attempt(&group, "reviewer", Duration::from_millis(1));
     // The first attempt moved the lease and answered, then died before acking.
     let moved = move_lease(&receiver, token);
@@ -401,9 +411,7 @@ fn the_cli_sends_verifies_and_answers_handoffs() {
 
 #[test]
 fn an_accept_after_a_reject_is_refused_and_the_lease_stays() {
-    let (dir, _root, bus) = setup();
-    let (sent, _token) = send_leased(dir.path(), &bus);
-    let (receiver, group) = reviewer(&bus, "reviewer");
+    let (_dir, bus, (sent, _token), (receiver, group)) = leased_to_reviewer();
     // Reviewer 1 rejects, but its claim runs out before the ack lands (a crash).
     let short = first_attempt(&group, "r1", Duration::from_millis(200));
     earlier_answer(&receiver, &short.message, agentbus::REJECTED_TYPE, "r1");
@@ -600,9 +608,7 @@ fn a_handoff_that_cannot_be_sent_lets_its_lease_go() {
 /// someone else): accepting it again must not hand out a lease that is no longer held.
 #[test]
 fn accepting_again_after_the_lease_moved_on_is_stale_not_a_dead_lease() {
-    let (dir, _root, bus) = setup();
-    let (_sent, token) = send_leased(dir.path(), &bus);
-    let (receiver, group) = reviewer(&bus, "reviewer");
+    let (_dir, bus, (_sent, token), (receiver, group)) = leased_to_reviewer();
     let mut inbox = receiver.handoff_inbox("main").unwrap();
     let h = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
     let seq = h.seq();

@@ -56,12 +56,17 @@ fn is_unsafe(e: &Error) -> bool {
     e.code() == "unsafe_file"
 }
 
+/// Asserts that `result` is that refusal.
+fn assert_unsafe<T: std::fmt::Debug>(result: agentbus::Result<T>) {
+    let e = result.unwrap_err();
+    assert!(is_unsafe(&e), "{e:?}");
+}
+
 #[test]
 fn a_symlinked_lock_file_is_refused() {
     let s = setup();
     s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
-    let e = s.bus.mailbox("main").unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(s.bus.mailbox("main"));
     s.replace_with_symlink(&s.root.join("mailboxes/main/lock"));
     std::fs::remove_file(s.root.join("mailboxes/main/lock")).unwrap();
     s.intact();
@@ -78,10 +83,7 @@ fn a_symlinked_key_bucket_is_refused() {
         .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
         .unwrap();
     s.replace_with_symlink(&bucket);
-    let e = mb
-        .send(NewMessage::new("t").idempotency_key("k"))
-        .unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(mb.send(NewMessage::new("t").idempotency_key("k")));
     // Doctor reports it and, repairing, cuts nothing through it (the victim has no
     // newline: read through the link, all of it would look like a torn tail).
     let report = s.bus.doctor(true).unwrap();
@@ -125,13 +127,7 @@ fn symlinked_group_and_lease_files_are_refused() {
 
     s.bus.lease("res").try_acquire().unwrap().release().unwrap();
     s.replace_with_symlink(&s.root.join("leases/res.jsonl"));
-    let e = s
-        .bus
-        .lease("res")
-        .ttl(Duration::from_secs(1))
-        .try_acquire()
-        .unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(s.bus.lease("res").ttl(Duration::from_secs(1)).try_acquire());
     assert!(
         std::fs::read_dir(&outside).unwrap().next().is_none(),
         "wrote outside the bus"
@@ -200,13 +196,9 @@ fn a_symlinked_log_directory_is_refused_even_under_an_open_handle() {
     let s = setup();
     let (early, outside, before) = opened_before_the_swap(&s, "log");
 
-    let e = early
-        .send(NewMessage::new("t").body("lands outside"))
-        .unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(early.send(NewMessage::new("t").body("lands outside")));
     assert!(early.messages().next().unwrap().is_err());
-    let e = Bus::open(&s.root).unwrap().mailbox("main").unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(Bus::open(&s.root).unwrap().mailbox("main"));
     assert_eq!(snapshot(&outside), before, "wrote outside the bus");
 }
 
@@ -214,10 +206,7 @@ fn a_symlinked_log_directory_is_refused_even_under_an_open_handle() {
 fn a_symlinked_key_directory_is_refused() {
     let s = setup();
     let (early, outside, before) = opened_before_the_swap(&s, "keys");
-    let e = early
-        .send(NewMessage::new("t").idempotency_key("k"))
-        .unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(early.send(NewMessage::new("t").idempotency_key("k")));
     assert_eq!(snapshot(&outside), before, "wrote outside the bus");
 }
 
@@ -227,10 +216,8 @@ fn a_symlinked_lease_directory_is_refused() {
     s.bus.lease("res").try_acquire().unwrap().release().unwrap();
     let outside = move_out_and_link(&s, "leases");
     let before = snapshot(&outside);
-    let e = s.bus.lease("res").try_acquire().unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
-    let e = s.bus.lease("other").try_acquire().unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(s.bus.lease("res").try_acquire());
+    assert_unsafe(s.bus.lease("other").try_acquire());
     assert_eq!(snapshot(&outside), before, "wrote outside the bus");
 }
 
@@ -253,18 +240,15 @@ fn a_group_directory_swapped_for_a_symlink_under_an_open_handle_is_refused() {
     symlink(&outside, &inside).unwrap();
     let before = snapshot(&outside);
 
-    let e = group.claim("c", 1).unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
-    let e = mb.group("g").unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(group.claim("c", 1));
+    assert_unsafe(mb.group("g"));
     // The groups directory itself, too.
     let groups = s.root.join("mailboxes/main/groups");
     std::fs::remove_file(&inside).unwrap();
     let moved = s.victim.with_file_name("outside-groups");
     std::fs::rename(&groups, &moved).unwrap();
     symlink(&moved, &groups).unwrap();
-    let e = mb.create_group("h").unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(mb.create_group("h"));
     assert!(std::fs::read_dir(&moved).unwrap().all(|e| {
         let name = e.unwrap().file_name();
         name == ".lock"
@@ -313,8 +297,7 @@ fn a_hard_linked_lease_file_is_refused() {
     let path = s.root.join("leases/res.jsonl");
     let contents = std::fs::read(&path).unwrap();
     let outside = hard_link_outside(&s, &path, &contents);
-    let e = s.bus.lease("res").try_acquire().unwrap_err();
-    assert!(is_unsafe(&e), "{e:?}");
+    assert_unsafe(s.bus.lease("res").try_acquire());
     assert_eq!(
         std::fs::read(&outside).unwrap(),
         contents,

@@ -234,9 +234,8 @@ fn exclude_filters_pass_every_other_type() {
 #[test]
 fn handoff_leases_come_back_as_renewable_handles() {
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
+    let bus = common::flush_builder()
         .agent("writer")
-        .durability(agentbus::Durability::Flush)
         .init(dir.path().join("bus"))
         .unwrap();
     bus.create_mailbox("main").unwrap();

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::time::Duration;
 
-use agentbus::{Bus, Durability, Error, NewMessage};
+use agentbus::{Bus, Error, NewMessage};
 use proptest::prelude::*;
 
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
@@ -212,8 +212,7 @@ proptest! {
         )
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let bus = Bus::builder()
-            .durability(Durability::Flush)
+        let bus = common::flush_builder()
             .max_record_bytes(256)
             .init(dir.path())
             .unwrap();

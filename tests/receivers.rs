@@ -7,15 +7,17 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use agentbus::{Bus, Durability, Filter, GroupOptions, NewMessage, WatchMode};
+use agentbus::{Bus, Filter, GroupOptions, NewMessage, WatchMode};
 
-fn bus_with(dir: &std::path::Path, mode: WatchMode, poll: Duration) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
+/// A new bus in a temporary directory that watches with `mode` and polls every `poll`.
+fn bus_with(mode: WatchMode, poll: Duration) -> (tempfile::TempDir, Bus) {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = common::flush_builder()
         .watch_mode(mode)
         .poll_interval(poll)
-        .init(dir)
-        .unwrap()
+        .init(dir.path())
+        .unwrap();
+    (dir, bus)
 }
 
 /// Starts a child that blocks in `recv`, then sends one message from this process and
@@ -83,10 +85,9 @@ fn blocked_receiver() {
 
 #[test]
 fn without_any_event_every_message_arrives_within_the_poll_interval() {
-    let dir = tempfile::tempdir().unwrap();
     // Poll-only: the watcher's events are never seen; only the timer wakes the receiver.
     let poll = Duration::from_millis(50);
-    let bus = bus_with(dir.path(), WatchMode::PollOnly, poll);
+    let (_dir, bus) = bus_with(WatchMode::PollOnly, poll);
     let main = bus.create_mailbox("main").unwrap();
     let mut rx = bus.follow(&["main"]).unwrap();
     assert!(!rx.has_events());
@@ -120,8 +121,7 @@ fn without_any_event_every_message_arrives_within_the_poll_interval() {
 
 #[test]
 fn a_manual_receiver_looks_only_when_woken() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus_with(dir.path(), WatchMode::Manual, Duration::from_millis(10));
+    let (_dir, bus) = bus_with(WatchMode::Manual, Duration::from_millis(10));
     let main = bus.create_mailbox("main").unwrap();
     let mut rx = bus.follow(&["main"]).unwrap();
     let waker = rx.waker();
@@ -147,8 +147,7 @@ fn a_manual_receiver_looks_only_when_woken() {
 
 #[test]
 fn a_supervisor_follows_several_mailboxes_in_seq_order_each() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus_with(dir.path(), WatchMode::Auto, Duration::from_millis(100));
+    let (_dir, bus) = bus_with(WatchMode::Auto, Duration::from_millis(100));
     let a = bus.create_mailbox("a").unwrap();
     let b = bus.create_mailbox("b").unwrap();
     a.send(NewMessage::new("old")).unwrap();
@@ -190,10 +189,9 @@ fn a_supervisor_follows_several_mailboxes_in_seq_order_each() {
 
 #[test]
 fn a_group_consumer_wakes_for_new_messages_and_for_due_redeliveries() {
-    let dir = tempfile::tempdir().unwrap();
     // Manual mode: no events, no timer; a nack's delay ending wakes the consumer by
     // itself.
-    let bus = bus_with(dir.path(), WatchMode::Manual, Duration::from_millis(10));
+    let (_dir, bus) = bus_with(WatchMode::Manual, Duration::from_millis(10));
     let jobs = bus.create_mailbox("jobs").unwrap();
     let group = jobs.create_group("g").unwrap();
     let mut rx = group.consumer("w").unwrap();
@@ -210,8 +208,7 @@ fn a_group_consumer_wakes_for_new_messages_and_for_due_redeliveries() {
 
 #[test]
 fn a_group_filter_skips_other_types_for_every_consumer() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus_with(dir.path(), WatchMode::Auto, Duration::from_millis(100));
+    let (dir, bus) = bus_with(WatchMode::Auto, Duration::from_millis(100));
     let jobs = bus.create_mailbox("jobs").unwrap();
     let only_reviews = GroupOptions::new().filter(Filter::new().of_type("review"));
     let reviews = jobs.create_group_with("reviews", only_reviews).unwrap();

@@ -262,9 +262,8 @@ fn an_outside_writer_that_continues_the_sequence_is_built_on() {
 fn compaction_keeps_the_keys_of_records_nobody_indexed_yet() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::builder()
+    let bus = common::flush_builder()
         .agent("w")
-        .durability(agentbus::Durability::Flush)
         .segment_bytes(400)
         .init(dir.path())
         .unwrap();

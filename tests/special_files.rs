@@ -80,10 +80,14 @@ fn error_of(out: &Output) -> serde_json::Value {
     serde_json::from_str(stderr.trim()).unwrap_or_else(|e| panic!("{stderr:?}: {e}"))
 }
 
-/// A send and a read on the bus at `root` fail at once with `unsafe_file` about `file`.
-fn refused_to_send_and_read(root: &Path, file: &str) {
-    refused(root, file, SEND);
-    refused(root, file, RECV);
+/// With a FIFO planted at `file` of a new [`bus`], each of `commands` fails at once
+/// with `unsafe_file` about it.
+fn fifo_refused_by(file: &str, commands: &[&[&str]]) {
+    let (_d, root) = bus();
+    plant_fifo(&root.join(file));
+    for args in commands {
+        refused(&root, file, args);
+    }
 }
 
 /// `args` on the bus at `root` fail at once with `unsafe_file` about `file`.
@@ -106,36 +110,24 @@ const ACQUIRE: &[&str] = &["lease", "acquire", "res", "--holder", "h", "--ttl", 
 
 #[test]
 fn a_fifo_at_the_marker_is_refused() {
-    let (_d, root) = bus();
-    plant_fifo(&root.join("agentbus.json"));
-    refused(&root, "agentbus.json", RECV);
-    refused(&root, "agentbus.json", &["stats"]);
+    fifo_refused_by("agentbus.json", &[RECV, &["stats"]]);
 }
 
 #[test]
 fn a_fifo_at_mailbox_metadata_or_lock_is_refused() {
     for file in ["mailboxes/main/mailbox.json", "mailboxes/main/lock"] {
-        let (_d, root) = bus();
-        plant_fifo(&root.join(file));
-        refused_to_send_and_read(&root, file);
+        fifo_refused_by(file, &[SEND, RECV]);
     }
 }
 
 #[test]
 fn a_fifo_segment_is_refused_by_writers_readers_and_stats() {
-    let (_d, root) = bus();
-    plant_fifo(&root.join(SEGMENT));
-    refused_to_send_and_read(&root, SEGMENT);
-    refused(&root, SEGMENT, &["stats"]);
-    refused(&root, SEGMENT, &["doctor"]);
+    fifo_refused_by(SEGMENT, &[SEND, RECV, &["stats"], &["doctor"]]);
 }
 
 #[test]
 fn a_fifo_key_watermark_is_refused_by_a_keyed_send() {
-    let (_d, root) = bus();
-    let file = "mailboxes/main/keys/scanned";
-    plant_fifo(&root.join(file));
-    refused(&root, file, KEYED_SEND);
+    fifo_refused_by("mailboxes/main/keys/scanned", &[KEYED_SEND]);
 }
 
 #[test]
@@ -145,19 +137,13 @@ fn a_fifo_in_a_group_is_refused() {
         "mailboxes/main/groups/g/checkpoint.json",
         "mailboxes/main/groups/g/state.0.jsonl",
     ] {
-        let (_d, root) = bus();
-        plant_fifo(&root.join(file));
-        refused(&root, file, CLAIM);
+        fifo_refused_by(file, &[CLAIM]);
     }
 }
 
 #[test]
 fn a_fifo_lease_file_is_refused() {
-    let (_d, root) = bus();
-    let file = "leases/res.jsonl";
-    plant_fifo(&root.join(file));
-    refused(&root, file, ACQUIRE);
-    refused(&root, file, &["lease", "show", "res"]);
+    fifo_refused_by("leases/res.jsonl", &[ACQUIRE, &["lease", "show", "res"]]);
 }
 
 #[test]
@@ -187,7 +173,8 @@ fn doctor_reports_a_fifo_in_the_key_index_without_reading_it() {
 fn devices_are_refused() {
     let (_d, root) = bus();
     plant_device(&root.join(SEGMENT));
-    refused_to_send_and_read(&root, SEGMENT);
+    refused(&root, SEGMENT, SEND);
+    refused(&root, SEGMENT, RECV);
     plant_device(&root.join("agentbus.json"));
     refused(&root, "agentbus.json", RECV);
 }

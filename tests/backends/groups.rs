@@ -206,9 +206,7 @@ behaviours! {
 
     /// A nacked message comes back with the next attempt number; a termed one never.
     fn nack_redelivers_and_term_ends(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let g = mb.create_group("workers").unwrap();
+        let (_bus, mb, g) = env.jobs("workers", GroupOptions::new());
         mb.send(NewMessage::new("job").body("flaky")).unwrap();
         mb.send(NewMessage::new("job").body("hopeless")).unwrap();
         let first = g.claim("w1", 2).unwrap();
@@ -234,9 +232,7 @@ behaviours! {
     /// delivery is stale; extend keeps a claim past the visibility timeout; term settles
     /// a message for good without an ack.
     fn nack_delay_extend_term_and_stale_deliveries(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb.create_group("g").unwrap();
+        let (_bus, mb, group) = env.jobs("g", GroupOptions::new());
         common::send_n(&mb, 3);
 
         // nack with a delay: not redelivered before it.
@@ -315,11 +311,7 @@ behaviours! {
     /// claim_for sets the visibility timeout of one claim on the directory; on JetStream
     /// the group's timeout applies to every claim (README).
     fn claim_for_sets_the_timeout_of_one_claim_on_the_directory_only(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb
-            .create_group_with("g", GroupOptions::new().visibility(Duration::from_secs(60)))
-            .unwrap();
+        let (_bus, mb, group) = env.jobs("g", GroupOptions::new().visibility(Duration::from_secs(60)));
         mb.send(NewMessage::new("job")).unwrap();
         let claimed_at = time::OffsetDateTime::now_utc();
         let d = group.claim_for("w", 1, Duration::from_millis(300)).unwrap().pop().unwrap();
@@ -340,9 +332,7 @@ behaviours! {
     /// ack_upto settles every delivered message up to a seq, and only those; JetStream
     /// refuses it (one ack per message, README).
     fn cumulative_ack_settles_everything_delivered_up_to_a_seq(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb.create_group("g").unwrap();
+        let (_bus, mb, group) = env.jobs("g", GroupOptions::new());
         common::send_n(&mb, 10);
         assert_eq!(group.claim("w", 6).unwrap().len(), 6);
         let stats = if env.is_nats() {
@@ -364,11 +354,7 @@ behaviours! {
 
     /// A claim that is neither acked nor extended runs out and is redelivered, not before.
     fn expired_claims_are_redelivered(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let g = mb
-            .create_group_with("workers", GroupOptions::new().visibility(Duration::from_millis(600)))
-            .unwrap();
+        let (_bus, mb, g) = env.jobs("workers", GroupOptions::new().visibility(Duration::from_millis(600)));
         mb.send(NewMessage::new("job")).unwrap();
         let claimed = g.claim_one("crashy").unwrap().unwrap();
         let claimed_at = Instant::now();
@@ -388,11 +374,7 @@ behaviours! {
     /// A worker process killed between claim and ack: its message is redelivered after
     /// the visibility timeout, not before, as attempt 2.
     fn a_worker_killed_between_claim_and_ack_is_redelivered_after_the_timeout(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb
-            .create_group_with("workers", GroupOptions::new().visibility(Duration::from_secs(2)))
-            .unwrap();
+        let (_bus, mb, group) = env.jobs("workers", GroupOptions::new().visibility(Duration::from_secs(2)));
         mb.send(NewMessage::new("job").body("important")).unwrap();
 
         let (mut child, mut lines) =
@@ -455,9 +437,7 @@ behaviours! {
     /// A delivery can be resumed by seq and attempt while it is the current one; JetStream
     /// refuses to act on a delivery by seq (README).
     fn a_delivery_can_be_resumed_by_seq_and_attempt_only_while_it_is_current(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb.create_group("g").unwrap();
+        let (_bus, mb, group) = env.jobs("g", GroupOptions::new());
         common::send_n(&mb, 1);
         if env.is_nats() {
             let d = group.claim_one("bob").unwrap().unwrap();
@@ -480,11 +460,7 @@ behaviours! {
 
     /// After max_deliveries the message moves to the dead-letter mailbox, with its reason.
     fn poison_messages_are_dead_lettered(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let g = mb
-            .create_group_with("workers", GroupOptions::new().max_deliveries(2))
-            .unwrap();
+        let (bus, mb, g) = env.jobs("workers", GroupOptions::new().max_deliveries(2));
         let sent = mb.send(NewMessage::new("job").body("poison")).unwrap();
         mb.send(NewMessage::new("job").body("fine")).unwrap();
         let mut attempts = Vec::new();
@@ -532,11 +508,7 @@ behaviours! {
     fn a_message_that_always_fails_is_dead_lettered_with_its_history_and_can_be_replayed(
         env: &Env
     ) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb
-            .create_group_with("workers", GroupOptions::new().max_deliveries(3))
-            .unwrap();
+        let (bus, mb, group) = env.jobs("workers", GroupOptions::new().max_deliveries(3));
         assert_eq!(group.dead_letter_mailbox(), "jobs.dlq");
         mb.send(NewMessage::new("job").body("poison").correlation_id("c1")).unwrap();
         mb.send(NewMessage::new("job").body("fine")).unwrap();
@@ -627,11 +599,7 @@ behaviours! {
     /// A huge nack reason is capped: the group is not wedged for another handle, and the
     /// dead letter stays small.
     fn a_huge_nack_reason_is_capped_and_does_not_wedge_the_group(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb
-            .create_group_with("g", GroupOptions::new().max_deliveries(2))
-            .unwrap();
+        let (bus, mb, group) = env.jobs("g", GroupOptions::new().max_deliveries(2));
         common::send_n(&mb, 1);
         let reason = "x".repeat(2_000_000);
         for _ in 0..2 {
@@ -652,9 +620,7 @@ behaviours! {
     /// The counters both backends keep alike, through claims, acks in order, a nack
     /// and its redelivery.
     fn group_stats_count_alike_on_both_backends(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb.create_group("g").unwrap();
+        let (_bus, mb, group) = env.jobs("g", GroupOptions::new());
         let counts = || {
             let s = group.stats().unwrap();
             (s.delivered, s.acked, s.in_flight, s.pending, s.lag, s.next_seq)
@@ -687,9 +653,7 @@ behaviours! {
     #[nats_bug = "GroupStats::redelivered on JetStream is the consumer's num_redelivered: \
                   only redelivered messages not yet acked, so it drops back to 0"]
     fn redelivered_counts_every_delivery_after_the_first(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb.create_group("g").unwrap();
+        let (_bus, mb, group) = env.jobs("g", GroupOptions::new());
         common::send_n(&mb, 2);
         for d in group.claim("w", 2).unwrap() {
             d.nack(Duration::ZERO, Some("again")).unwrap();
@@ -712,10 +676,8 @@ behaviours! {
     #[nats_bug = "GroupStats::in_flight on JetStream is the consumer's num_ack_pending: it \
                   counts nacked and expired messages too, and `pending` leaves them out"]
     fn messages_waiting_for_redelivery_are_pending_not_in_flight(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
         let options = GroupOptions::new().visibility(Duration::from_millis(300));
-        let group = mb.create_group_with("g", options).unwrap();
+        let (_bus, mb, group) = env.jobs("g", options);
         common::send_n(&mb, 3);
         let claimed = group.claim("w", 2).unwrap();
         claimed[0].nack(Duration::from_secs(60), Some("later")).unwrap();
@@ -729,9 +691,7 @@ behaviours! {
     /// A group's stats report the age of the oldest message it has not settled.
     #[nats_bug = "GroupStats::oldest_unacked_ms is always None on JetStream (not documented)"]
     fn stats_report_oldest_unacked_age_and_lag(env: &Env) {
-        let bus = env.bus("writer");
-        let mb = bus.create_mailbox("jobs").unwrap();
-        let group = mb.create_group("g").unwrap();
+        let (_bus, mb, group) = env.jobs("g", GroupOptions::new());
         assert_eq!(group.stats().unwrap().oldest_unacked_ms, None);
         common::send_n(&mb, 3);
         std::thread::sleep(Duration::from_millis(50));

@@ -96,28 +96,23 @@ pub fn lines_of(children: Vec<std::process::Child>, what: &str) -> Vec<String> {
 /// A new bus at `dir` that flushes every write without fsync: fast, and all a test
 /// needs unless it is about fsync itself.
 pub fn flush_bus(dir: impl AsRef<Path>) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .init(dir)
-        .unwrap()
+    flush_builder().init(dir).unwrap()
+}
+
+/// A bus builder with [`Durability::Flush`], as [`flush_bus`] uses.
+pub fn flush_builder() -> agentbus::BusBuilder {
+    Bus::builder().durability(Durability::Flush)
 }
 
 /// Opens the existing bus at `dir` with [`flush_bus`]'s durability.
 pub fn open_flush_bus(dir: impl AsRef<Path>) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .open(dir)
-        .unwrap()
+    flush_builder().open(dir).unwrap()
 }
 
 /// A new bus at `dir` like [`flush_bus`]'s whose mailboxes roll over every `bytes`, so
 /// that tests can work across segments.
 pub fn segmented_bus(dir: impl AsRef<Path>, bytes: u64) -> Bus {
-    Bus::builder()
-        .durability(Durability::Flush)
-        .segment_bytes(bytes)
-        .init(dir)
-        .unwrap()
+    flush_builder().segment_bytes(bytes).init(dir).unwrap()
 }
 
 /// `bus` with a new mailbox `mailbox` and its new group `group`.

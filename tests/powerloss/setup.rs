@@ -21,14 +21,12 @@ fn a_bus_just_created_survives_a_power_cut() {
     let mounted = power_cut(mounted, &disk, Cut::Strict, |_| 0);
     let bus = Bus::open(mnt.join("bus")).expect("the bus survives");
     assert!(bus.mailboxes().unwrap().is_empty());
-    drop(bus);
-    mounted.unmount().unwrap();
+    unmount(mounted, bus);
 }
 
 #[test]
 fn a_mailbox_just_created_survives_a_power_cut() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((disk, mounted, root, bus)) = synced_bus(tmp.path()) else {
+    let Some((_tmp, disk, mounted, root, bus)) = synced_bus() else {
         return;
     };
     bus.create_mailbox("jobs").unwrap();
@@ -42,14 +40,12 @@ fn a_mailbox_just_created_survives_a_power_cut() {
         .unwrap();
     assert_eq!(receipt.seq, 1);
     assert!(bus.doctor(false).unwrap().problems.is_empty());
-    drop(bus);
-    mounted.unmount().unwrap();
+    unmount(mounted, bus);
 }
 
 #[test]
 fn a_group_just_created_survives_a_power_cut() {
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((disk, mounted, root, bus)) = synced_bus(tmp.path()) else {
+    let Some((_tmp, disk, mounted, root, bus)) = synced_bus() else {
         return;
     };
     let jobs = bus.create_mailbox("jobs").unwrap();
@@ -66,19 +62,26 @@ fn a_group_just_created_survives_a_power_cut() {
         .expect("the group survives");
     let claimed = group.claim("c", 10).unwrap();
     assert_eq!(crate::common::seqs(&claimed), [1]);
-    drop((claimed, group, bus));
-    mounted.unmount().unwrap();
+    unmount(mounted, (claimed, group, bus));
 }
 
-/// A new bus `bus` on a power-loss file system mounted in `tmp`, its own entry synced
-/// (what `a_bus_just_created_survives_a_power_cut` is about): the disk, the mount, the
-/// bus's path and the bus. `None` where FUSE cannot run.
-fn synced_bus(tmp: &Path) -> Option<(SharedDisk, Mounted, PathBuf, Bus)> {
-    let (disk, mounted, mnt) = fuse_here(tmp)?;
+/// A new bus `bus` on a power-loss file system mounted in a new temporary directory,
+/// its own entry synced (what `a_bus_just_created_survives_a_power_cut` is about): the
+/// directory, the disk, the mount, the bus's path and the bus. `None` where FUSE cannot
+/// run.
+fn synced_bus() -> Option<(tempfile::TempDir, SharedDisk, Mounted, PathBuf, Bus)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (disk, mounted, mnt) = fuse_here(tmp.path())?;
     let root = mnt.join("bus");
     let bus = Bus::init(&root).unwrap();
     sync(&mnt);
-    Some((disk, mounted, root, bus))
+    Some((tmp, disk, mounted, root, bus))
+}
+
+/// Drops what a test still holds of the bus, then unmounts.
+fn unmount(mounted: Mounted, held: impl Sized) {
+    drop(held);
+    mounted.unmount().unwrap();
 }
 
 /// fsyncs a file or directory, for what another test of this file is about.
