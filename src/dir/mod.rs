@@ -166,13 +166,7 @@ impl Bus {
                 line: 1,
                 reason: format!("not valid mailbox metadata: {e}"),
             })?;
-        if meta.format != FORMAT_VERSION {
-            return Err(Error::UnsupportedFormat {
-                path: meta_path,
-                found: meta.format,
-                supported: FORMAT_VERSION,
-            });
-        }
+        check_format(&meta_path, meta.format)?;
         Mailbox::open(
             self.clone(),
             name,
@@ -324,10 +318,16 @@ fn read_marker(fs: &fsutil::Fs, root: &Path) -> Result<()> {
         line: 1,
         reason: format!("not a valid marker: {e}"),
     })?;
-    if marker.format != FORMAT_VERSION {
+    check_format(&path, marker.format)
+}
+
+/// Refuses a file (the marker, a mailbox's or a group's metadata) of a format version
+/// other than this build's.
+pub(crate) fn check_format(path: &Path, found: u64) -> Result<()> {
+    if found != FORMAT_VERSION {
         return Err(Error::UnsupportedFormat {
-            path,
-            found: marker.format,
+            path: path.to_owned(),
+            found,
             supported: FORMAT_VERSION,
         });
     }

@@ -391,6 +391,22 @@ mod tests {
         (f, file)
     }
 
+    /// The next line `r` reads from `file`, which must be a complete one.
+    fn complete_line(r: &mut LineReader, file: &File) -> Vec<u8> {
+        let Line::Complete { start, end, .. } = r.next(file).unwrap() else {
+            panic!("not a complete line")
+        };
+        r.bytes(start, end).to_vec()
+    }
+
+    /// `tmp` opened for appending, as a writer opens a segment.
+    fn writer(tmp: &tempfile::NamedTempFile) -> File {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path())
+            .unwrap()
+    }
+
     #[test]
     fn segment_names_sort_and_parse() {
         assert_eq!(segment_name(1), "00000000000000000001.jsonl");
@@ -413,16 +429,8 @@ mod tests {
         ));
         assert_eq!(r.next(&file).unwrap(), Line::Partial { offset: 8 });
         assert_eq!(r.position(), 8);
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(tmp.path())
-            .unwrap()
-            .write_all(b"ee\n")
-            .unwrap();
-        let Line::Complete { start, end, .. } = r.next(&file).unwrap() else {
-            panic!()
-        };
-        assert_eq!(r.bytes(start, end), b"three");
+        writer(&tmp).write_all(b"ee\n").unwrap();
+        assert_eq!(complete_line(&mut r, &file), b"three");
         assert_eq!(r.next(&file).unwrap(), Line::Eof);
     }
 
@@ -436,20 +444,10 @@ torn-record-bytes",
         assert!(matches!(r.next(&file).unwrap(), Line::Complete { .. }));
         assert_eq!(r.next(&file).unwrap(), Line::Partial { offset: 4 });
         // A writer repairs the torn tail and appends a shorter, different record.
-        let f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(tmp.path())
-            .unwrap();
+        let f = writer(&tmp);
         f.set_len(4).unwrap();
-        (&f).write_all(
-            b"two
-",
-        )
-        .unwrap();
-        let Line::Complete { start, end, .. } = r.next(&file).unwrap() else {
-            panic!()
-        };
-        assert_eq!(r.bytes(start, end), b"two");
+        (&f).write_all(b"two\n").unwrap();
+        assert_eq!(complete_line(&mut r, &file), b"two");
         assert_eq!(r.next(&file).unwrap(), Line::Eof);
     }
 
@@ -460,16 +458,10 @@ torn-record-bytes",
         let mut r = LineReader::new(0, 100);
         assert!(matches!(r.next(&file).unwrap(), Line::Complete { .. }));
         // A writer cuts the torn bytes and writes a longer record in their place.
-        let f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(tmp.path())
-            .unwrap();
+        let f = writer(&tmp);
         f.set_len(4).unwrap();
         (&f).write_all(b"a-much-longer-record\n").unwrap();
-        let Line::Complete { start, end, .. } = r.next(&file).unwrap() else {
-            panic!()
-        };
-        assert_eq!(r.bytes(start, end), b"a-much-longer-record");
+        assert_eq!(complete_line(&mut r, &file), b"a-much-longer-record");
     }
 
     #[test]
@@ -487,10 +479,7 @@ torn-record-bytes",
             }
         );
         assert!(r.buf.len() <= 1000 + CHUNK);
-        let Line::Complete { start, end, .. } = r.next(&file).unwrap() else {
-            panic!()
-        };
-        assert_eq!(r.bytes(start, end), b"ok");
+        assert_eq!(complete_line(&mut r, &file), b"ok");
     }
 
     #[test]

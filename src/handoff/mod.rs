@@ -436,8 +436,7 @@ impl HandoffInbox {
         &mut self,
         timeout: Duration,
     ) -> std::result::Result<ReceivedHandoff, RecvTimeoutError> {
-        let delivery = self.consumer.recv_timeout(timeout)?;
-        Ok(ReceivedHandoff::from_delivery(&self.bus, delivery)?)
+        self.recv_deadline(Instant::now() + timeout)
     }
 
     /// Takes the next handoff if one is waiting.

@@ -471,6 +471,16 @@ impl GroupBackend for Group {
     }
 }
 
+/// A handle on the stream `stream` (its info not fetched), for work on its consumers.
+async fn open_stream(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<jetstream::stream::Stream<()>> {
+    js.get_stream_no_info(stream)
+        .await
+        .map_err(|e| nats_err(format!("open stream {stream}"), e))
+}
+
 impl NatsBus {
     /// Creates a durable pull consumer; `false` if it already existed.
     pub(crate) fn create_consumer(
@@ -486,10 +496,7 @@ impl NatsBus {
         let stream = self.stream_name(mailbox);
         let durable = enc(group);
         self.run(NET, async move {
-            let s = js
-                .get_stream_no_info(&stream)
-                .await
-                .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
+            let s = open_stream(&js, &stream).await?;
             s.create_consumer(pull::Config {
                 durable_name: Some(durable.clone()),
                 description: Some(config.description),
@@ -524,10 +531,7 @@ impl NatsBus {
         let stream = self.stream_name(mailbox);
         let durable = enc(group);
         self.run(NET, async move {
-            let s = js
-                .get_stream_no_info(&stream)
-                .await
-                .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
+            let s = open_stream(&js, &stream).await?;
             match s.consumer_info(&durable).await {
                 Ok(info) => Ok(Some(ConsumerState {
                     ack_wait: info.config.ack_wait,
@@ -561,10 +565,7 @@ impl NatsBus {
         let js = self.js.clone();
         let stream = self.stream_name(mailbox);
         let mut names = self.run(NET, async move {
-            let s = js
-                .get_stream_no_info(&stream)
-                .await
-                .map_err(|e| nats_err(format!("open stream {stream}"), e))?;
+            let s = open_stream(&js, &stream).await?;
             let mut names = Vec::new();
             let mut list = s.consumers();
             while let Some(info) = list.next().await {

@@ -22,7 +22,21 @@ struct Claiming<'a> {
     out: Vec<(Message, u32)>,
 }
 
-impl Claiming<'_> {
+impl<'a> Claiming<'a> {
+    /// A claim of up to `max` messages for `consumer` starting now, each for
+    /// `visibility`.
+    fn new(consumer: &'a str, max: usize, visibility: Duration) -> Self {
+        let now = now_ms();
+        Claiming {
+            consumer,
+            max,
+            now,
+            until: now.saturating_add(ms(visibility)),
+            records: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
     fn full(&self) -> bool {
         self.out.len() >= self.max
     }
@@ -56,15 +70,7 @@ impl Group {
     ) -> Result<Vec<Claimed>> {
         let spec = self.spec();
         self.locked(|g, loaded| {
-            let now = now_ms();
-            let mut c = Claiming {
-                consumer,
-                max,
-                now,
-                until: now.saturating_add(ms(visibility)),
-                records: Vec::new(),
-                out: Vec::new(),
-            };
+            let mut c = Claiming::new(consumer, max, visibility);
             g.redeliveries(loaded, &spec, &mut c)?;
             let redelivered = c.records.len();
             g.new_messages(loaded, &mut c)?;
@@ -236,15 +242,8 @@ impl Group {
     ) -> Result<Option<Claimed>> {
         let spec = self.spec();
         self.locked(|g, loaded| {
-            let now = now_ms();
-            let c = Claiming {
-                consumer,
-                max: 1,
-                now,
-                until: now.saturating_add(ms(visibility)),
-                records: Vec::new(),
-                out: Vec::new(),
-            };
+            let c = Claiming::new(consumer, 1, visibility);
+            let now = c.now;
             if seq < loaded.state.next {
                 let Some(entry) = loaded.state.entries.get(&seq).cloned() else {
                     return Ok(None);
