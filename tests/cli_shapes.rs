@@ -49,6 +49,33 @@ fn bus() -> tempfile::TempDir {
     dir
 }
 
+/// A new [`bus`] with the mailboxes `mailboxes` and a group of `jobs` made by `group
+/// create jobs GROUP...`.
+fn bus_with_group(mailboxes: &[&str], group: &[&str]) -> tempfile::TempDir {
+    let dir = bus();
+    ok(run(
+        dir.path(),
+        None,
+        &[&["mailbox", "create"], mailboxes].concat(),
+    ));
+    ok(run(
+        dir.path(),
+        None,
+        &[&["group", "create", "jobs"], group].concat(),
+    ));
+    dir
+}
+
+/// `handoff send bob` from `agent`, carrying its lease `lease` (at `token`).
+fn hand_lease_to_bob(d: &Path, agent: &str, lease: &str, token: &str) -> Vec<Value> {
+    let args = ["--summary", "s", "--lease", lease, "--token", token];
+    ok(run(
+        d,
+        Some(agent),
+        &[&["handoff", "send", "bob"][..], &args].concat(),
+    ))
+}
+
 /// `agentbus --dir DIR ARGS...`, as `agent` when given.
 fn run(dir: &Path, agent: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = cli(dir);
@@ -154,10 +181,8 @@ fn every_help_page_shows_the_identity_flag_and_only_writers_show_durability() {
 
 #[test]
 fn one_identity_names_the_sender_the_consumer_the_holder_and_the_handoff_answerer() {
-    let dir = bus();
+    let dir = bus_with_group(&["jobs", "bob"], &["g"]);
     let d = dir.path();
-    ok(run(d, None, &["mailbox", "create", "jobs", "bob"]));
-    ok(run(d, None, &["group", "create", "jobs", "g"]));
 
     // `--agent` and AGENTBUS_AGENT are one identity; `--from` overrides it for one send.
     ok(run(
@@ -192,21 +217,7 @@ fn one_identity_names_the_sender_the_consumer_the_holder_and_the_handoff_answere
 
     // A handoff from alice to bob, taken and accepted by bob in two processes: the
     // lease moves to bob, not to a made-up `cli`.
-    ok(run(
-        d,
-        Some("alice"),
-        &[
-            "handoff",
-            "send",
-            "bob",
-            "--summary",
-            "s",
-            "--lease",
-            "chapter",
-            "--token",
-            &token,
-        ],
-    ));
+    hand_lease_to_bob(d, "alice", "chapter", &token);
     let taken = ok(run(d, Some("bob"), &["handoff", "recv", "bob"]));
     let seq = taken[0]["seq"].as_u64().unwrap().to_string();
     let accepted = ok(run(
@@ -315,10 +326,8 @@ const MESSAGE_KEYS: &[&str] = &[
 
 #[test]
 fn a_message_has_one_shape_in_recv_claims_watch_handlers_and_handoffs() {
-    let dir = bus();
+    let dir = bus_with_group(&["jobs", "bob"], &["g"]);
     let d = dir.path();
-    ok(run(d, None, &["mailbox", "create", "jobs", "bob"]));
-    ok(run(d, None, &["group", "create", "jobs", "g"]));
     ok(run(d, Some("a"), &["send", "jobs", "--type", "bare"]));
     ok(run(
         d,
@@ -388,14 +397,8 @@ fn a_message_has_one_shape_in_recv_claims_watch_handlers_and_handoffs() {
 
 #[test]
 fn dead_letters_print_their_history_with_rfc3339_times() {
-    let dir = bus();
+    let dir = bus_with_group(&["jobs"], &["g", "--max-deliveries", "1"]);
     let d = dir.path();
-    ok(run(d, None, &["mailbox", "create", "jobs"]));
-    ok(run(
-        d,
-        None,
-        &["group", "create", "jobs", "g", "--max-deliveries", "1"],
-    ));
     ok(run(d, None, &["send", "jobs", "--type", "t"]));
     ok(run(d, Some("w"), &["recv", "jobs", "--group", "g"]));
     ok(run(
@@ -459,14 +462,8 @@ fn verify_checks_any_message_and_recv_verify_marks_each() {
 
 #[test]
 fn not_type_passes_every_other_type_in_recv_watch_and_groups() {
-    let dir = bus();
+    let dir = bus_with_group(&["jobs"], &["quiet", "--not-type", "alert"]);
     let d = dir.path();
-    ok(run(d, None, &["mailbox", "create", "jobs"]));
-    ok(run(
-        d,
-        None,
-        &["group", "create", "jobs", "quiet", "--not-type", "alert"],
-    ));
     for kind in ["task", "alert", "added.later"] {
         ok(run(d, None, &["send", "jobs", "--type", kind]));
     }
@@ -583,17 +580,11 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
 
 /// A bus that every writing command has touched.
 fn busy_bus() -> tempfile::TempDir {
-    let dir = bus();
+    let dir = bus_with_group(&["jobs", "bob"], &["g", "--max-deliveries", "1"]);
     let d = dir.path();
     let file = d.join("notes.txt");
     std::fs::write(&file, "notes\n").unwrap();
     let file = file.to_str().unwrap();
-    ok(run(d, None, &["mailbox", "create", "jobs", "bob"]));
-    ok(run(
-        d,
-        None,
-        &["group", "create", "jobs", "g", "--max-deliveries", "1"],
-    ));
     ok(run(
         d,
         Some("a"),
@@ -620,21 +611,7 @@ fn busy_bus() -> tempfile::TempDir {
     ok(run(d, Some("w"), &["nack", "jobs", "--group", "g", "2"]));
     let lease = ok(run(d, Some("a"), &["lease", "acquire", "l", "--ttl", "60"]));
     let token = lease[0]["token"].to_string();
-    ok(run(
-        d,
-        Some("a"),
-        &[
-            "handoff",
-            "send",
-            "bob",
-            "--summary",
-            "s",
-            "--lease",
-            "l",
-            "--token",
-            &token,
-        ],
-    ));
+    hand_lease_to_bob(d, "a", "l", &token);
     ok(run(d, Some("b"), &["handoff", "recv", "bob"]));
     ok(run(d, Some("b"), &["handoff", "accept", "bob", "1"]));
     ok(run(d, None, &["compact"]));

@@ -35,6 +35,18 @@ fn path_with_agentbus() -> std::ffi::OsString {
     std::env::join_paths(dirs).unwrap()
 }
 
+/// The (acked, termed, pending) counts of `main`'s group in `agentbus stats`, and the
+/// group's whole line.
+fn group_counts(bus: &Path) -> ((u64, u64, u64), Value) {
+    let stats = ok(cli(bus).args(["stats", "main"]).output().unwrap());
+    let g = stats[0]["groups"][0].clone();
+    let count = |key: &str| g[key].as_u64().unwrap_or_else(|| panic!("{key} in {g}"));
+    (
+        (count("acked"), count("termed"), count("pending")),
+        g.clone(),
+    )
+}
+
 /// A script run as agent `agent` on the bus `bus`, in `cwd`.
 fn script(program: &str, bus: &Path, agent: &str, cwd: &Path) -> Command {
     let mut cmd = Command::new(program);
@@ -157,14 +169,8 @@ fn the_python_session_start_drain_handles_verifies_and_acks_everything_waiting()
     let handled = std::fs::read_to_string(dir.path().join("handled.log")).unwrap();
     let lines: Vec<_> = handled.lines().collect();
     assert_eq!(lines, ["1 kept 12", "3 plain 0", "4 fail 0"], "{handled}");
-    let stats = ok(cli(&bus).args(["stats", "main"]).output().unwrap());
-    let g = &stats[0]["groups"][0];
-    assert_eq!(
-        (g["acked"].clone(), g["termed"].clone()),
-        (3.into(), 1.into()),
-        "{g}"
-    );
-    assert_eq!(g["pending"], 0, "{g}");
+    let (counts, g) = group_counts(&bus);
+    assert_eq!(counts, (3, 1, 0), "acked, termed, pending: {g}");
 }
 
 #[test]
@@ -178,14 +184,8 @@ fn the_python_drain_gives_a_failed_message_back_for_later() {
     run.arg(root().join("examples/drain.py"))
         .args(["main", "reviewers"]);
     succeeded("drain.py", run.output().unwrap());
-    let stats = ok(cli(&bus).args(["stats", "main"]).output().unwrap());
-    let g = &stats[0]["groups"][0];
-    assert_eq!(
-        (g["acked"].clone(), g["termed"].clone()),
-        (0.into(), 1.into()),
-        "{g}"
-    );
-    assert_eq!(g["pending"], 3, "{g}");
+    let (counts, g) = group_counts(&bus);
+    assert_eq!(counts, (0, 1, 3), "acked, termed, pending: {g}");
     assert_eq!(g["in_flight"], 0, "{g}");
 }
 
