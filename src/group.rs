@@ -88,7 +88,27 @@ impl GroupOptions {
 
     /// Only messages passing `filter` are delivered to this group; the others are
     /// skipped (counted in [`GroupStats::skipped`]) as the cursor passes them, for every
-    /// consumer of the group. Like a JetStream consumer's filter subject.
+    /// consumer of the group. Like a JetStream consumer's filter subject; type patterns
+    /// (`draft.>`) work as in [`Filter`], and a filter with one (or with a
+    /// [`not_type`](Filter::not_type)) makes a group that releases before them refuse to
+    /// open rather than misread.
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use agentbus::{Bus, Filter, GroupOptions, NewMessage};
+    /// let bus = Bus::init(dir.path())?;
+    /// let main = bus.create_mailbox("main")?;
+    /// let opts = GroupOptions::new().filter(Filter::new().of_type("draft.>"));
+    /// let editors = main.create_group_with("editors", opts)?;
+    /// for kind in ["draft", "draft.ready", "review", "draft.ready.v2"] {
+    ///     main.send(NewMessage::new(kind))?;
+    /// }
+    /// let got: Vec<String> = editors.claim("e1", 10)?.iter().map(|d| d.message.kind.clone()).collect();
+    /// assert_eq!(got, ["draft.ready", "draft.ready.v2"]);
+    /// assert_eq!(editors.stats()?.skipped, 2);
+    /// # Ok(()) }
+    /// ```
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filter = filter;
         self
@@ -259,8 +279,8 @@ impl Mailbox {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidName`] (for the group or the dead-letter mailbox),
-    /// [`Error::InvalidSetting`] for `max_deliveries` 0 or a visibility timeout outside
+    /// [`Error::InvalidName`] (for the group, the dead-letter mailbox, or a type in the
+    /// filter that [`Filter::check`] refuses), [`Error::InvalidSetting`] for `max_deliveries` 0 or a visibility timeout outside
     /// 1 ms to 365 days, [`Error::GroupExists`], [`Error::Io`]. Nothing is created when
     /// the name or a setting is refused.
     pub fn create_group_with(&self, name: &str, opts: GroupOptions) -> Result<Group> {
@@ -272,6 +292,7 @@ impl Mailbox {
             });
         }
         check_visibility(opts.visibility)?;
+        opts.filter.check()?;
         let dead_letter = opts
             .dead_letter
             .clone()
@@ -283,13 +304,14 @@ impl Mailbox {
             }
             .create_or_open_mailbox(&dead_letter)?;
         }
-        let meta = GroupMeta {
+        let mut meta = GroupMeta {
             format: FORMAT_VERSION,
             max_deliveries: opts.max_deliveries,
             visibility_ms: opts.visibility.as_millis() as u64,
             dead_letter,
             filter: opts.filter,
         };
+        meta.format = meta.needed_format();
         let from_end = opts.start == StartAt::End;
         self.imp().create_group(name, &meta, from_end)?;
         self.group(name)

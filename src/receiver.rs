@@ -426,14 +426,30 @@ impl Follower {
         self
     }
 
-    /// Only messages of this type (call again for several).
+    /// Only messages of this type (call again for several); `kind` may be a pattern
+    /// such as `draft.>` ([`Filter`], "Type patterns").
     pub fn of_type(mut self, kind: impl Into<String>) -> Self {
         self.filter = self.filter.of_type(kind);
         self
     }
 
     /// Every message but those of this type (call again for several), including
-    /// types added later.
+    /// types added later; `kind` may be a pattern.
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::time::Duration;
+    /// use agentbus::{Bus, NewMessage};
+    /// let bus = Bus::init(dir.path())?;
+    /// let main = bus.create_mailbox("main")?;
+    /// let mut rx = bus.follow(&["main"])?.not_type("debug.>");
+    /// main.send(NewMessage::new("debug.trace"))?;
+    /// main.send(NewMessage::new("task"))?;
+    /// let got = rx.recv_timeout(Duration::from_secs(10)).expect("the task");
+    /// assert_eq!(got.message.kind, "task");
+    /// # Ok(()) }
+    /// ```
     pub fn not_type(mut self, kind: impl Into<String>) -> Self {
         self.filter = self.filter.not_type(kind);
         self

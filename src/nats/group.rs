@@ -133,6 +133,7 @@ impl Group {
                 line: 1,
                 reason: "the consumer was not made by agentbus (no group settings)".into(),
             })?;
+        meta.check_format(&mailbox.path().join(name))?;
         Ok(Some(Group {
             mailbox: mailbox.clone(),
             name: name.to_owned(),

@@ -127,13 +127,7 @@ impl Group {
         }
         let meta_path = dir.join("group.json");
         let meta: GroupMeta = read_json(fs, &meta_path)?;
-        if meta.format != FORMAT_VERSION {
-            return Err(Error::UnsupportedFormat {
-                path: meta_path,
-                found: meta.format,
-                supported: FORMAT_VERSION,
-            });
-        }
+        meta.check_format(&meta_path)?;
         let lock_path = dir.join("lock");
         let lock = fs.open_lock(&lock_path)?;
         Ok(Some(Group {

@@ -4,7 +4,7 @@ use agentbus::{Error, GroupOptions, StartAt};
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{open_bus, open_writer, secs, Durable};
+use super::{open_bus, open_writer, secs, Durable, TypeArgs};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -32,12 +32,9 @@ pub enum GroupCommand {
         /// Succeed if the group already exists.
         #[arg(long)]
         exist_ok: bool,
-        /// Only deliver messages of this type to the group (repeatable).
-        #[arg(long = "type")]
-        kinds: Vec<String>,
-        /// Deliver every type but this one (repeatable), including types added later.
-        #[arg(long = "not-type")]
-        not_kinds: Vec<String>,
+        /// The types the group delivers (the others are skipped).
+        #[command(flatten)]
+        types: TypeArgs,
         /// Only deliver messages from this agent to the group (repeatable).
         #[arg(long = "from")]
         senders: Vec<String>,
@@ -74,19 +71,12 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             dead_letter,
             from_end,
             exist_ok,
-            kinds,
-            not_kinds,
+            types,
             senders,
             durable,
         } => {
+            let mut filter = types.narrow(agentbus::Filter::new())?;
             let mailbox = open_writer(cli, durable)?.mailbox(mailbox)?;
-            let mut filter = agentbus::Filter::new();
-            for k in kinds {
-                filter = filter.of_type(k);
-            }
-            for k in not_kinds {
-                filter = filter.not_type(k);
-            }
             for f in senders {
                 filter = filter.sender(f);
             }
