@@ -230,6 +230,12 @@ pub(crate) trait MailboxBackend: Backend + Debug + Send + Sync {
         Err(self.unsupported("compact"))
     }
 
+    /// Whether this backend's groups can coalesce ([`Coalesce`](crate::Coalesce)):
+    /// asked before a coalescing group is created or opened.
+    fn coalescing(&self) -> Result<()> {
+        Err(self.unsupported("coalescing groups"))
+    }
+
     /// Creates a group (its dead-letter mailbox exists already): [`Error::GroupExists`]
     /// if it exists.
     fn create_group(&self, name: &str, meta: &GroupMeta, from_end: bool) -> Result<()>;
@@ -334,6 +340,9 @@ pub(crate) struct GroupMeta {
     pub(crate) dead_letter: String,
     #[serde(default, skip_serializing_if = "Filter::is_empty")]
     pub(crate) filter: Filter,
+    /// Coalescing, where the group does it (group format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) coalesce: Option<crate::Coalesce>,
 }
 
 /// The newest group format this build reads. A group is written with format 1 unless
@@ -347,7 +356,7 @@ impl GroupMeta {
     /// The format these settings need: 2 if a release before [`GROUP_FORMAT`] would
     /// misread them, else 1 (which every release reads).
     pub(crate) fn needed_format(&self) -> u64 {
-        if self.filter.misread_by_old_releases() {
+        if self.filter.misread_by_old_releases() || self.coalesce.is_some() {
             GROUP_FORMAT
         } else {
             1

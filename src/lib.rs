@@ -161,6 +161,7 @@
 mod backend;
 mod bus;
 mod clock;
+mod coalesce;
 mod compact;
 mod dead_letter;
 mod decode;
@@ -187,6 +188,7 @@ pub use bus::{
     Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_POLL_INTERVAL,
     DEFAULT_SEGMENT_BYTES,
 };
+pub use coalesce::{Coalesce, CoalesceBy};
 pub use dead_letter::{Damaged, DeadAttempt, DeadLetter, DAMAGED_TYPE, DEAD_LETTER_HEADER};
 pub use dir::{FORMAT_VERSION, MARKER_FILE};
 pub use error::{Error, Result};

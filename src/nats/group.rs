@@ -453,6 +453,7 @@ impl GroupBackend for Group {
             dead: self.dead_count()?,
             termed: 0,
             skipped: 0,
+            coalesced: 0,
             lag: st.num_pending,
             next_seq: st.delivered_seq + 1,
             oldest_unacked_ms: None,

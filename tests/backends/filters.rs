@@ -1,12 +1,14 @@
 //! Type patterns (`draft.*`, `draft.>`) on both backends: in a group's stored filter
 //! (library and `group create`), in `recv` and `watch` run as real processes, and the
 //! refusal of entries that can match no type. The matcher's exact semantics are table-
-//! and property-tested in `src/filter.rs`.
+//! and property-tested in `src/filter.rs`. Also coalescing where both backends differ:
+//! a follower (`watch --coalesce`) coalesces on both, a group only on the directory
+//! (`tests/coalesce.rs` has the rest).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use agentbus::{Error, Filter, GroupOptions, NewMessage};
+use agentbus::{Coalesce, CoalesceBy, Error, Filter, GroupOptions, NewMessage};
 
 use crate::{common, Env};
 
@@ -35,6 +37,28 @@ fn kinds(lines: &[serde_json::Value]) -> Vec<String> {
     lines
         .iter()
         .map(|l| l["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `agentbus watch main ARGS` started as a process (from seq 1, so that sends racing
+/// its start are not missed); [`watched`] waits for its end.
+fn watch(env: &Env, args: &[&str]) -> std::process::Child {
+    cli(env)
+        .args(["watch", "main", "--from-seq", "1", "--idle-timeout", "60"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The JSON lines a [`watch`] printed, once it exited successfully.
+fn watched(watch: std::process::Child) -> Vec<serde_json::Value> {
+    let out = watch.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
@@ -99,13 +123,7 @@ behaviours! {
     /// sends of other processes, each run as a real process.
     fn recv_and_watch_take_type_patterns(env: &Env) {
         env.bus("writer").create_mailbox("main").unwrap();
-        // From seq 1, so that sends racing its start are not missed.
-        let watch = cli(env)
-            .args(["watch", "main", "--type", "draft.>", "--not-type", "draft.x.>"])
-            .args(["--from-seq", "1", "--max", "3", "--idle-timeout", "60"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let watching = watch(env, &["--type", "draft.>", "--not-type", "draft.x.>", "--max", "3"]);
         std::thread::sleep(Duration::from_millis(200));
         send_types(env);
 
@@ -123,13 +141,7 @@ behaviours! {
             ["draft", "review.done", "task.done"]
         );
 
-        let out = watch.wait_with_output().unwrap();
-        assert!(out.status.success(), "{:?}", out.status);
-        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = watched(watching);
         assert_eq!(kinds(&lines), ["draft.ready", "draft.ready.v2", "draft."]);
     }
 
@@ -160,5 +172,45 @@ behaviours! {
         }
         assert!(mb.groups().unwrap().is_empty());
         assert_eq!(mb.messages().of_type("draft*").count(), 0);
+    }
+
+    /// `watch --coalesce type` (a follower, in memory) prints the first message of
+    /// each burst on both backends; a coalescing group is the directory's alone and
+    /// JetStream refuses it by name, creating nothing.
+    fn followers_coalesce_on_both_backends_groups_on_the_directory(env: &Env) {
+        let bus = env.bus("writer");
+        let mb = bus.create_mailbox("main").unwrap();
+        let watching = watch(env, &["--coalesce", "header:host", "--window", "120", "--max", "2"]);
+        for host in ["web-1", "web-1", "web-1", "web-2", "web-1"] {
+            let header = format!("host={host}");
+            common::ok(
+                cli(env)
+                    .args(["send", "main", "--type", "alert", "--header", &header])
+                    .output()
+                    .unwrap(),
+            );
+        }
+        let seqs: Vec<u64> = watched(watching).iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, [1, 4]);
+
+        let cooldown = Coalesce::new(CoalesceBy::Type, Duration::from_secs(60));
+        let created = mb.create_group_with("pager", GroupOptions::new().coalesce(cooldown));
+        if env.is_nats() {
+            crate::assert_unsupported(created);
+            assert!(mb.groups().unwrap().is_empty());
+            let err = common::fails(
+                cli(env)
+                    .args(["group", "create", "main", "pager", "--coalesce", "type"])
+                    .args(["--window", "5"])
+                    .output()
+                    .unwrap(),
+                1,
+            );
+            assert_eq!(err["error"], "unsupported", "{err}");
+        } else {
+            let pager = created.unwrap();
+            assert_eq!(common::seqs(&pager.claim("p", 10).unwrap()), [1]);
+            assert_eq!(pager.stats().unwrap().coalesced, 4);
+        }
     }
 }

@@ -334,6 +334,7 @@ impl Group {
                 dead: st.dead,
                 termed: st.termed,
                 skipped: st.skipped,
+                coalesced: st.coalesced,
                 lag,
                 next_seq: st.next,
                 oldest_unacked_ms: oldest_ts.map(|ts| now.saturating_sub(ts).max(0) as u64),

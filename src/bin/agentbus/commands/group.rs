@@ -4,7 +4,7 @@ use agentbus::{Error, GroupOptions, StartAt};
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{open_bus, open_writer, secs, Durable, TypeArgs};
+use super::{open_bus, open_writer, secs, CoalesceArgs, Durable, TypeArgs};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -35,6 +35,9 @@ pub enum GroupCommand {
         /// The types the group delivers (the others are skipped).
         #[command(flatten)]
         types: TypeArgs,
+        /// Coalescing, stored with the group (every consumer of it coalesces).
+        #[command(flatten)]
+        coalesce: CoalesceArgs,
         /// Only deliver messages from this agent to the group (repeatable).
         #[arg(long = "from")]
         senders: Vec<String>,
@@ -72,6 +75,7 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             from_end,
             exist_ok,
             types,
+            coalesce,
             senders,
             durable,
         } => {
@@ -91,6 +95,9 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
                 });
             if let Some(dl) = dead_letter {
                 opts = opts.dead_letter(dl);
+            }
+            if let Some(c) = coalesce.get()? {
+                opts = opts.coalesce(c);
             }
             let created = match mailbox.create_group_with(group, opts) {
                 Ok(_) => true,
@@ -114,6 +121,8 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
                         "max_deliveries": g.max_deliveries(),
                         "visibility_ms": g.visibility().as_millis() as u64,
                         "dead_letter": g.dead_letter_mailbox(),
+                        "filter": g.filter(),
+                        "coalesce": g.coalesce(),
                     }),
                 )?;
             }

@@ -82,6 +82,46 @@ impl TypeArgs {
     }
 }
 
+/// The coalescing flags of `watch` and `group create`.
+#[derive(Args, Debug, Default)]
+pub struct CoalesceArgs {
+    /// Coalesce bursts by this key: `type`, `correlation` (the correlation id) or
+    /// `header:NAME`. Of the messages with one key sent within `--window` of the
+    /// first, only the first is delivered (README "Coalescing bursts").
+    #[arg(long, value_name = "KEY", requires = "window")]
+    coalesce: Option<String>,
+    /// The coalescing window, in seconds.
+    #[arg(long, value_name = "SECS", requires = "coalesce")]
+    window: Option<f64>,
+}
+
+impl CoalesceArgs {
+    /// Whether `--coalesce` was given.
+    pub fn is_set(&self) -> bool {
+        self.coalesce.is_some()
+    }
+
+    /// The coalescing asked for, if any.
+    pub fn get(&self) -> Result<Option<agentbus::Coalesce>, Failure> {
+        let (Some(key), Some(window)) = (&self.coalesce, self.window) else {
+            return Ok(None);
+        };
+        let by = match key.as_str() {
+            "type" => agentbus::CoalesceBy::Type,
+            "correlation" | "correlation_id" => agentbus::CoalesceBy::CorrelationId,
+            _ => match key.strip_prefix("header:") {
+                Some(name) if !name.is_empty() => agentbus::CoalesceBy::Header(name.to_owned()),
+                _ => {
+                    return Err(Failure::Usage(format!(
+                        "--coalesce {key:?}: give `type`, `correlation` or `header:NAME`"
+                    )))
+                }
+            },
+        };
+        Ok(Some(agentbus::Coalesce::new(by, secs(window)?)))
+    }
+}
+
 /// The group, and with `--attempt` the exact delivery (checked to be current).
 fn target_delivery(
     cli: &Cli,

@@ -13,7 +13,7 @@ use agentbus::{Delivery, Error, Message, RecvTimeoutError};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::{agent_or_cli, open_writer, secs, Durable, TypeArgs};
+use super::{agent_or_cli, open_writer, secs, CoalesceArgs, Durable, TypeArgs};
 use crate::lines::MessageLine;
 use crate::output::{emit, error_json, Failure};
 use crate::Cli;
@@ -52,6 +52,11 @@ pub struct WatchArgs {
     /// Without `--group` only (a group filters with `group create --type`).
     #[command(flatten)]
     types: TypeArgs,
+    /// Without `--group` only, in memory (a group coalesces for all its consumers and
+    /// across restarts: `group create --coalesce`); coalesced messages are not printed
+    /// nor handled, and stay in the log.
+    #[command(flatten)]
+    coalesce: CoalesceArgs,
     /// Without `--group`: start at this seq instead of the end (new messages only).
     #[arg(long)]
     from_seq: Option<u64>,
@@ -120,10 +125,10 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
     let bus = open_writer(cli, &args.durable)?;
     match &args.group {
         Some(group) => {
-            if !args.types.is_empty() || args.from_seq.is_some() {
+            if !args.types.is_empty() || args.from_seq.is_some() || args.coalesce.is_set() {
                 return Err(Failure::Usage(
-                    "with --group, filter with `group create --type`/`--not-type` and the \
-                     group decides where to start"
+                    "with --group, filter and coalesce with `group create --type`, \
+                     `--not-type` and `--coalesce`, and the group decides where to start"
                         .into(),
                 ));
             }
@@ -156,6 +161,9 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
                 .filter(filter);
             if let Some(seq) = args.from_seq {
                 rx = rx.from_seq(seq);
+            }
+            if let Some(c) = args.coalesce.get()? {
+                rx = rx.coalesce(c);
             }
             let (mut handled, mut damaged, mut since) = (0, false, Instant::now());
             while handled < w.max {
