@@ -230,6 +230,12 @@ pub(crate) trait MailboxBackend: Backend + Debug + Send + Sync {
         Err(self.unsupported("compact"))
     }
 
+    /// Whether this backend's groups can coalesce ([`Coalesce`](crate::Coalesce)):
+    /// asked before a coalescing group is created or opened.
+    fn coalescing(&self) -> Result<()> {
+        Err(self.unsupported("coalescing groups"))
+    }
+
     /// Creates a group (its dead-letter mailbox exists already): [`Error::GroupExists`]
     /// if it exists.
     fn create_group(&self, name: &str, meta: &GroupMeta, from_end: bool) -> Result<()>;
@@ -334,6 +340,41 @@ pub(crate) struct GroupMeta {
     pub(crate) dead_letter: String,
     #[serde(default, skip_serializing_if = "Filter::is_empty")]
     pub(crate) filter: Filter,
+    /// Coalescing, where the group does it (group format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) coalesce: Option<crate::Coalesce>,
+}
+
+/// The newest group format this build reads. A group is written with format 1 unless
+/// releases that know only format 1 would misread its settings (they ignore fields
+/// they do not know, and read a type pattern as a plain type): then with 2, which
+/// they refuse to open (`unsupported_format`) instead. See FORMAT.md, "Consumer
+/// groups".
+pub(crate) const GROUP_FORMAT: u64 = 2;
+
+impl GroupMeta {
+    /// The format these settings need: 2 if a release before [`GROUP_FORMAT`] would
+    /// misread them, else 1 (which every release reads).
+    pub(crate) fn needed_format(&self) -> u64 {
+        if self.filter.misread_by_old_releases() || self.coalesce.is_some() {
+            GROUP_FORMAT
+        } else {
+            1
+        }
+    }
+
+    /// Refuses settings stored in a format this build does not read (`path` names
+    /// where they are).
+    pub(crate) fn check_format(&self, path: &std::path::Path) -> Result<()> {
+        if (1..=GROUP_FORMAT).contains(&self.format) {
+            return Ok(());
+        }
+        Err(Error::UnsupportedFormat {
+            path: path.to_owned(),
+            found: self.format,
+            supported: GROUP_FORMAT,
+        })
+    }
 }
 
 /// A message handed to a consumer; the facade makes it a [`Delivery`](crate::Delivery).

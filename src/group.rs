@@ -7,7 +7,9 @@ use time::OffsetDateTime;
 
 use crate::backend::{Claimed, GroupImp, GroupMeta, Settle};
 use crate::report::GroupStats;
-use crate::{validate_name, Bus, Error, Filter, Mailbox, Message, Result, FORMAT_VERSION};
+use crate::{
+    validate_name, Bus, Coalesce, Error, Filter, Mailbox, Message, Result, FORMAT_VERSION,
+};
 
 /// Where a new group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -36,6 +38,7 @@ pub struct GroupOptions {
     dead_letter: Option<String>,
     start: StartAt,
     filter: Filter,
+    coalesce: Option<Coalesce>,
 }
 
 impl Default for GroupOptions {
@@ -46,6 +49,7 @@ impl Default for GroupOptions {
             dead_letter: None,
             start: StartAt::Beginning,
             filter: Filter::new(),
+            coalesce: None,
         }
     }
 }
@@ -88,9 +92,41 @@ impl GroupOptions {
 
     /// Only messages passing `filter` are delivered to this group; the others are
     /// skipped (counted in [`GroupStats::skipped`]) as the cursor passes them, for every
-    /// consumer of the group. Like a JetStream consumer's filter subject.
+    /// consumer of the group. Like a JetStream consumer's filter subject; type patterns
+    /// (`draft.>`) work as in [`Filter`], and a filter with one (or with a
+    /// [`not_type`](Filter::not_type)) makes a group that releases before them refuse to
+    /// open rather than misread.
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use agentbus::{Bus, Filter, GroupOptions, NewMessage};
+    /// let bus = Bus::init(dir.path())?;
+    /// let main = bus.create_mailbox("main")?;
+    /// let opts = GroupOptions::new().filter(Filter::new().of_type("draft.>"));
+    /// let editors = main.create_group_with("editors", opts)?;
+    /// for kind in ["draft", "draft.ready", "review", "draft.ready.v2"] {
+    ///     main.send(NewMessage::new(kind))?;
+    /// }
+    /// let got: Vec<String> = editors.claim("e1", 10)?.iter().map(|d| d.message.kind.clone()).collect();
+    /// assert_eq!(got, ["draft.ready", "draft.ready.v2"]);
+    /// assert_eq!(editors.stats()?.skipped, 2);
+    /// # Ok(()) }
+    /// ```
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filter = filter;
+        self
+    }
+
+    /// Coalesce bursts: of the messages with the same key sent within the window, the
+    /// group delivers the first and settles the others as coalesced into it (counted
+    /// in [`GroupStats::coalesced`], recorded in the group's state, kept in the log and
+    /// delivered to other groups as usual). Stored with the group, so every consumer
+    /// and every restart of it decides alike; see [`Coalesce`] for the exact rule. A
+    /// coalescing group needs this release or later (group format 2), and the
+    /// directory backend: JetStream answers [`Error::Unsupported`].
+    pub fn coalesce(mut self, coalesce: Coalesce) -> Self {
+        self.coalesce = Some(coalesce);
         self
     }
 }
@@ -259,10 +295,11 @@ impl Mailbox {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidName`] (for the group or the dead-letter mailbox),
-    /// [`Error::InvalidSetting`] for `max_deliveries` 0 or a visibility timeout outside
-    /// 1 ms to 365 days, [`Error::GroupExists`], [`Error::Io`]. Nothing is created when
-    /// the name or a setting is refused.
+    /// [`Error::InvalidName`] (for the group, the dead-letter mailbox, or a type in the
+    /// filter that [`Filter::check`] refuses), [`Error::InvalidSetting`] for `max_deliveries` 0 or a visibility timeout outside
+    /// 1 ms to 365 days, or a coalescing window outside 1 ms to 365 days,
+    /// [`Error::GroupExists`], [`Error::Io`]; [`Error::Unsupported`] for coalescing on
+    /// JetStream. Nothing is created when the name or a setting is refused.
     pub fn create_group_with(&self, name: &str, opts: GroupOptions) -> Result<Group> {
         validate_name("group", name)?;
         if opts.max_deliveries == 0 {
@@ -272,6 +309,11 @@ impl Mailbox {
             });
         }
         check_visibility(opts.visibility)?;
+        opts.filter.check()?;
+        if let Some(c) = &opts.coalesce {
+            c.check()?;
+            self.imp().coalescing()?;
+        }
         let dead_letter = opts
             .dead_letter
             .clone()
@@ -283,13 +325,15 @@ impl Mailbox {
             }
             .create_or_open_mailbox(&dead_letter)?;
         }
-        let meta = GroupMeta {
+        let mut meta = GroupMeta {
             format: FORMAT_VERSION,
             max_deliveries: opts.max_deliveries,
             visibility_ms: opts.visibility.as_millis() as u64,
             dead_letter,
             filter: opts.filter,
+            coalesce: opts.coalesce,
         };
+        meta.format = meta.needed_format();
         let from_end = opts.start == StartAt::End;
         self.imp().create_group(name, &meta, from_end)?;
         self.group(name)
@@ -327,6 +371,7 @@ impl Mailbox {
                 .clone()
                 .unwrap_or_else(|| format!("{}.dlq", self.name())),
             opts.filter.clone(),
+            opts.coalesce.clone(),
         );
         let group = match self.create_group_with(name, opts) {
             Err(Error::GroupExists { .. }) => self.group(name)?,
@@ -355,6 +400,12 @@ impl Mailbox {
         if meta.filter != wanted.3 {
             differences.push(format!("filter: {:?} (asked: {:?})", meta.filter, wanted.3));
         }
+        if meta.coalesce != wanted.4 {
+            differences.push(format!(
+                "coalesce: {:?} (asked: {:?})",
+                meta.coalesce, wanted.4
+            ));
+        }
         if differences.is_empty() {
             Ok(group)
         } else {
@@ -371,7 +422,8 @@ impl Mailbox {
     /// # Errors
     ///
     /// [`Error::GroupNotFound`] (listing the groups that exist), [`Error::InvalidName`],
-    /// [`Error::Io`].
+    /// [`Error::Io`]; [`Error::UnsupportedFormat`] for a group written by a newer
+    /// release, [`Error::Unsupported`] for a coalescing group on JetStream.
     pub fn group(&self, name: &str) -> Result<Group> {
         validate_name("group", name)?;
         let Some((meta, imp)) = self.imp().open_group(name)? else {
@@ -381,6 +433,10 @@ impl Mailbox {
                 existing: self.groups()?,
             });
         };
+        if meta.coalesce.is_some() {
+            // Never opened by a backend that would deliver what it should coalesce.
+            self.imp().coalescing()?;
+        }
         Ok(Group {
             inner: Arc::new(GroupInner {
                 mailbox: self.clone(),
@@ -429,6 +485,11 @@ impl Group {
     /// The group's filter (empty: every message).
     pub fn filter(&self) -> &Filter {
         &self.inner.meta.filter
+    }
+
+    /// How the group coalesces bursts, if it does.
+    pub fn coalesce(&self) -> Option<&Coalesce> {
+        self.inner.meta.coalesce.as_ref()
     }
 
     /// The mailbox that receives this group's dead letters.

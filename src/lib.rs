@@ -12,7 +12,9 @@
 //! - A [`Group`] consumes a mailbox durably. Every group sees every message; the
 //!   consumers inside one group compete. A [`Delivery`] is acked, nacked, extended or
 //!   terminated. Claims run out and are redelivered, and after `max_deliveries` the
-//!   message goes to a dead-letter mailbox.
+//!   message goes to a dead-letter mailbox. A group can take only some messages (a
+//!   [`Filter`], with type patterns such as `draft.>`) and deliver one message per burst
+//!   ([`Coalesce`]).
 //! - [`Follower`] and [`Consumer`] are receivers shaped like crossbeam-channel's
 //!   (`recv`, `recv_timeout`, `try_recv`, ...). They are woken by file-system events and
 //!   stay exact when events are lost. With the `tokio` feature they are also `async`.
@@ -161,6 +163,7 @@
 mod backend;
 mod bus;
 mod clock;
+mod coalesce;
 mod compact;
 mod dead_letter;
 mod decode;
@@ -187,6 +190,7 @@ pub use bus::{
     Bus, BusBuilder, Durability, DEFAULT_MAX_RECORD_BYTES, DEFAULT_POLL_INTERVAL,
     DEFAULT_SEGMENT_BYTES,
 };
+pub use coalesce::{Coalesce, CoalesceBy};
 pub use dead_letter::{Damaged, DeadAttempt, DeadLetter, DAMAGED_TYPE, DEAD_LETTER_HEADER};
 pub use dir::{FORMAT_VERSION, MARKER_FILE};
 pub use error::{Error, Result};

@@ -27,12 +27,13 @@ impl Messages {
         self
     }
 
-    /// Only messages of this type; call again to accept several types.
+    /// Only messages of this type; call again to accept several types. `kind` may be a
+    /// pattern: `draft.*`, `draft.>` ([`Filter`], "Type patterns").
     pub fn of_type(self, kind: impl Into<String>) -> Self {
         self.narrow(|f| f.of_type(kind))
     }
 
-    /// Every type but this one; call again to refuse several.
+    /// Every type but this one; call again to refuse several. `kind` may be a pattern.
     pub fn not_type(self, kind: impl Into<String>) -> Self {
         self.narrow(|f| f.not_type(kind))
     }

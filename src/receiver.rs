@@ -15,8 +15,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::coalesce::{Decision, Leaders};
 use crate::watch::{Watch, WatchMode};
-use crate::{Bus, Delivery, Error, Filter, Group, Mailbox, Message, Messages, Result, Waker};
+use crate::{
+    Bus, Coalesce, Delivery, Error, Filter, Group, Mailbox, Message, Messages, Result, Waker,
+};
 
 /// Why [`try_recv`](Follower::try_recv) returned nothing.
 #[derive(Debug, thiserror::Error)]
@@ -377,6 +380,9 @@ pub struct Follower {
     filter: Filter,
     turn: usize,
     watch: Watch,
+    /// How to coalesce, and the leaders of each followed mailbox (seqs are per mailbox).
+    coalesce: Option<(Coalesce, Vec<Leaders>)>,
+    coalesced: u64,
 }
 
 impl Bus {
@@ -413,6 +419,8 @@ impl Bus {
             filter: Filter::new(),
             turn: 0,
             watch: self.inner.imp.watch_mailboxes(mailboxes, mode),
+            coalesce: None,
+            coalesced: 0,
         })
     }
 }
@@ -426,14 +434,30 @@ impl Follower {
         self
     }
 
-    /// Only messages of this type (call again for several).
+    /// Only messages of this type (call again for several); `kind` may be a pattern
+    /// such as `draft.>` ([`Filter`], "Type patterns").
     pub fn of_type(mut self, kind: impl Into<String>) -> Self {
         self.filter = self.filter.of_type(kind);
         self
     }
 
     /// Every message but those of this type (call again for several), including
-    /// types added later.
+    /// types added later; `kind` may be a pattern.
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::time::Duration;
+    /// use agentbus::{Bus, NewMessage};
+    /// let bus = Bus::init(dir.path())?;
+    /// let main = bus.create_mailbox("main")?;
+    /// let mut rx = bus.follow(&["main"])?.not_type("debug.>");
+    /// main.send(NewMessage::new("debug.trace"))?;
+    /// main.send(NewMessage::new("task"))?;
+    /// let got = rx.recv_timeout(Duration::from_secs(10)).expect("the task");
+    /// assert_eq!(got.message.kind, "task");
+    /// # Ok(()) }
+    /// ```
     pub fn not_type(mut self, kind: impl Into<String>) -> Self {
         self.filter = self.filter.not_type(kind);
         self
@@ -445,14 +469,70 @@ impl Follower {
         self
     }
 
+    /// Coalesce bursts, as a group does ([`Coalesce`] has the rule): of the messages
+    /// passing the filter with the same key sent within the window, only the first is
+    /// received. Decided per mailbox, by this follower alone and in memory: nothing is
+    /// recorded (a follower changes no state), the log keeps every message, and
+    /// [`coalesced`](Self::coalesced) counts what was passed over. For coalescing that
+    /// survives restarts and is shared by competing consumers, use
+    /// [`GroupOptions::coalesce`](crate::GroupOptions::coalesce).
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::time::Duration;
+    /// use agentbus::{Bus, Coalesce, CoalesceBy, NewMessage};
+    /// let bus = Bus::init(dir.path())?;
+    /// let main = bus.create_mailbox("main")?;
+    /// let by_host = Coalesce::new(CoalesceBy::Header("host".into()), Duration::from_secs(30));
+    /// let mut rx = bus.follow(&["main"])?.coalesce(by_host);
+    /// for host in ["web-1", "web-1", "web-2", "web-1"] {
+    ///     main.send(NewMessage::new("alert").header("host", host))?;
+    /// }
+    /// let got: Vec<u64> = rx.try_iter().map(|e| e.map(|e| e.message.seq)).collect::<Result<_, _>>()?;
+    /// assert_eq!(got, [1, 3]);
+    /// assert_eq!(rx.coalesced(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn coalesce(mut self, coalesce: Coalesce) -> Self {
+        let leaders = vec![Leaders::default(); self.sources.len()];
+        self.coalesce = Some((coalesce, leaders));
+        self
+    }
+
+    /// How many messages [`coalesce`](Self::coalesce) passed over so far.
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced
+    }
+
+    /// Whether coalescing passes over `message` of source `k` (and if not, what it
+    /// remembers of it).
+    fn coalesces(&mut self, k: usize, message: &Message) -> bool {
+        let Some((c, leaders)) = &mut self.coalesce else {
+            return false;
+        };
+        match c.decide(&leaders[k], message) {
+            Decision::Coalesce(_) => {
+                self.coalesced += 1;
+                true
+            }
+            Decision::Lead { key, quiet_until } => {
+                let ts = crate::clock::ts_ms(message.ts);
+                leaders[k].lead(&key, message.seq, ts, quiet_until);
+                false
+            }
+            Decision::Deliver => false,
+        }
+    }
+
     fn poll(&mut self) -> Result<Option<Envelope>> {
         let n = self.sources.len();
         for i in 0..n {
             let k = (self.turn + i) % n;
-            let (mailbox, messages) = &mut self.sources[k];
-            for item in messages.by_ref() {
+            while let Some(item) = self.sources[k].1.next() {
                 let message = item?;
-                if self.filter.matches(&message) {
+                if self.filter.matches(&message) && !self.coalesces(k, &message) {
+                    let mailbox = &self.sources[k].0;
                     self.turn = (k + 1) % n;
                     return Ok(Some(Envelope {
                         mailbox: mailbox.name().to_owned(),

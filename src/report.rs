@@ -29,6 +29,10 @@ pub struct GroupStats {
     pub termed: u64,
     /// Messages the group's filter passed over.
     pub skipped: u64,
+    /// Messages coalesced into an earlier one with the same key
+    /// ([`GroupOptions::coalesce`](crate::GroupOptions::coalesce)): settled, never
+    /// delivered.
+    pub coalesced: u64,
     /// Messages published but never delivered to this group.
     pub lag: u64,
     /// The first seq not yet delivered.

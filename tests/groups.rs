@@ -373,3 +373,56 @@ fn a_rotation_that_keeps_failing_fails_no_call_and_loses_nothing() {
     let stats = fresh_group(&dir).stats().unwrap();
     assert_eq!((stats.acked, stats.next_seq), (1_001, 1_002));
 }
+
+/// A group whose filter releases before type patterns would misread (a pattern read
+/// as a plain type matches nothing, so they would pass over every message; a
+/// `not_types` they ignore) is written with group format 2, which those releases
+/// refuse to open; every other group keeps format 1. This build reads both, and
+/// refuses a format from the future by name.
+#[test]
+fn a_filter_old_releases_would_misread_marks_the_group_format_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = common::flush_bus(dir.path());
+    let mb = bus.create_mailbox("main").unwrap();
+    let with = |filter| GroupOptions::new().filter(filter);
+    use agentbus::Filter;
+    for (group, opts, format) in [
+        ("plain", GroupOptions::new(), 1),
+        ("typed", with(Filter::new().of_type("draft.ready")), 1),
+        ("prefix", with(Filter::new().of_type("draft.>")), 2),
+        ("one", with(Filter::new().of_type("*.done")), 2),
+        ("but", with(Filter::new().not_type("alert")), 2),
+    ] {
+        mb.create_group_with(group, opts).unwrap();
+        let path = dir
+            .path()
+            .join(format!("mailboxes/main/groups/{group}/group.json"));
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(meta["format"], format, "{group}: {meta}");
+    }
+    let prefix = dir.path().join("mailboxes/main/groups/prefix/group.json");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&prefix).unwrap()).unwrap();
+    assert_eq!(meta["filter"]["types"], serde_json::json!(["draft.>"]));
+
+    // A `not_types` group written before the marker (format 1) still opens and filters.
+    let but = dir.path().join("mailboxes/main/groups/but/group.json");
+    let mut old: serde_json::Value = serde_json::from_slice(&std::fs::read(&but).unwrap()).unwrap();
+    old["format"] = 1.into();
+    std::fs::write(&but, old.to_string()).unwrap();
+    mb.send(NewMessage::new("alert")).unwrap();
+    mb.send(NewMessage::new("task")).unwrap();
+    let got = mb.group("but").unwrap().claim("w", 5).unwrap();
+    assert_eq!(common::seqs(&got), [2]);
+
+    old["format"] = 3.into();
+    std::fs::write(&but, old.to_string()).unwrap();
+    match mb.group("but") {
+        Err(agentbus::Error::UnsupportedFormat {
+            found: 3,
+            supported: 2,
+            path,
+        }) => assert_eq!(path, but),
+        other => panic!("expected unsupported_format, got {other:?}"),
+    }
+}

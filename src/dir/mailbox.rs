@@ -616,6 +616,10 @@ impl MailboxBackend for Mailbox {
         super::compact::compact(self, retention)
     }
 
+    fn coalescing(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn create_group(&self, name: &str, meta: &GroupMeta, from_end: bool) -> Result<()> {
         super::group::create(self, name, meta, from_end)
     }

@@ -133,6 +133,7 @@ impl Group {
                 line: 1,
                 reason: "the consumer was not made by agentbus (no group settings)".into(),
             })?;
+        meta.check_format(&mailbox.path().join(name))?;
         Ok(Some(Group {
             mailbox: mailbox.clone(),
             name: name.to_owned(),
@@ -452,6 +453,7 @@ impl GroupBackend for Group {
             dead: self.dead_count()?,
             termed: 0,
             skipped: 0,
+            coalesced: 0,
             lag: st.num_pending,
             next_seq: st.delivered_seq + 1,
             oldest_unacked_ms: None,

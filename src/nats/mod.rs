@@ -430,6 +430,10 @@ fn hint(operation: &'static str) -> &'static str {
         }
         "a process-bound lease" => "no lock spans machines: use a TTL and renew it",
         "requeue" => "replay the dead letter instead (NewMessage::replay_of)",
+        "coalescing groups" => {
+            "coalesce in the receiver (Follower::coalesce, watch --coalesce), or keep the \
+             mailbox on a directory bus"
+        }
         _ => "not offered on JetStream",
     }
 }

@@ -7,7 +7,9 @@ use super::state::{flush_run, Entry, Op, Rec};
 use super::{read_at, Group, Loaded};
 use crate::backend::{cap_reason, AttemptNote, Claimed, Damage};
 use crate::clock::{datetime_ms, ms, now_ms, ts_ms};
+use crate::coalesce::Decision;
 use crate::dir::read::LogSpec;
+use crate::dir::read::Position;
 use crate::{Error, Message, Result};
 
 /// One claim call in progress: who claims, until when, and what it has gathered.
@@ -151,22 +153,44 @@ impl Group {
         let mut run: Vec<Rec> = Vec::new();
         while !c.full() {
             let reader = self.reader(loaded);
-            match reader.next() {
+            let item = reader.next();
+            let (at, next, gap) = (reader.last_start(), reader.cursor(), reader.last_gap());
+            match item {
                 None => break,
                 Some(Ok(message)) if !self.inner.meta.filter.matches(&message) => {
                     let mut r = Rec::new(message.seq, Op::Skip, c.now);
-                    r.next = reader.cursor();
+                    r.next = next;
                     loaded.state.apply(&r);
                     flush_run(&mut run, &mut c.records);
                     c.records.push(r);
                 }
                 Some(Ok(message)) => {
+                    let decision = self.coalescing(loaded, &message);
+                    if let Decision::Coalesce(into) = decision {
+                        let r = coalesced(message.seq, into, next, c.now);
+                        loaded.state.apply(&r);
+                        flush_run(&mut run, &mut c.records);
+                        c.records.push(r);
+                        continue;
+                    }
                     let mut r = c.record(message.seq, 1);
-                    r.at = reader.last_start();
-                    r.next = reader.cursor();
+                    r.at = at;
+                    r.next = next;
                     r.ts = Some(ts_ms(message.ts));
-                    loaded.state.apply(&r);
-                    run.push(r);
+                    match decision {
+                        // A leader's claim carries its key: a record of its own.
+                        Decision::Lead { key, quiet_until } => {
+                            r.key = Some(key);
+                            r.quiet = Some(quiet_until);
+                            loaded.state.apply(&r);
+                            flush_run(&mut run, &mut c.records);
+                            c.records.push(r);
+                        }
+                        _ => {
+                            loaded.state.apply(&r);
+                            run.push(r);
+                        }
+                    }
                     c.out.push((message, 1));
                 }
                 Some(Err(Error::Corrupt { path, line, reason })) => {
@@ -174,16 +198,15 @@ impl Group {
                     // of where and why (`doctor` reports the damage too), and the seqs
                     // it covers are recorded as dead with the reason. A duplicate hides
                     // no seq and needs no record.
-                    let seqs = reader.last_gap();
                     let damage = Damage {
-                        seqs,
+                        seqs: gap,
                         path: &path,
                         line,
                         reason: &reason,
                         raw: None,
                     };
                     self.dead_letter_to().send_damage(&damage)?;
-                    let Some((first, last)) = seqs else {
+                    let Some((first, last)) = gap else {
                         continue;
                     };
                     let mut r = Rec::new(last, Op::Dead, c.now);
@@ -192,7 +215,7 @@ impl Group {
                         "damaged record at {}:{line}: {reason}",
                         path.display()
                     )));
-                    r.next = reader.cursor();
+                    r.next = next;
                     loaded.state.apply(&r);
                     flush_run(&mut run, &mut c.records);
                     c.records.push(r);
@@ -202,6 +225,14 @@ impl Group {
         }
         flush_run(&mut run, &mut c.records);
         Ok(())
+    }
+
+    /// What the group's coalescing (if any) says about `message`, met at the cursor.
+    fn coalescing(&self, loaded: &Loaded, message: &Message) -> Decision {
+        match &self.inner.meta.coalesce {
+            Some(c) => c.decide(&loaded.state.leaders, message),
+            None => Decision::Deliver,
+        }
     }
 
     /// The live delivery of `seq` as `attempt`: it checks that this claim is still the
@@ -262,18 +293,39 @@ impl Group {
             let filter = &g.inner.meta.filter;
             let found = loop {
                 let reader = g.reader(loaded);
-                match reader.next() {
+                let item = reader.next();
+                let (at, next) = (reader.last_start(), reader.cursor());
+                match item {
                     Some(Ok(m)) if m.seq < seq && !filter.matches(&m) => {
                         let mut r = Rec::new(m.seq, Op::Skip, now);
-                        r.next = reader.cursor();
+                        r.next = next;
                         loaded.state.apply(&r);
                         records.push(r);
                     }
-                    Some(Ok(m)) if m.seq == seq && filter.matches(&m) => {
+                    Some(Ok(m)) if m.seq <= seq && filter.matches(&m) => {
+                        let decision = g.coalescing(loaded, &m);
+                        if let Decision::Coalesce(into) = decision {
+                            let r = coalesced(m.seq, into, next, now);
+                            loaded.state.apply(&r);
+                            records.push(r);
+                            if m.seq == seq {
+                                break None;
+                            }
+                            continue;
+                        }
+                        if m.seq < seq {
+                            // Deliverable, and it comes first: leave it.
+                            forget = true;
+                            break None;
+                        }
                         let mut r = c.record(seq, 1);
-                        r.at = reader.last_start();
-                        r.next = reader.cursor();
+                        r.at = at;
+                        r.next = next;
                         r.ts = Some(ts_ms(m.ts));
+                        if let Decision::Lead { key, quiet_until } = decision {
+                            r.key = Some(key);
+                            r.quiet = Some(quiet_until);
+                        }
                         loaded.state.apply(&r);
                         records.push(r);
                         break Some(m);
@@ -295,4 +347,12 @@ impl Group {
             Ok(found.map(|m| c.claimed(m, 1)))
         })
     }
+}
+
+/// The record of message `seq` coalesced into `into` at the cursor (now at `next`).
+fn coalesced(seq: u64, into: u64, next: Option<Position>, now: i64) -> Rec {
+    let mut r = Rec::new(seq, Op::Coalesce, now);
+    r.into = Some(into);
+    r.next = next;
+    r
 }

@@ -127,7 +127,7 @@ impl Group {
         }
         let meta_path = dir.join("group.json");
         let meta: GroupMeta = read_json(fs, &meta_path)?;
-        super::check_format(&meta_path, meta.format)?;
+        meta.check_format(&meta_path)?;
         let lock_path = dir.join("lock");
         let lock = fs.open_lock(&lock_path)?;
         Ok(Some(Group {
@@ -334,6 +334,7 @@ impl Group {
                 dead: st.dead,
                 termed: st.termed,
                 skipped: st.skipped,
+                coalesced: st.coalesced,
                 lag,
                 next_seq: st.next,
                 oldest_unacked_ms: oldest_ts.map(|ts| now.saturating_sub(ts).max(0) as u64),

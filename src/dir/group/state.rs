@@ -1,16 +1,18 @@
 //! A group's state: the records of `state.<gen>.jsonl` and their fold.
 //!
 //! The state is a fold over append-only records (`claim`, `claim_range`, `ack`,
-//! `ack_upto`, `nack`, `extend`, `term`, `dead`, `skip`). It holds the cursor (`next`,
-//! the first never-delivered seq, and its byte position in the log) and one entry per
-//! delivered but unsettled message: its size is bounded by the work in flight, not by
-//! history.
+//! `ack_upto`, `nack`, `extend`, `term`, `dead`, `skip`, `coalesce`). It holds the
+//! cursor (`next`, the first never-delivered seq, and its byte position in the log),
+//! one entry per delivered but unsettled message, and for a coalescing group the
+//! leader of each key seen within one window: its size is bounded by the work in
+//! flight, not by history.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::AttemptNote;
+use crate::coalesce::Leaders;
 use crate::dir::read::Position;
 
 /// One delivered, unsettled message.
@@ -49,6 +51,16 @@ pub(crate) struct GroupState {
     pub(crate) dead: u64,
     #[serde(default)]
     pub(crate) skipped: u64,
+    /// Messages coalesced into an earlier one (never delivered).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) coalesced: u64,
+    /// A coalescing group's leader of each key (`claim` records with `key`).
+    #[serde(default, skip_serializing_if = "Leaders::is_empty")]
+    pub(crate) leaders: Leaders,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One state record. Flat, with optional fields, to keep lines short.
@@ -79,6 +91,16 @@ pub(crate) struct Rec {
     /// For a `claim_range` record: the last seq of the range that starts at `seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) last: Option<u64>,
+    /// For the `claim` of a coalescing group's leader: its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<String>,
+    /// With `key`: until when (ms, message time) messages with the key are coalesced
+    /// into this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) quiet: Option<i64>,
+    /// For a `coalesce` record: the seq it was coalesced into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) into: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +121,9 @@ pub(crate) enum Op {
     /// again, from `at`. Written only by `Group::requeue`: state files that hold one
     /// need this release or later.
     Requeue,
+    /// Coalesced into the earlier message `into` at the cursor: settled, never
+    /// delivered (a coalescing group: group format 2).
+    Coalesce,
 }
 
 impl Rec {
@@ -116,14 +141,21 @@ impl Rec {
             reason: None,
             first: None,
             last: None,
+            key: None,
+            quiet: None,
+            into: None,
         }
     }
 
     /// Records whose loss in a power cut would undo a settled outcome. Claims and
     /// extends are not among them (losing one only makes a redelivery come earlier),
-    /// nor are skips (the filter passes over the same messages again).
+    /// nor are skips and coalesces (decided from the log alone, the same decision is
+    /// made again).
     pub(crate) fn needs_sync(&self) -> bool {
-        !matches!(self.op, Op::Claim | Op::ClaimRange | Op::Extend | Op::Skip)
+        !matches!(
+            self.op,
+            Op::Claim | Op::ClaimRange | Op::Extend | Op::Skip | Op::Coalesce
+        )
     }
 }
 
@@ -150,6 +182,9 @@ impl GroupState {
                     self.next = r.seq + 1;
                     self.next_pos = r.next;
                     self.delivered += 1;
+                    if let (Some(key), Some(quiet)) = (&r.key, r.quiet) {
+                        self.leaders.lead(key, r.seq, r.ts.unwrap_or(r.t), quiet);
+                    }
                 } else if !self.entries.contains_key(&r.seq) {
                     return;
                 }
@@ -261,6 +296,13 @@ impl GroupState {
                     self.next = r.seq + 1;
                     self.next_pos = r.next;
                     self.skipped += 1;
+                }
+            }
+            Op::Coalesce => {
+                if r.seq >= self.next {
+                    self.next = r.seq + 1;
+                    self.next_pos = r.next;
+                    self.coalesced += 1;
                 }
             }
             Op::Dead => match r.first {

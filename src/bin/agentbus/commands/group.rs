@@ -4,7 +4,7 @@ use agentbus::{Error, GroupOptions, StartAt};
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{open_bus, open_writer, secs, Durable};
+use super::{open_bus, open_writer, secs, CoalesceArgs, Durable, TypeArgs};
 use crate::output::{emit, Failure};
 use crate::Cli;
 
@@ -32,12 +32,12 @@ pub enum GroupCommand {
         /// Succeed if the group already exists.
         #[arg(long)]
         exist_ok: bool,
-        /// Only deliver messages of this type to the group (repeatable).
-        #[arg(long = "type")]
-        kinds: Vec<String>,
-        /// Deliver every type but this one (repeatable), including types added later.
-        #[arg(long = "not-type")]
-        not_kinds: Vec<String>,
+        /// The types the group delivers (the others are skipped).
+        #[command(flatten)]
+        types: TypeArgs,
+        /// Coalescing, stored with the group (every consumer of it coalesces).
+        #[command(flatten)]
+        coalesce: CoalesceArgs,
         /// Only deliver messages from this agent to the group (repeatable).
         #[arg(long = "from")]
         senders: Vec<String>,
@@ -74,19 +74,13 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             dead_letter,
             from_end,
             exist_ok,
-            kinds,
-            not_kinds,
+            types,
+            coalesce,
             senders,
             durable,
         } => {
+            let mut filter = types.narrow(agentbus::Filter::new())?;
             let mailbox = open_writer(cli, durable)?.mailbox(mailbox)?;
-            let mut filter = agentbus::Filter::new();
-            for k in kinds {
-                filter = filter.of_type(k);
-            }
-            for k in not_kinds {
-                filter = filter.not_type(k);
-            }
             for f in senders {
                 filter = filter.sender(f);
             }
@@ -101,6 +95,9 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
                 });
             if let Some(dl) = dead_letter {
                 opts = opts.dead_letter(dl);
+            }
+            if let Some(c) = coalesce.get()? {
+                opts = opts.coalesce(c);
             }
             let created = match mailbox.create_group_with(group, opts) {
                 Ok(_) => true,
@@ -124,6 +121,8 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
                         "max_deliveries": g.max_deliveries(),
                         "visibility_ms": g.visibility().as_millis() as u64,
                         "dead_letter": g.dead_letter_mailbox(),
+                        "filter": g.filter(),
+                        "coalesce": g.coalesce(),
                     }),
                 )?;
             }

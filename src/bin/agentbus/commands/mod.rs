@@ -46,6 +46,82 @@ pub struct Target {
     durable: Durable,
 }
 
+/// The type filter flags of `recv`, `watch` and `group create`.
+#[derive(Args, Debug, Default)]
+pub struct TypeArgs {
+    /// Only this type (repeatable: any of them). A pattern matches by `.`-separated
+    /// tokens: `draft.*` one more token (draft.ready, not draft.ready.v2), `draft.>`
+    /// one or more (every type that starts with `draft.`); README "Type patterns".
+    /// On `recv` and `watch` only without `--group` (a group filters with `group
+    /// create --type`).
+    #[arg(long = "type", value_name = "TYPE")]
+    kinds: Vec<String>,
+    /// Every type but this one (repeatable), including types added later; patterns
+    /// as for `--type`.
+    #[arg(long = "not-type", value_name = "TYPE")]
+    not_kinds: Vec<String>,
+}
+
+impl TypeArgs {
+    /// Whether any type flag was given.
+    pub fn is_empty(&self) -> bool {
+        self.kinds.is_empty() && self.not_kinds.is_empty()
+    }
+
+    /// `filter` narrowed to these types; an entry that can match no type (`draft*`,
+    /// `a.>.b`) is refused ([`agentbus::Filter::check`]).
+    pub fn narrow(&self, mut filter: agentbus::Filter) -> Result<agentbus::Filter, Failure> {
+        for kind in &self.kinds {
+            filter = filter.of_type(kind);
+        }
+        for kind in &self.not_kinds {
+            filter = filter.not_type(kind);
+        }
+        filter.check()?;
+        Ok(filter)
+    }
+}
+
+/// The coalescing flags of `watch` and `group create`.
+#[derive(Args, Debug, Default)]
+pub struct CoalesceArgs {
+    /// Coalesce bursts by this key: `type`, `correlation` (the correlation id) or
+    /// `header:NAME`. Of the messages with one key sent within `--window` of the
+    /// first, only the first is delivered (README "Coalescing bursts").
+    #[arg(long, value_name = "KEY", requires = "window")]
+    coalesce: Option<String>,
+    /// The coalescing window, in seconds.
+    #[arg(long, value_name = "SECS", requires = "coalesce")]
+    window: Option<f64>,
+}
+
+impl CoalesceArgs {
+    /// Whether `--coalesce` was given.
+    pub fn is_set(&self) -> bool {
+        self.coalesce.is_some()
+    }
+
+    /// The coalescing asked for, if any.
+    pub fn get(&self) -> Result<Option<agentbus::Coalesce>, Failure> {
+        let (Some(key), Some(window)) = (&self.coalesce, self.window) else {
+            return Ok(None);
+        };
+        let by = match key.as_str() {
+            "type" => agentbus::CoalesceBy::Type,
+            "correlation" | "correlation_id" => agentbus::CoalesceBy::CorrelationId,
+            _ => match key.strip_prefix("header:") {
+                Some(name) if !name.is_empty() => agentbus::CoalesceBy::Header(name.to_owned()),
+                _ => {
+                    return Err(Failure::Usage(format!(
+                        "--coalesce {key:?}: give `type`, `correlation` or `header:NAME`"
+                    )))
+                }
+            },
+        };
+        Ok(Some(agentbus::Coalesce::new(by, secs(window)?)))
+    }
+}
+
 /// The group, and with `--attempt` the exact delivery (checked to be current).
 fn target_delivery(
     cli: &Cli,

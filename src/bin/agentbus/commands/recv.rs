@@ -4,7 +4,7 @@ use std::time::Instant;
 use agentbus::Error;
 use clap::Args;
 
-use super::{agent_or_cli, open_bus, open_writer, secs, timed_out, Durable};
+use super::{agent_or_cli, open_bus, open_writer, secs, timed_out, Durable, TypeArgs};
 use crate::lines::{verify, MessageLine};
 use crate::output::{emit, error_json, Failure};
 use crate::Cli;
@@ -23,14 +23,8 @@ pub struct RecvArgs {
     /// 1: claim one, handle it, ack it, run `recv` again; README "Session-start drain").
     #[arg(long)]
     max: Option<usize>,
-    /// Only this type (repeatable). Without `--group` only; a group filters with
-    /// `group create --type`.
-    #[arg(long = "type")]
-    kinds: Vec<String>,
-    /// Every type but this one (repeatable), including types added later. Without
-    /// `--group` only.
-    #[arg(long = "not-type")]
-    not_kinds: Vec<String>,
+    #[command(flatten)]
+    types: TypeArgs,
     /// Only messages from this agent.
     #[arg(long)]
     from: Option<String>,
@@ -60,7 +54,7 @@ pub struct RecvArgs {
 
 pub fn run(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure> {
     if args.group.is_some() {
-        if !args.kinds.is_empty() || !args.not_kinds.is_empty() {
+        if !args.types.is_empty() {
             return Err(Failure::Usage(
                 "with --group, filter with `group create --type` or `--not-type`".into(),
             ));
@@ -84,14 +78,8 @@ fn recv_mode(wait: f64) -> agentbus::WatchMode {
 /// `recv` without `--group`: prints the stored messages from `--from-seq` on, waiting
 /// up to `--wait` seconds for the first one when none is there.
 fn read(cli: &Cli, args: &RecvArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let mut filter = args.types.narrow(agentbus::Filter::new())?;
     let bus = open_bus(cli)?;
-    let mut filter = agentbus::Filter::new();
-    for kind in &args.kinds {
-        filter = filter.of_type(kind);
-    }
-    for kind in &args.not_kinds {
-        filter = filter.not_type(kind);
-    }
     if let Some(from) = &args.from {
         filter = filter.sender(from);
     }

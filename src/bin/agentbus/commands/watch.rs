@@ -13,7 +13,7 @@ use agentbus::{Delivery, Error, Message, RecvTimeoutError};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::{agent_or_cli, open_writer, secs, Durable};
+use super::{agent_or_cli, open_writer, secs, CoalesceArgs, Durable, TypeArgs};
 use crate::lines::MessageLine;
 use crate::output::{emit, error_json, Failure};
 use crate::Cli;
@@ -49,14 +49,14 @@ pub struct WatchArgs {
     /// The consumer name for claims (default: `--agent`, else `cli`).
     #[arg(long, requires = "group")]
     consumer: Option<String>,
-    /// Only this type (repeatable). Without `--group` only; a group filters with
-    /// `group create --type`.
-    #[arg(long = "type")]
-    kinds: Vec<String>,
-    /// Every type but this one (repeatable), including types added later. Without
-    /// `--group` only; a group filters with `group create --not-type`.
-    #[arg(long = "not-type")]
-    not_kinds: Vec<String>,
+    /// Without `--group` only (a group filters with `group create --type`).
+    #[command(flatten)]
+    types: TypeArgs,
+    /// Without `--group` only, in memory (a group coalesces for all its consumers and
+    /// across restarts: `group create --coalesce`); coalesced messages are not printed
+    /// nor handled, and stay in the log.
+    #[command(flatten)]
+    coalesce: CoalesceArgs,
     /// Without `--group`: start at this seq instead of the end (new messages only).
     #[arg(long)]
     from_seq: Option<u64>,
@@ -125,10 +125,10 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
     let bus = open_writer(cli, &args.durable)?;
     match &args.group {
         Some(group) => {
-            if !args.kinds.is_empty() || !args.not_kinds.is_empty() || args.from_seq.is_some() {
+            if !args.types.is_empty() || args.from_seq.is_some() || args.coalesce.is_set() {
                 return Err(Failure::Usage(
-                    "with --group, filter with `group create --type` and the group decides \
-                     where to start"
+                    "with --group, filter and coalesce with `group create --type`, \
+                     `--not-type` and `--coalesce`, and the group decides where to start"
                         .into(),
                 ));
             }
@@ -155,15 +155,15 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
             Ok(())
         }
         None => {
-            let mut rx = bus.follow_with(&[args.mailbox.as_str()], mode)?;
+            let filter = args.types.narrow(agentbus::Filter::new())?;
+            let mut rx = bus
+                .follow_with(&[args.mailbox.as_str()], mode)?
+                .filter(filter);
             if let Some(seq) = args.from_seq {
                 rx = rx.from_seq(seq);
             }
-            for k in &args.kinds {
-                rx = rx.of_type(k);
-            }
-            for k in &args.not_kinds {
-                rx = rx.not_type(k);
+            if let Some(c) = args.coalesce.get()? {
+                rx = rx.coalesce(c);
             }
             let (mut handled, mut damaged, mut since) = (0, false, Instant::now());
             while handled < w.max {
