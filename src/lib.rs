@@ -180,6 +180,7 @@ mod nats;
 mod read;
 mod receiver;
 mod report;
+mod retry;
 mod watch;
 
 pub use backend::CLOCK_GRACE;
@@ -210,6 +211,7 @@ pub use report::{
 };
 /// The `serde_json` this crate is built with, for payloads and handoff state, so the
 /// versions cannot drift apart.
+pub use retry::{RetryOutcome, RetryPolicy};
 pub use serde_json;
 pub use watch::{Waker, WatchMode};
 

@@ -23,8 +23,12 @@ pub(crate) struct Group {
     mailbox: Mailbox,
     name: String,
     meta: GroupMeta,
-    /// The consumer's `ack_wait`: the visibility timeout of every claim.
+    /// The visibility timeout of every claim: the consumer's `ack_wait`, or the
+    /// group's `visibility_ms` when a retry policy set a `backoff` list (which then
+    /// holds the claims' timers, and `ack_wait` is its first value).
     ack_wait: Duration,
+    /// The consumer's `backoff` list (empty without a retry policy).
+    backoff: Vec<Duration>,
     /// The consumer handle, opened on first use.
     consumer: OnceLock<PullConsumer>,
     /// The live deliveries this handle claimed, by seq. A settled or superseded claim
@@ -58,6 +62,7 @@ pub(crate) struct Fetched {
 /// What the server says about a group.
 pub(crate) struct ConsumerState {
     pub(crate) ack_wait: Duration,
+    pub(crate) backoff: Vec<Duration>,
     pub(crate) description: Option<String>,
     pub(crate) delivered_seq: u64,
     pub(crate) ack_floor_seq: u64,
@@ -72,6 +77,48 @@ pub(crate) struct ConsumerConfig {
     pub(crate) start_seq: Option<u64>,
     pub(crate) ack_wait: Duration,
     pub(crate) max_deliver: i64,
+    /// The server's redelivery timer of each delivery (the last one repeats).
+    pub(crate) backoff: Vec<Duration>,
+}
+
+/// The longest `backoff` list a group's consumer gets; later deliveries repeat its
+/// last value.
+const MAX_BACKOFF: usize = 100;
+
+/// The `backoff` list for a group's retry policy: delivery `n`'s timer is the
+/// visibility timeout plus the policy's delay for attempt `n` (without jitter: the
+/// list is fixed), until the delay reaches its cap or the group's last delivery.
+/// Empty without a policy.
+fn backoff(meta: &GroupMeta) -> Vec<Duration> {
+    let Some(policy) = &meta.retry else {
+        return Vec::new();
+    };
+    let visibility = Duration::from_millis(meta.visibility_ms.max(1));
+    let mut list = Vec::new();
+    for attempt in 1..=meta.max_deliveries.min(MAX_BACKOFF as u32) {
+        list.push(visibility + policy.delay(attempt));
+        if policy.delay(attempt) >= policy.max_delay() {
+            break;
+        }
+    }
+    list
+}
+
+/// The delay to send with a NAK of `attempt` so that the message comes back after
+/// `delay`. The server times a delayed NAK from `ack_wait` (the list's first value)
+/// but redelivers once the timer of the delivery has passed (its `backoff` value), so
+/// it adds their difference, which is taken off here (down to 1 ms: a shorter
+/// delay cannot be asked for, and zero would be a NAK at once).
+fn nak_delay(backoff: &[Duration], attempt: u32, delay: Duration) -> Duration {
+    let (Some(first), Some(last)) = (backoff.first(), backoff.last()) else {
+        return delay;
+    };
+    let timer = backoff
+        .get(attempt.saturating_sub(1) as usize)
+        .unwrap_or(last);
+    delay
+        .saturating_sub(timer.saturating_sub(*first))
+        .max(Duration::from_millis(1))
 }
 
 /// Whether a consumer is an agentbus group: durable, with group settings as its
@@ -91,6 +138,7 @@ pub(crate) fn create(
     meta: &GroupMeta,
     from_end: bool,
 ) -> Result<()> {
+    let backoff = backoff(meta);
     let config = ConsumerConfig {
         description: serde_json::to_string(meta).expect("metadata serializes"),
         start_seq: if from_end {
@@ -98,11 +146,17 @@ pub(crate) fn create(
         } else {
             None
         },
-        ack_wait: Duration::from_millis(meta.visibility_ms.max(1)),
+        // With a backoff list the server takes its first value as `ack_wait`.
+        ack_wait: backoff
+            .first()
+            .copied()
+            .unwrap_or(Duration::from_millis(meta.visibility_ms.max(1))),
         // Unlimited on the server: a delivery past `max_deliveries` is buried by the
         // client that sees it, and one that dies first leaves it to be redelivered and
-        // buried by the next.
+        // buried by the next. (So the server's rule that `max_deliver` exceed the
+        // length of `backoff` holds whatever the list.)
         max_deliver: -1,
+        backoff,
     };
     if !mailbox
         .bus()
@@ -136,8 +190,13 @@ impl Group {
         Ok(Some(Group {
             mailbox: mailbox.clone(),
             name: name.to_owned(),
+            ack_wait: if state.backoff.is_empty() {
+                state.ack_wait
+            } else {
+                Duration::from_millis(meta.visibility_ms.max(1))
+            },
             meta,
-            ack_wait: state.ack_wait,
+            backoff: state.backoff,
             consumer: OnceLock::new(),
             held: Mutex::new(HashMap::new()),
         }))
@@ -402,13 +461,23 @@ impl GroupBackend for Group {
         self.settle_held(seq, attempt, AckKind::Ack).map(|()| true)
     }
 
+    fn live_attempt(&self, seq: u64) -> Result<u32> {
+        match self.held_map().get(&seq) {
+            Some(h) => Ok(h.attempt),
+            None => Err(self.unsupported("settling by seq a message this handle has not claimed")),
+        }
+    }
+
     /// A nack's reason and an extension's length are not sent: JetStream keeps no
     /// reasons, and `+WPI` restarts the whole `ack_wait`.
     fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {
         match &how {
-            Settle::DeadLetter { reason } => {
-                let to = self.dead_letter_to();
-                return self.bury_held(seq, attempt, "rejected", reason, &to.rejected(reason));
+            Settle::DeadLetter {
+                reason,
+                not_retryable,
+            } => {
+                let (outcome, recorded) = self.dead_letter_to().at_once(reason, *not_retryable);
+                return self.bury_held(seq, attempt, outcome, reason, &recorded);
             }
             // A nack of the last delivery a message gets dead-letters it now, as in a
             // directory (rather than when the next claim meets the redelivery).
@@ -421,7 +490,11 @@ impl GroupBackend for Group {
         }
         let kind = match how {
             Settle::Nack { delay, .. } if delay.is_zero() => AckKind::Nak(None),
-            Settle::Nack { delay, .. } => AckKind::Nak(Some(delay)),
+            Settle::Nack { delay, .. } => {
+                let held = self.held_map().get(&seq).map(|h| h.attempt);
+                let attempt = held.or(attempt).unwrap_or(1);
+                AckKind::Nak(Some(nak_delay(&self.backoff, attempt, delay)))
+            }
             Settle::Extend(_) => AckKind::Progress,
             Settle::Term { .. } | Settle::DeadLetter { .. } => AckKind::Term,
         };
@@ -509,6 +582,7 @@ impl NatsBus {
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait,
                 max_deliver: config.max_deliver,
+                backoff: config.backoff,
                 max_ack_pending: -1,
                 // 0: as many as the stream has, so a group survives whatever its
                 // mailbox survives, whichever process created it.
@@ -535,6 +609,7 @@ impl NatsBus {
             match s.consumer_info(&durable).await {
                 Ok(info) => Ok(Some(ConsumerState {
                     ack_wait: info.config.ack_wait,
+                    backoff: info.config.backoff.clone(),
                     description: info.config.description.clone(),
                     delivered_seq: info.delivered.stream_sequence,
                     ack_floor_seq: info.ack_floor.stream_sequence,
