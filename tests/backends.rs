@@ -173,6 +173,9 @@ mod handoffs;
 #[path = "backends/watch.rs"]
 mod watch;
 
+#[path = "backends/retry.rs"]
+mod retry;
+
 /// What only the JetStream backend refuses, refused with a typed error.
 #[test]
 fn nats_refuses_what_it_cannot_do() {

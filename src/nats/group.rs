@@ -9,6 +9,7 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures_util::StreamExt;
 use time::OffsetDateTime;
 
+use super::backoff::{backoff, nak_delay};
 use super::{dec, decode, enc, nats_err, Mailbox, NatsBus, NET, REQUEST_TIMEOUT};
 use crate::backend::MailboxBackend;
 use crate::backend::{Backend, Claimed, Damage, DeadLetterTo, GroupBackend, GroupMeta, Settle};
@@ -79,46 +80,6 @@ pub(crate) struct ConsumerConfig {
     pub(crate) max_deliver: i64,
     /// The server's redelivery timer of each delivery (the last one repeats).
     pub(crate) backoff: Vec<Duration>,
-}
-
-/// The longest `backoff` list a group's consumer gets; later deliveries repeat its
-/// last value.
-const MAX_BACKOFF: usize = 100;
-
-/// The `backoff` list for a group's retry policy: delivery `n`'s timer is the
-/// visibility timeout plus the policy's delay for attempt `n` (without jitter: the
-/// list is fixed), until the delay reaches its cap or the group's last delivery.
-/// Empty without a policy.
-fn backoff(meta: &GroupMeta) -> Vec<Duration> {
-    let Some(policy) = &meta.retry else {
-        return Vec::new();
-    };
-    let visibility = Duration::from_millis(meta.visibility_ms.max(1));
-    let mut list = Vec::new();
-    for attempt in 1..=meta.max_deliveries.min(MAX_BACKOFF as u32) {
-        list.push(visibility + policy.delay(attempt));
-        if policy.delay(attempt) >= policy.max_delay() {
-            break;
-        }
-    }
-    list
-}
-
-/// The delay to send with a NAK of `attempt` so that the message comes back after
-/// `delay`. The server times a delayed NAK from `ack_wait` (the list's first value)
-/// but redelivers once the timer of the delivery has passed (its `backoff` value), so
-/// it adds their difference, which is taken off here (down to 1 ms: a shorter
-/// delay cannot be asked for, and zero would be a NAK at once).
-fn nak_delay(backoff: &[Duration], attempt: u32, delay: Duration) -> Duration {
-    let (Some(first), Some(last)) = (backoff.first(), backoff.last()) else {
-        return delay;
-    };
-    let timer = backoff
-        .get(attempt.saturating_sub(1) as usize)
-        .unwrap_or(last);
-    delay
-        .saturating_sub(timer.saturating_sub(*first))
-        .max(Duration::from_millis(1))
 }
 
 /// Whether a consumer is an agentbus group: durable, with group settings as its
@@ -469,7 +430,9 @@ impl GroupBackend for Group {
     }
 
     /// A nack's reason and an extension's length are not sent: JetStream keeps no
-    /// reasons, and `+WPI` restarts the whole `ack_wait`.
+    /// reasons, and `+WPI` restarts the whole `ack_wait` (with a retry policy, the
+    /// delivery's `backoff` timer: the visibility plus that attempt's delay). A
+    /// delayed NAK carries the delay that makes the server wait `delay` (`nak_delay`).
     fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {
         match &how {
             Settle::DeadLetter {
