@@ -12,7 +12,8 @@
 //! - A [`Group`] consumes a mailbox durably. Every group sees every message; the
 //!   consumers inside one group compete. A [`Delivery`] is acked, nacked, extended or
 //!   terminated. Claims run out and are redelivered, and after `max_deliveries` the
-//!   message goes to a dead-letter mailbox.
+//!   message goes to a dead-letter mailbox. A [`RetryPolicy`] stored with the group
+//!   sets growing delays between attempts and the failures not worth retrying.
 //! - [`Follower`] and [`Consumer`] are receivers shaped like crossbeam-channel's
 //!   (`recv`, `recv_timeout`, `try_recv`, ...). They are woken by file-system events and
 //!   stay exact when events are lost. With the `tokio` feature they are also `async`.

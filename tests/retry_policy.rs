@@ -43,10 +43,23 @@ fn group_create_stores_the_policy_and_group_list_shows_it() {
             "invalid_payload",
         ],
     );
-    run(&bus, &["group", "create", "jobs", "slow", "--backoff", "250ms, 1.5, 2m"]);
+    run(
+        &bus,
+        &[
+            "group",
+            "create",
+            "jobs",
+            "slow",
+            "--backoff",
+            "250ms, 1.5, 2m",
+        ],
+    );
     run(&bus, &["group", "create", "jobs", "plain"]);
     let listed = run(&bus, &["group", "list", "jobs"]);
-    let retry: Vec<_> = listed.iter().map(|g| (g["group"].clone(), g["retry"].clone())).collect();
+    let retry: Vec<_> = listed
+        .iter()
+        .map(|g| (g["group"].clone(), g["retry"].clone()))
+        .collect();
     assert_eq!(
         retry,
         [
@@ -64,32 +77,61 @@ fn group_create_stores_the_policy_and_group_list_shows_it() {
         ]
     );
     // The library reads back what the CLI stored.
-    let group = agentbus::Bus::open(&bus).unwrap().mailbox("jobs").unwrap().group("w").unwrap();
+    let group = agentbus::Bus::open(&bus)
+        .unwrap()
+        .mailbox("jobs")
+        .unwrap()
+        .group("w")
+        .unwrap();
     let policy = group.retry_policy().unwrap();
-    assert_eq!((policy.initial_delay(), policy.max_delay()), (Duration::from_secs(1), Duration::from_secs(30)));
+    assert_eq!(
+        (policy.initial_delay(), policy.max_delay()),
+        (Duration::from_secs(1), Duration::from_secs(30))
+    );
 
     // Settings that cannot work: typed errors (exit 2) that name the setting; a
     // malformed --backoff or --jitter without one is a usage error; nothing is created.
     let e = common::fails(
-        common::cli(&bus).args(["group", "create", "jobs", "x", "--backoff", "1s,0.5,30s"]).output().unwrap(),
+        common::cli(&bus)
+            .args(["group", "create", "jobs", "x", "--backoff", "1s,0.5,30s"])
+            .output()
+            .unwrap(),
         2,
     );
     assert_eq!(e["error"], "invalid_setting", "{e}");
-    assert!(e["message"].as_str().unwrap().contains("retry.multiplier"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("retry.multiplier"),
+        "{e}"
+    );
     let e = common::fails(
-        common::cli(&bus).args(["group", "create", "jobs", "x", "--backoff", "30s,2,1s"]).output().unwrap(),
+        common::cli(&bus)
+            .args(["group", "create", "jobs", "x", "--backoff", "30s,2,1s"])
+            .output()
+            .unwrap(),
         2,
     );
     assert!(e["message"].as_str().unwrap().contains("retry.max"), "{e}");
     for bad in ["1s,2", "1x,2,3s", "1s,two,3s", "-1s,2,3s"] {
         let e = common::fails(
-            common::cli(&bus).args(["group", "create", "jobs", "x", &format!("--backoff={bad}")]).output().unwrap(),
+            common::cli(&bus)
+                .args(["group", "create", "jobs", "x", &format!("--backoff={bad}")])
+                .output()
+                .unwrap(),
             2,
         );
         assert_eq!(e["error"], "usage", "{bad}: {e}");
-        assert!(e["message"].as_str().unwrap().contains("INITIAL,MULTIPLIER,MAX"), "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("INITIAL,MULTIPLIER,MAX"),
+            "{e}"
+        );
     }
-    let out = common::cli(&bus).args(["group", "create", "jobs", "x", "--jitter", "0.2"]).output().unwrap();
+    let out = common::cli(&bus)
+        .args(["group", "create", "jobs", "x", "--jitter", "0.2"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(run(&bus, &["group", "list", "jobs"]).len(), 3);
 }
@@ -98,16 +140,55 @@ fn group_create_stores_the_policy_and_group_list_shows_it() {
 fn nack_without_a_delay_uses_the_policy_and_a_class_not_retried_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
     let bus = dir.path().join("bus");
-    bus_with(&bus, &["--backoff", "3s,2,10s", "--no-retry-on", "invalid_payload"]);
+    bus_with(
+        &bus,
+        &["--backoff", "3s,2,10s", "--no-retry-on", "invalid_payload"],
+    );
     for _ in 0..3 {
         run(&bus, &["send", "jobs", "--type", "job"]);
     }
-    let claimed = run(&bus, &["recv", "jobs", "--group", "w", "--consumer", "c", "--max", "3"]);
+    let claimed = run(
+        &bus,
+        &[
+            "recv",
+            "jobs",
+            "--group",
+            "w",
+            "--consumer",
+            "c",
+            "--max",
+            "3",
+        ],
+    );
     assert_eq!(claimed.len(), 3);
 
-    let line = run(&bus, &["nack", "jobs", "--group", "w", "1", "--attempt", "1", "--reason", "timeout: slow"]);
+    let line = run(
+        &bus,
+        &[
+            "nack",
+            "jobs",
+            "--group",
+            "w",
+            "1",
+            "--attempt",
+            "1",
+            "--reason",
+            "timeout: slow",
+        ],
+    );
     assert_eq!(line, [json!({"seq": 1, "nacked": true, "delay": 3.0})]);
-    let line = run(&bus, &["nack", "jobs", "--group", "w", "2", "--reason", "invalid_payload: not JSON"]);
+    let line = run(
+        &bus,
+        &[
+            "nack",
+            "jobs",
+            "--group",
+            "w",
+            "2",
+            "--reason",
+            "invalid_payload: not JSON",
+        ],
+    );
     assert_eq!(
         line,
         [json!({"seq": 2, "nacked": true, "dead_lettered": true,
@@ -119,15 +200,51 @@ fn nack_without_a_delay_uses_the_policy_and_a_class_not_retried_dead_letters() {
 
     let dead = run(&bus, &["recv", "jobs.dlq"]);
     assert_eq!(dead.len(), 1);
-    let info: Value = serde_json::from_str(dead[0]["headers"]["dead_letter"].as_str().unwrap()).unwrap();
-    assert_eq!((info["seq"].as_u64(), info["reason"].as_str()), (Some(2), Some("not retryable: invalid_payload: not JSON")));
+    let info: Value =
+        serde_json::from_str(dead[0]["headers"]["dead_letter"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (info["seq"].as_u64(), info["reason"].as_str()),
+        (Some(2), Some("not retryable: invalid_payload: not JSON"))
+    );
 
     // 3 is back at once; 1 only after its 3 s.
-    let again = run(&bus, &["recv", "jobs", "--group", "w", "--consumer", "c", "--max", "5"]);
+    let again = run(
+        &bus,
+        &[
+            "recv",
+            "jobs",
+            "--group",
+            "w",
+            "--consumer",
+            "c",
+            "--max",
+            "5",
+        ],
+    );
     let seqs: Vec<_> = again.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [3], "1 waits for its delay");
-    let again = run(&bus, &["recv", "jobs", "--group", "w", "--consumer", "c", "--max", "1", "--wait", "10"]);
-    assert_eq!((again[0]["seq"].as_u64(), again[0]["delivery"]["attempt"].as_u64()), (Some(1), Some(2)));
+    let again = run(
+        &bus,
+        &[
+            "recv",
+            "jobs",
+            "--group",
+            "w",
+            "--consumer",
+            "c",
+            "--max",
+            "1",
+            "--wait",
+            "10",
+        ],
+    );
+    assert_eq!(
+        (
+            again[0]["seq"].as_u64(),
+            again[0]["delivery"]["attempt"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
 }
 
 /// Where the handler of the test below logs each run: `seq attempt nanoseconds`.
@@ -137,7 +254,11 @@ fn runs(log: &Path) -> Vec<(u64, u64, u128)> {
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
         })
         .collect()
 }
@@ -148,7 +269,14 @@ fn watch_exec_retries_a_failing_handler_with_growing_delays_and_dead_letters_a_c
     let bus = dir.path().join("bus");
     bus_with(
         &bus,
-        &["--backoff", "0.2s,2,0.8s", "--max-deliveries", "5", "--no-retry-on", "invalid_payload"],
+        &[
+            "--backoff",
+            "0.2s,2,0.8s",
+            "--max-deliveries",
+            "5",
+            "--no-retry-on",
+            "invalid_payload",
+        ],
     );
     run(&bus, &["send", "jobs", "--type", "flaky"]);
     run(&bus, &["send", "jobs", "--type", "bad"]);
@@ -162,12 +290,23 @@ esac"#,
         log = log.display()
     );
     let mut cmd = common::cli(&bus);
-    cmd.args(["watch", "jobs", "--group", "w", "--exec", &handler, "--max", "6"]);
+    cmd.args([
+        "watch", "jobs", "--group", "w", "--exec", &handler, "--max", "6",
+    ]);
     let out = common::output_within("watch", cmd, HUNG);
     assert!(out.status.success(), "{}", out.stderr);
     let lines = out.lines();
     let flaky: Vec<_> = lines.iter().filter(|l| l["seq"] == 1).collect();
-    let outcomes: Vec<_> = flaky.iter().map(|l| (l["attempt"].as_u64().unwrap(), l["outcome"].as_str().unwrap(), l["delay"].as_f64())).collect();
+    let outcomes: Vec<_> = flaky
+        .iter()
+        .map(|l| {
+            (
+                l["attempt"].as_u64().unwrap(),
+                l["outcome"].as_str().unwrap(),
+                l["delay"].as_f64(),
+            )
+        })
+        .collect();
     assert_eq!(
         outcomes,
         [
@@ -180,22 +319,38 @@ esac"#,
         "{}",
         out.stderr
     );
-    assert_eq!(flaky[0]["reason"], "timeout: handler exited with 1: timeout: the pager is slow");
+    assert_eq!(
+        flaky[0]["reason"],
+        "timeout: handler exited with 1: timeout: the pager is slow"
+    );
     assert_eq!(
         flaky[4]["reason"],
         "max deliveries (5) reached: timeout: handler exited with 1: timeout: the pager is slow"
     );
     let bad: Vec<_> = lines.iter().filter(|l| l["seq"] == 2).collect();
     assert_eq!(bad.len(), 1, "not retried: {lines:?}");
-    assert_eq!((bad[0]["attempt"].as_u64(), bad[0]["outcome"].as_str()), (Some(1), Some("dead_lettered")));
-    assert_eq!(bad[0]["reason"], "not retryable: invalid_payload: handler exited with 1: invalid_payload: no subject");
+    assert_eq!(
+        (bad[0]["attempt"].as_u64(), bad[0]["outcome"].as_str()),
+        (Some(1), Some("dead_lettered"))
+    );
+    assert_eq!(
+        bad[0]["reason"],
+        "not retryable: invalid_payload: handler exited with 1: invalid_payload: no subject"
+    );
     assert_eq!(bad[0]["dead_letter"], "jobs.dlq");
 
     // The handler's runs of seq 1 are at least each delay apart (a few ms for the
     // clock), and the gaps grow until the cap.
-    let starts: Vec<u128> = runs(&log).into_iter().filter(|r| r.0 == 1).map(|r| r.2).collect();
+    let starts: Vec<u128> = runs(&log)
+        .into_iter()
+        .filter(|r| r.0 == 1)
+        .map(|r| r.2)
+        .collect();
     assert_eq!(starts.len(), 5);
-    let gaps: Vec<u128> = starts.windows(2).map(|w| (w[1] - w[0]) / 1_000_000).collect();
+    let gaps: Vec<u128> = starts
+        .windows(2)
+        .map(|w| (w[1] - w[0]) / 1_000_000)
+        .collect();
     for (gap, delay) in gaps.iter().zip([200, 400, 800, 800]) {
         assert!(*gap + 5 >= delay, "gaps {gaps:?} ms");
         assert!(*gap < delay + 5_000, "gaps {gaps:?} ms");
@@ -207,9 +362,30 @@ esac"#,
     // --retry-delay still sets the delay, whatever the policy says.
     run(&bus, &["send", "jobs", "--type", "flaky"]);
     let mut cmd = common::cli(&bus);
-    cmd.args(["watch", "jobs", "--group", "w", "--exec", &handler, "--max", "1", "--retry-delay", "0.05"]);
+    cmd.args([
+        "watch",
+        "jobs",
+        "--group",
+        "w",
+        "--exec",
+        &handler,
+        "--max",
+        "1",
+        "--retry-delay",
+        "0.05",
+    ]);
     let out = common::output_within("watch", cmd, HUNG);
     let line = &out.lines()[0];
-    assert_eq!((line["seq"].as_u64(), line["outcome"].as_str(), line["delay"].as_f64()), (Some(3), Some("retried"), Some(0.05)));
-    assert_eq!(line["reason"], "handler exited with 1: timeout: the pager is slow", "no class in front");
+    assert_eq!(
+        (
+            line["seq"].as_u64(),
+            line["outcome"].as_str(),
+            line["delay"].as_f64()
+        ),
+        (Some(3), Some("retried"), Some(0.05))
+    );
+    assert_eq!(
+        line["reason"], "handler exited with 1: timeout: the pager is slow",
+        "no class in front"
+    );
 }

@@ -87,8 +87,19 @@ mod tests {
     fn a_nak_delay_takes_off_what_the_server_adds() {
         let list = [ms(1_100), ms(1_200), ms(1_400), ms(1_500)];
         // The server waits `sent + (list[attempt-1] - list[0])`.
-        for (attempt, delay, sent) in [(1, 100, 100), (2, 200, 100), (3, 400, 100), (4, 500, 100), (9, 500, 100), (3, 1_000, 700)] {
-            assert_eq!(nak_delay(&list, attempt, ms(delay)), ms(sent), "attempt {attempt}");
+        for (attempt, delay, sent) in [
+            (1, 100, 100),
+            (2, 200, 100),
+            (3, 400, 100),
+            (4, 500, 100),
+            (9, 500, 100),
+            (3, 1_000, 700),
+        ] {
+            assert_eq!(
+                nak_delay(&list, attempt, ms(delay)),
+                ms(sent),
+                "attempt {attempt}"
+            );
         }
         // Jitter can ask for less than the server adds: as little as it can.
         assert_eq!(nak_delay(&list, 3, ms(250)), ms(1));

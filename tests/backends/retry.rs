@@ -23,12 +23,20 @@ fn ms(n: u64) -> Duration {
 
 /// Claims one message, polling every 5 ms until one comes (at most `expected` plus
 /// [`LATE`]), and returns it with the time it took from `since`.
-fn claim_after(g: &agentbus::Group, since: Instant, expected: Duration) -> (agentbus::Delivery, Duration) {
+fn claim_after(
+    g: &agentbus::Group,
+    since: Instant,
+    expected: Duration,
+) -> (agentbus::Delivery, Duration) {
     loop {
         if let Some(d) = g.claim_one("w").unwrap() {
             return (d, since.elapsed());
         }
-        assert!(since.elapsed() < expected + LATE, "not redelivered within {:?}", expected + LATE);
+        assert!(
+            since.elapsed() < expected + LATE,
+            "not redelivered within {:?}",
+            expected + LATE
+        );
         std::thread::sleep(ms(5));
     }
 }
