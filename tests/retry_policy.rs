@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -18,30 +18,45 @@ fn run(dir: &Path, args: &[&str]) -> Vec<Value> {
     common::ok(common::cli(dir).args(args).output().unwrap())
 }
 
-fn bus_with(dir: &Path, group_args: &[&str]) {
-    run(dir, &["init"]);
-    run(dir, &["mailbox", "create", "jobs"]);
+/// `recv --group w`: claims up to `max` messages, waiting up to `wait` seconds.
+fn claim(dir: &Path, max: &str, wait: &str) -> Vec<Value> {
+    let args = [
+        "recv",
+        "jobs",
+        "--group",
+        "w",
+        "--consumer",
+        "c",
+        "--max",
+        max,
+        "--wait",
+        wait,
+    ];
+    run(dir, &args)
+}
+
+/// `nack jobs --group w ARGS...`.
+fn nack(dir: &Path, args: &[&str]) -> Vec<Value> {
+    run(dir, &[&["nack", "jobs", "--group", "w"], args].concat())
+}
+
+/// A scratch directory holding a bus (`bus`) with mailbox `jobs` and its group `w`,
+/// created with `group_args`.
+fn bus_with(group_args: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = dir.path().join("bus");
+    run(&bus, &["init"]);
+    run(&bus, &["mailbox", "create", "jobs"]);
     let mut args = vec!["group", "create", "jobs", "w"];
-    args.extend_from_slice(group_args);
-    run(dir, &args);
+    args.extend(group_args.split_whitespace());
+    run(&bus, &args);
+    (dir, bus)
 }
 
 #[test]
 fn group_create_stores_the_policy_and_group_list_shows_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = dir.path().join("bus");
-    bus_with(
-        &bus,
-        &[
-            "--backoff",
-            "1s,2,30s",
-            "--jitter",
-            "0.2",
-            "--no-retry-on",
-            "unauthorized",
-            "--no-retry-on",
-            "invalid_payload",
-        ],
+    let (_dir, bus) = bus_with(
+        "--backoff 1s,2,30s --jitter 0.2 --no-retry-on unauthorized --no-retry-on invalid_payload",
     );
     run(
         &bus,
@@ -138,64 +153,23 @@ fn group_create_stores_the_policy_and_group_list_shows_it() {
 
 #[test]
 fn nack_without_a_delay_uses_the_policy_and_a_class_not_retried_dead_letters() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = dir.path().join("bus");
-    bus_with(
-        &bus,
-        &["--backoff", "3s,2,10s", "--no-retry-on", "invalid_payload"],
-    );
+    let (_dir, bus) = bus_with("--backoff 3s,2,10s --no-retry-on invalid_payload");
     for _ in 0..3 {
         run(&bus, &["send", "jobs", "--type", "job"]);
     }
-    let claimed = run(
-        &bus,
-        &[
-            "recv",
-            "jobs",
-            "--group",
-            "w",
-            "--consumer",
-            "c",
-            "--max",
-            "3",
-        ],
-    );
+    let claimed = claim(&bus, "3", "0");
     assert_eq!(claimed.len(), 3);
 
-    let line = run(
-        &bus,
-        &[
-            "nack",
-            "jobs",
-            "--group",
-            "w",
-            "1",
-            "--attempt",
-            "1",
-            "--reason",
-            "timeout: slow",
-        ],
-    );
+    let line = nack(&bus, &["1", "--attempt", "1", "--reason", "timeout: slow"]);
     assert_eq!(line, [json!({"seq": 1, "nacked": true, "delay": 3.0})]);
-    let line = run(
-        &bus,
-        &[
-            "nack",
-            "jobs",
-            "--group",
-            "w",
-            "2",
-            "--reason",
-            "invalid_payload: not JSON",
-        ],
-    );
+    let line = nack(&bus, &["2", "--reason", "invalid_payload: not JSON"]);
     assert_eq!(
         line,
         [json!({"seq": 2, "nacked": true, "dead_lettered": true,
                 "reason": "not retryable: invalid_payload: not JSON"})]
     );
     // An explicit delay is kept as it is (and prints as before).
-    let line = run(&bus, &["nack", "jobs", "--group", "w", "3", "--delay", "0"]);
+    let line = nack(&bus, &["3", "--delay", "0"]);
     assert_eq!(line, [json!({"seq": 3, "nacked": true})]);
 
     let dead = run(&bus, &["recv", "jobs.dlq"]);
@@ -208,36 +182,10 @@ fn nack_without_a_delay_uses_the_policy_and_a_class_not_retried_dead_letters() {
     );
 
     // 3 is back at once; 1 only after its 3 s.
-    let again = run(
-        &bus,
-        &[
-            "recv",
-            "jobs",
-            "--group",
-            "w",
-            "--consumer",
-            "c",
-            "--max",
-            "5",
-        ],
-    );
+    let again = claim(&bus, "5", "0");
     let seqs: Vec<_> = again.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [3], "1 waits for its delay");
-    let again = run(
-        &bus,
-        &[
-            "recv",
-            "jobs",
-            "--group",
-            "w",
-            "--consumer",
-            "c",
-            "--max",
-            "1",
-            "--wait",
-            "10",
-        ],
-    );
+    let again = claim(&bus, "1", "10");
     assert_eq!(
         (
             again[0]["seq"].as_u64(),
@@ -265,19 +213,8 @@ fn runs(log: &Path) -> Vec<(u64, u64, u128)> {
 
 #[test]
 fn watch_exec_retries_a_failing_handler_with_growing_delays_and_dead_letters_a_class_not_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = dir.path().join("bus");
-    bus_with(
-        &bus,
-        &[
-            "--backoff",
-            "0.2s,2,0.8s",
-            "--max-deliveries",
-            "5",
-            "--no-retry-on",
-            "invalid_payload",
-        ],
-    );
+    let (dir, bus) =
+        bus_with("--backoff 0.2s,2,0.8s --max-deliveries 5 --no-retry-on invalid_payload");
     run(&bus, &["send", "jobs", "--type", "flaky"]);
     run(&bus, &["send", "jobs", "--type", "bad"]);
     let log = dir.path().join("runs.log");
