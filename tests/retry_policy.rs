@@ -161,7 +161,7 @@ fn nack_without_a_delay_uses_the_policy_and_a_class_not_retried_dead_letters() {
     assert_eq!(claimed.len(), 3);
 
     let line = nack(&bus, &["1", "--attempt", "1", "--reason", "timeout: slow"]);
-    assert_eq!(line, [json!({"seq": 1, "nacked": true, "delay": 3.0})]);
+    assert_eq!(line, [json!({"seq": 1, "nacked": true, "delay_ms": 3000})]);
     let line = nack(&bus, &["2", "--reason", "invalid_payload: not JSON"]);
     assert_eq!(
         line,

@@ -15,7 +15,7 @@ pub struct NackArgs {
     #[command(flatten)]
     target: Target,
     /// Redeliver after this many seconds (default: the group's retry policy's delay
-    /// for this attempt; at once without one). Prints `delay` without it.
+    /// for this attempt; at once without one). Prints `delay_ms` without it.
     #[arg(long)]
     delay: Option<f64>,
     /// Why, kept in the message's delivery history. Starting with a class (`CLASS:
@@ -35,7 +35,7 @@ pub fn run(cli: &Cli, args: &NackArgs, out: &mut impl Write) -> Result<(), Failu
         };
         let mut line = json!({"seq": target.seq, "nacked": true});
         match outcome {
-            RetryOutcome::Scheduled { delay } => line["delay"] = json!(delay.as_secs_f64()),
+            RetryOutcome::Scheduled { delay } => line["delay_ms"] = json!(delay.as_millis() as u64),
             RetryOutcome::DeadLettered { reason } => {
                 line["dead_lettered"] = json!(true);
                 line["reason"] = json!(reason);
