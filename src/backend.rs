@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::report::{CompactReport, DoctorReport, GroupStats, LeaseInfo};
 use crate::watch::{Watch, WatchMode};
-use crate::{dir, Durability, Error, Filter, Message, NewMessage, Receipt, Result};
+use crate::{dir, Durability, Error, Filter, Message, NewMessage, Receipt, Result, RetryPolicy};
 
 #[cfg(feature = "nats")]
 use crate::nats;
@@ -287,6 +287,9 @@ pub(crate) trait GroupBackend: Backend + Debug + Send + Sync {
     }
     /// Nacks, extends or terms the live claim of `seq` (as `attempt`, if given).
     fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()>;
+    /// The attempt of the live claim of `seq`, for settling it by seq: the errors
+    /// [`settle`](Self::settle) without an attempt gives when there is none.
+    fn live_attempt(&self, seq: u64) -> Result<u32>;
     /// The group's counters.
     fn stats(&self) -> Result<GroupStats>;
     /// The earliest time (ms) an unsettled message becomes deliverable again, when
@@ -343,6 +346,10 @@ pub(crate) struct GroupMeta {
     /// Coalescing, where the group does it (group format 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) coalesce: Option<crate::Coalesce>,
+    /// Read as `None` from a group made before retry policies; a group with one is
+    /// format 2, which those releases refuse (they would retry at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) retry: Option<RetryPolicy>,
 }
 
 /// The newest group format this build reads. A group is written with format 1 unless
@@ -356,7 +363,8 @@ impl GroupMeta {
     /// The format these settings need: 2 if a release before [`GROUP_FORMAT`] would
     /// misread them, else 1 (which every release reads).
     pub(crate) fn needed_format(&self) -> u64 {
-        if self.filter.misread_by_old_releases() || self.coalesce.is_some() {
+        if self.filter.misread_by_old_releases() || self.coalesce.is_some() || self.retry.is_some()
+        {
             GROUP_FORMAT
         } else {
             1
@@ -398,8 +406,10 @@ pub(crate) enum Settle {
     Extend(Duration),
     /// Given up for good.
     Term { reason: Option<String> },
-    /// Sent to the dead-letter mailbox now, with `reason` recorded as given.
-    DeadLetter { reason: String },
+    /// Sent to the dead-letter mailbox now: given up on by the consumer
+    /// ([`Delivery::dead_letter`](crate::Delivery::dead_letter)), or a nack whose
+    /// reason the group's retry policy does not retry (`not_retryable`).
+    DeadLetter { reason: String, not_retryable: bool },
 }
 
 /// How one delivery attempt ended without an ack (a dead letter lists them).
@@ -429,6 +439,22 @@ pub(crate) fn cap_reason(reason: &str) -> String {
     format!("{}...", &reason[..end])
 }
 
+/// The reason recorded for a message that ran out of `max` deliveries, the last one
+/// failing for `reason`.
+pub(crate) fn exhausted_reason(max: u32, reason: &str) -> String {
+    format!("max deliveries ({max}) reached: {reason}")
+}
+
+/// The outcome of the last attempt and the reason recorded for a message dead-lettered
+/// at once: given up on by its consumer, or nacked for a reason not retried.
+pub(crate) fn at_once_reason(reason: &str, not_retryable: bool) -> (&'static str, String) {
+    if not_retryable {
+        ("nacked", format!("not retryable: {reason}"))
+    } else {
+        ("rejected", format!("rejected by the consumer: {reason}"))
+    }
+}
+
 /// Where a group sends a message that ran out of deliveries.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DeadLetterTo<'a> {
@@ -443,16 +469,15 @@ impl DeadLetterTo<'_> {
     /// The reason recorded for a message that ran out of deliveries: `reason` said why
     /// the last one failed.
     pub(crate) fn exhausted(&self, reason: &str) -> String {
-        format!(
-            "max deliveries ({}) reached: {reason}",
-            self.meta.max_deliveries
-        )
+        exhausted_reason(self.meta.max_deliveries, reason)
     }
 
-    /// The reason recorded for a message its consumer gave up on
-    /// ([`Delivery::dead_letter`](crate::Delivery::dead_letter)).
-    pub(crate) fn rejected(&self, reason: &str) -> String {
-        format!("rejected by the consumer: {reason}")
+    /// The outcome of the last attempt and the reason recorded for a message
+    /// dead-lettered at once: one its consumer gave up on
+    /// ([`Delivery::dead_letter`](crate::Delivery::dead_letter)), or a nack the retry
+    /// policy does not retry.
+    pub(crate) fn at_once(&self, reason: &str, not_retryable: bool) -> (&'static str, String) {
+        at_once_reason(reason, not_retryable)
     }
 
     /// Copies `message` to the dead-letter mailbox (created if missing), exactly once

@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use crate::backend::{at_once_reason, cap_reason, exhausted_reason};
 use crate::backend::{Claimed, GroupImp, GroupMeta, Settle};
 use crate::report::GroupStats;
 use crate::{
     validate_name, Bus, Coalesce, Error, Filter, Mailbox, Message, Result, FORMAT_VERSION,
 };
+use crate::{RetryOutcome, RetryPolicy};
 
 /// Where a new group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,6 +41,7 @@ pub struct GroupOptions {
     start: StartAt,
     filter: Filter,
     coalesce: Option<Coalesce>,
+    retry: Option<RetryPolicy>,
 }
 
 impl Default for GroupOptions {
@@ -50,6 +53,7 @@ impl Default for GroupOptions {
             start: StartAt::Beginning,
             filter: Filter::new(),
             coalesce: None,
+            retry: None,
         }
     }
 }
@@ -127,6 +131,14 @@ impl GroupOptions {
     /// directory backend: JetStream answers [`Error::Unsupported`].
     pub fn coalesce(mut self, coalesce: Coalesce) -> Self {
         self.coalesce = Some(coalesce);
+        self
+    }
+
+    /// How long the group waits before delivering a failed message again, and which
+    /// failures it does not retry: see [`RetryPolicy`]. Without one (the default) a
+    /// retry redelivers at once and an expired claim as soon as it runs out.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
         self
     }
 }
@@ -215,11 +227,46 @@ impl Delivery {
     /// # Errors
     ///
     /// [`Error::StaleDelivery`] if this claim ran out or was settled meanwhile.
+    ///
+    /// If the group's [retry policy](RetryPolicy) does not retry the reason's class
+    /// ([`RetryPolicy::no_retry_on`]), the message goes to the dead-letter mailbox now,
+    /// with the reason `not retryable: <reason>`.
     pub fn nack(&self, delay: Duration, reason: Option<&str>) -> Result<()> {
-        self.settle(Settle::Nack {
-            delay,
-            reason: reason.map(str::to_owned),
-        })
+        self.group
+            .nack_as(self.seq(), Some(self.attempt), delay, reason)
+    }
+
+    /// Gives the message back for redelivery after the delay the group's
+    /// [retry policy](RetryPolicy) sets for this attempt (at once without a policy),
+    /// noting `reason` in its history: a nack without an explicit delay. A reason
+    /// whose [class](RetryPolicy::class_of) the policy does not retry, or a retry of
+    /// the last delivery (`max_deliveries`), dead-letters the message instead; the
+    /// outcome says which, and the delay or the reason recorded.
+    ///
+    /// ```
+    /// # fn main() -> agentbus::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::time::Duration;
+    /// use agentbus::{GroupOptions, RetryOutcome, RetryPolicy};
+    /// let bus = agentbus::Bus::init(dir.path())?;
+    /// let jobs = bus.create_mailbox("jobs")?;
+    /// let policy = RetryPolicy::exponential(Duration::from_millis(200), 2.0, Duration::from_secs(5));
+    /// let workers = jobs.create_group_with("w", GroupOptions::new().retry(policy))?;
+    /// jobs.send(agentbus::NewMessage::new("job"))?;
+    ///
+    /// let d = workers.claim_one("w1")?.unwrap();
+    /// let outcome = d.retry(Some("timeout: no answer"))?;
+    /// assert_eq!(outcome, RetryOutcome::Scheduled { delay: Duration::from_millis(200) });
+    /// assert!(workers.claim_one("w1")?.is_none(), "not before 200 ms");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleDelivery`] if this claim ran out or was settled meanwhile;
+    /// [`Error::Io`] (or [`Error::Nats`]) if a dead letter cannot be written.
+    pub fn retry(&self, reason: Option<&str>) -> Result<RetryOutcome> {
+        self.group.retry_as(self.seq(), self.attempt, reason)
     }
 
     /// Keeps the claim for `by` from now ("still working").
@@ -273,6 +320,7 @@ impl Delivery {
     pub fn dead_letter(&self, reason: &str) -> Result<()> {
         self.settle(Settle::DeadLetter {
             reason: reason.to_owned(),
+            not_retryable: false,
         })
     }
 
@@ -296,8 +344,9 @@ impl Mailbox {
     /// # Errors
     ///
     /// [`Error::InvalidName`] (for the group, the dead-letter mailbox, or a type in the
-    /// filter that [`Filter::check`] refuses), [`Error::InvalidSetting`] for `max_deliveries` 0 or a visibility timeout outside
-    /// 1 ms to 365 days, or a coalescing window outside 1 ms to 365 days,
+    /// filter that [`Filter::check`] refuses), [`Error::InvalidSetting`] for
+    /// `max_deliveries` 0, a visibility timeout or a coalescing window outside 1 ms to
+    /// 365 days, or a [`RetryPolicy`] that cannot work (its documentation says which),
     /// [`Error::GroupExists`], [`Error::Io`]; [`Error::Unsupported`] for coalescing on
     /// JetStream. Nothing is created when the name or a setting is refused.
     pub fn create_group_with(&self, name: &str, opts: GroupOptions) -> Result<Group> {
@@ -313,6 +362,9 @@ impl Mailbox {
         if let Some(c) = &opts.coalesce {
             c.check()?;
             self.imp().coalescing()?;
+        }
+        if let Some(policy) = &opts.retry {
+            policy.check()?;
         }
         let dead_letter = opts
             .dead_letter
@@ -332,6 +384,7 @@ impl Mailbox {
             dead_letter,
             filter: opts.filter,
             coalesce: opts.coalesce,
+            retry: opts.retry,
         };
         meta.format = meta.needed_format();
         let from_end = opts.start == StartAt::End;
@@ -372,6 +425,7 @@ impl Mailbox {
                 .unwrap_or_else(|| format!("{}.dlq", self.name())),
             opts.filter.clone(),
             opts.coalesce.clone(),
+            opts.retry.clone(),
         );
         let group = match self.create_group_with(name, opts) {
             Err(Error::GroupExists { .. }) => self.group(name)?,
@@ -404,6 +458,17 @@ impl Mailbox {
             differences.push(format!(
                 "coalesce: {:?} (asked: {:?})",
                 meta.coalesce, wanted.4
+            ));
+        }
+        if meta.retry != wanted.5 {
+            let show = |p: &Option<RetryPolicy>| match p {
+                Some(p) => serde_json::to_string(p).expect("a policy serializes"),
+                None => "none".into(),
+            };
+            differences.push(format!(
+                "retry: {} (asked: {})",
+                show(&meta.retry),
+                show(&wanted.5)
             ));
         }
         if differences.is_empty() {
@@ -495,6 +560,12 @@ impl Group {
     /// The mailbox that receives this group's dead letters.
     pub fn dead_letter_mailbox(&self) -> &str {
         &self.inner.meta.dead_letter
+    }
+
+    /// The group's retry policy; `None` for a group without one (made without
+    /// [`GroupOptions::retry`], or by a release before retry policies).
+    pub fn retry_policy(&self) -> Option<&RetryPolicy> {
+        self.inner.meta.retry.as_ref()
     }
 
     fn delivery_of(&self, claimed: Claimed) -> Delivery {
@@ -610,15 +681,28 @@ impl Group {
         self.imp().ack_upto(seq)
     }
 
-    /// Gives a claimed message back for redelivery after `delay`.
+    /// Gives a claimed message back for redelivery after `delay` (or dead-letters it:
+    /// see [`Delivery::nack`]).
     ///
     /// # Errors
     ///
     /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim.
     pub fn nack(&self, seq: u64, delay: Duration, reason: Option<&str>) -> Result<()> {
         self.check_seq(seq)?;
-        let reason = reason.map(str::to_owned);
-        self.imp().settle(seq, None, Settle::Nack { delay, reason })
+        self.nack_as(seq, None, delay, reason)
+    }
+
+    /// Gives a claimed message back after the delay of the group's retry policy, as
+    /// [`Delivery::retry`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotDelivered`]; [`Error::StaleDelivery`] if it has no live claim;
+    /// [`Error::Unsupported`] on JetStream through a handle that did not claim it.
+    pub fn retry(&self, seq: u64, reason: Option<&str>) -> Result<RetryOutcome> {
+        self.check_seq(seq)?;
+        let attempt = self.imp().live_attempt(seq)?;
+        self.retry_as(seq, attempt, reason)
     }
 
     /// Extends the claim on a message by `by` from now.
@@ -670,6 +754,51 @@ impl Group {
 }
 
 impl Group {
+    /// A nack of `seq` (as `attempt`), or a dead letter if the retry policy does not
+    /// retry the reason.
+    fn nack_as(
+        &self,
+        seq: u64,
+        attempt: Option<u32>,
+        delay: Duration,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let how = match (&self.inner.meta.retry, reason) {
+            (Some(p), Some(reason)) if !p.retries(Some(reason)) => Settle::DeadLetter {
+                reason: reason.to_owned(),
+                not_retryable: true,
+            },
+            _ => Settle::Nack {
+                delay,
+                reason: reason.map(str::to_owned),
+            },
+        };
+        self.imp().settle(seq, attempt, how)
+    }
+
+    /// A retry of `seq` as `attempt`: a nack after the policy's delay, and what it did.
+    fn retry_as(&self, seq: u64, attempt: u32, reason: Option<&str>) -> Result<RetryOutcome> {
+        let meta = &self.inner.meta;
+        let delay = meta
+            .retry
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.delay_for(seq, attempt));
+        self.nack_as(seq, Some(attempt), delay, reason)?;
+        // What the backend did, told the way it recorded it.
+        let recorded = match (&meta.retry, reason) {
+            (Some(p), Some(reason)) if !p.retries(Some(reason)) => {
+                at_once_reason(&cap_reason(reason), true).1
+            }
+            _ if attempt >= meta.max_deliveries => {
+                exhausted_reason(meta.max_deliveries, &cap_reason(reason.unwrap_or("nacked")))
+            }
+            _ => return Ok(RetryOutcome::Scheduled { delay }),
+        };
+        Ok(RetryOutcome::DeadLettered {
+            reason: cap_reason(&recorded),
+        })
+    }
+
     /// Seqs start at 1: seq 0 is never a message, so settling it is a mistake (a script
     /// passing an empty variable, say), reported as [`Error::NotDelivered`] rather than
     /// as "already settled".

@@ -14,7 +14,8 @@
 //!   terminated. Claims run out and are redelivered, and after `max_deliveries` the
 //!   message goes to a dead-letter mailbox. A group can take only some messages (a
 //!   [`Filter`], with type patterns such as `draft.>`) and deliver one message per burst
-//!   ([`Coalesce`]).
+//!   ([`Coalesce`]). A [`RetryPolicy`] stored with the group sets growing delays
+//!   between attempts and the failures not worth retrying.
 //! - [`Follower`] and [`Consumer`] are receivers shaped like crossbeam-channel's
 //!   (`recv`, `recv_timeout`, `try_recv`, ...). They are woken by file-system events and
 //!   stay exact when events are lost. With the `tokio` feature they are also `async`.
@@ -183,6 +184,7 @@ mod nats;
 mod read;
 mod receiver;
 mod report;
+mod retry;
 mod watch;
 
 pub use backend::CLOCK_GRACE;
@@ -214,6 +216,7 @@ pub use report::{
 };
 /// The `serde_json` this crate is built with, for payloads and handoff state, so the
 /// versions cannot drift apart.
+pub use retry::{RetryOutcome, RetryPolicy};
 pub use serde_json;
 pub use watch::{Waker, WatchMode};
 

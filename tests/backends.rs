@@ -175,6 +175,8 @@ mod watch;
 
 #[path = "backends/filters.rs"]
 mod filters;
+#[path = "backends/retry.rs"]
+mod retry;
 
 /// What only the JetStream backend refuses, refused with a typed error.
 #[test]

@@ -75,6 +75,8 @@ fn a_bus_written_by_the_previous_build_opens_reads_and_drains() {
         (workers.max_deliveries(), workers.visibility()),
         (2, Duration::from_secs(1))
     );
+    // A group.json from before retry policies: a group without one.
+    assert!(workers.retry_policy().is_none());
     let st = workers.stats().unwrap();
     assert_eq!(
         (

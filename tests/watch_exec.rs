@@ -468,30 +468,37 @@ fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
     }
     let dir = tempfile::tempdir().unwrap();
     let bus_dir = dir.path().join("bus");
-    common::run_ok(&bus_dir, ["init"]);
-    common::run_ok(&bus_dir, ["mailbox", "create", "alerts"]);
-    common::run_ok(
-        &bus_dir,
-        [
-            "group",
-            "create",
-            "alerts",
-            "pager",
-            "--max-deliveries",
-            "5",
-        ],
+    let setup = |bus: &Path| {
+        common::run_ok(bus, ["init"]);
+        common::run_ok(bus, ["mailbox", "create", "alerts"]);
+    };
+    // The README's `group create` line, run as it is: the policy it describes.
+    let create = readme
+        .lines()
+        .find(|l| l.starts_with("agentbus group create alerts pager --max-deliveries"))
+        .expect("the recipe creates the group");
+    let readme_bus = dir.path().join("readme-bus");
+    setup(&readme_bus);
+    common::run_ok(&readme_bus, create.split_whitespace().skip(1));
+    let listed = common::run_ok(&readme_bus, ["group", "list", "alerts"]);
+    assert_eq!(
+        (&listed[0]["max_deliveries"], &listed[0]["retry"]),
+        (
+            &serde_json::json!(5),
+            &serde_json::json!({"initial_ms": 30000, "multiplier": 2.0, "max_ms": 600000,
+                                "jitter": 0.2, "no_retry_on": ["unauthorized"]})
+        )
     );
-    common::run_ok(
-        &bus_dir,
-        [
-            "send",
-            "alerts",
-            "--type",
-            "alert",
-            "--subject",
-            "disk full on db-1",
-        ],
-    );
+    // The same group with delays a test can wait for (and no jitter, to check them).
+    setup(&bus_dir);
+    let fast = create.replace("--backoff 30s,2,10m --jitter 0.2", "--backoff 0.1s,2,1s");
+    assert_ne!(fast, create);
+    common::run_ok(&bus_dir, fast.split_whitespace().skip(1));
+    let send_alert = |subject: &str| {
+        let args = ["send", "alerts", "--type", "alert", "--subject", subject];
+        common::run_ok(&bus_dir, args);
+    };
+    send_alert("disk full on db-1");
     common::run_ok(
         &bus_dir,
         ["send", "alerts", "--type", "alert", "--body", "no subject"],
@@ -501,14 +508,7 @@ fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
         let mut cmd = watch(&bus_dir);
         cmd.args(["alerts", "--group", "pager", "--exec"])
             .arg(&alert)
-            .args([
-                "--retry-delay",
-                "0.1",
-                "--handler-timeout",
-                "60",
-                "--max",
-                max,
-            ])
+            .args(["--handler-timeout", "60", "--max", max])
             .env("ALERT_SPOOL", &spool);
         common::output_within("the alert handler", cmd, HUNG)
     };
@@ -523,12 +523,16 @@ fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
             (
                 l["seq"].as_u64().unwrap(),
                 l["outcome"].as_str().unwrap().to_owned(),
+                l["delay"].as_f64(),
             )
         })
         .collect();
     assert_eq!(
         got,
-        [(1, "retried".into()), (2, "dead_lettered".into())],
+        [
+            (1, "retried".into(), Some(0.1)),
+            (2, "dead_lettered".into(), None)
+        ],
         "{}",
         out.stderr
     );
@@ -549,6 +553,21 @@ fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
     );
     let paged: Vec<_> = std::fs::read_dir(&spool).unwrap().collect();
     assert_eq!(paged.len(), 1);
+    // The pager revokes us: a class the group does not retry, dead-lettered at once.
+    std::fs::write(spool.join("REVOKED"), "").unwrap();
+    send_alert("db-2 down");
+    let out = watch_alerts("1");
+    let line = &out.lines()[0];
+    assert_eq!(
+        (
+            line["seq"].as_u64(),
+            line["attempt"].as_u64(),
+            line["outcome"].as_str()
+        ),
+        (Some(3), Some(1), Some("dead_lettered")),
+        "{}",
+        out.stderr
+    );
 
     // The check finds the dead letter, says why, and exits 1.
     let bin = Path::new(env!("CARGO_BIN_EXE_agentbus")).parent().unwrap();
@@ -570,6 +589,8 @@ fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
     assert_eq!(
         report.trim(),
         "dead letter 1: alerts seq 2: rejected by the consumer: handler refused the \
-         message (exit 65): alert 2 has no subject"
+         message (exit 65): alert 2 has no subject\n\
+         dead letter 2: alerts seq 3: not retryable: unauthorized: handler exited with 1: \
+         unauthorized: the pager revoked this sender"
     );
 }

@@ -9,6 +9,7 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures_util::StreamExt;
 use time::OffsetDateTime;
 
+use super::backoff::{backoff, nak_delay};
 use super::{dec, decode, enc, nats_err, Mailbox, NatsBus, NET, REQUEST_TIMEOUT};
 use crate::backend::MailboxBackend;
 use crate::backend::{Backend, Claimed, Damage, DeadLetterTo, GroupBackend, GroupMeta, Settle};
@@ -23,8 +24,12 @@ pub(crate) struct Group {
     mailbox: Mailbox,
     name: String,
     meta: GroupMeta,
-    /// The consumer's `ack_wait`: the visibility timeout of every claim.
+    /// The visibility timeout of every claim: the consumer's `ack_wait`, or the
+    /// group's `visibility_ms` when a retry policy set a `backoff` list (which then
+    /// holds the claims' timers, and `ack_wait` is its first value).
     ack_wait: Duration,
+    /// The consumer's `backoff` list (empty without a retry policy).
+    backoff: Vec<Duration>,
     /// The consumer handle, opened on first use.
     consumer: OnceLock<PullConsumer>,
     /// The live deliveries this handle claimed, by seq. A settled or superseded claim
@@ -58,6 +63,7 @@ pub(crate) struct Fetched {
 /// What the server says about a group.
 pub(crate) struct ConsumerState {
     pub(crate) ack_wait: Duration,
+    pub(crate) backoff: Vec<Duration>,
     pub(crate) description: Option<String>,
     pub(crate) delivered_seq: u64,
     pub(crate) ack_floor_seq: u64,
@@ -72,6 +78,8 @@ pub(crate) struct ConsumerConfig {
     pub(crate) start_seq: Option<u64>,
     pub(crate) ack_wait: Duration,
     pub(crate) max_deliver: i64,
+    /// The server's redelivery timer of each delivery (the last one repeats).
+    pub(crate) backoff: Vec<Duration>,
 }
 
 /// Whether a consumer is an agentbus group: durable, with group settings as its
@@ -91,6 +99,7 @@ pub(crate) fn create(
     meta: &GroupMeta,
     from_end: bool,
 ) -> Result<()> {
+    let backoff = backoff(meta);
     let config = ConsumerConfig {
         description: serde_json::to_string(meta).expect("metadata serializes"),
         start_seq: if from_end {
@@ -98,11 +107,17 @@ pub(crate) fn create(
         } else {
             None
         },
-        ack_wait: Duration::from_millis(meta.visibility_ms.max(1)),
+        // With a backoff list the server takes its first value as `ack_wait`.
+        ack_wait: backoff
+            .first()
+            .copied()
+            .unwrap_or(Duration::from_millis(meta.visibility_ms.max(1))),
         // Unlimited on the server: a delivery past `max_deliveries` is buried by the
         // client that sees it, and one that dies first leaves it to be redelivered and
-        // buried by the next.
+        // buried by the next. (So the server's rule that `max_deliver` exceed the
+        // length of `backoff` holds whatever the list.)
         max_deliver: -1,
+        backoff,
     };
     if !mailbox
         .bus()
@@ -137,8 +152,13 @@ impl Group {
         Ok(Some(Group {
             mailbox: mailbox.clone(),
             name: name.to_owned(),
+            ack_wait: if state.backoff.is_empty() {
+                state.ack_wait
+            } else {
+                Duration::from_millis(meta.visibility_ms.max(1))
+            },
             meta,
-            ack_wait: state.ack_wait,
+            backoff: state.backoff,
             consumer: OnceLock::new(),
             held: Mutex::new(HashMap::new()),
         }))
@@ -403,13 +423,25 @@ impl GroupBackend for Group {
         self.settle_held(seq, attempt, AckKind::Ack).map(|()| true)
     }
 
+    fn live_attempt(&self, seq: u64) -> Result<u32> {
+        match self.held_map().get(&seq) {
+            Some(h) => Ok(h.attempt),
+            None => Err(self.unsupported("settling by seq a message this handle has not claimed")),
+        }
+    }
+
     /// A nack's reason and an extension's length are not sent: JetStream keeps no
-    /// reasons, and `+WPI` restarts the whole `ack_wait`.
+    /// reasons, and `+WPI` restarts the whole `ack_wait` (with a retry policy, the
+    /// delivery's `backoff` timer: the visibility plus that attempt's delay). A
+    /// delayed NAK carries the delay that makes the server wait `delay` (`nak_delay`).
     fn settle(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {
         match &how {
-            Settle::DeadLetter { reason } => {
-                let to = self.dead_letter_to();
-                return self.bury_held(seq, attempt, "rejected", reason, &to.rejected(reason));
+            Settle::DeadLetter {
+                reason,
+                not_retryable,
+            } => {
+                let (outcome, recorded) = self.dead_letter_to().at_once(reason, *not_retryable);
+                return self.bury_held(seq, attempt, outcome, reason, &recorded);
             }
             // A nack of the last delivery a message gets dead-letters it now, as in a
             // directory (rather than when the next claim meets the redelivery).
@@ -422,7 +454,11 @@ impl GroupBackend for Group {
         }
         let kind = match how {
             Settle::Nack { delay, .. } if delay.is_zero() => AckKind::Nak(None),
-            Settle::Nack { delay, .. } => AckKind::Nak(Some(delay)),
+            Settle::Nack { delay, .. } => {
+                let held = self.held_map().get(&seq).map(|h| h.attempt);
+                let attempt = held.or(attempt).unwrap_or(1);
+                AckKind::Nak(Some(nak_delay(&self.backoff, attempt, delay)))
+            }
             Settle::Extend(_) => AckKind::Progress,
             Settle::Term { .. } | Settle::DeadLetter { .. } => AckKind::Term,
         };
@@ -511,6 +547,7 @@ impl NatsBus {
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait,
                 max_deliver: config.max_deliver,
+                backoff: config.backoff,
                 max_ack_pending: -1,
                 // 0: as many as the stream has, so a group survives whatever its
                 // mailbox survives, whichever process created it.
@@ -537,6 +574,7 @@ impl NatsBus {
             match s.consumer_info(&durable).await {
                 Ok(info) => Ok(Some(ConsumerState {
                     ack_wait: info.config.ack_wait,
+                    backoff: info.config.backoff.clone(),
                     description: info.config.description.clone(),
                     delivered_seq: info.delivered.stream_sequence,
                     ack_floor_seq: info.ack_floor.stream_sequence,

@@ -9,6 +9,7 @@
 //! | `seq` | the stream sequence |
 //! | idempotency key | the `Nats-Msg-Id` header (duplicate window 24 h) |
 //! | group `g` | durable pull consumer `g` (explicit ack, `ack_wait` = visibility) |
+//! | retry policy | the consumer's `backoff` list (visibility + the delay of each attempt) |
 //! | ack, nack + delay, extend, term | `+ACK`, `-NAK {delay}`, `+WPI`, `+TERM`, each confirmed |
 //! | dead letters | the message is copied to the dead-letter mailbox, then termed |
 //! | lease `l` | key `l` of the KV bucket `<ns>_LEASES`; the grant's revision is the token |
@@ -23,6 +24,7 @@
 //! | `mailbox` | streams: create, publish, read by seq; [`Mailbox`] |
 //! | `read` | [`Reader`]: a stream in seq order |
 //! | `group` | durable pull consumers: fetch, settle; [`Group`] |
+//! | `backoff` | a retry policy as the consumer's `backoff` list and NAK delays |
 //! | `lease` | the lease bucket and its compare-and-set |
 //! | `watch` | subscriptions whose messages are wake-up hints |
 //!
@@ -46,6 +48,7 @@ use crate::report::LeaseInfo;
 use crate::watch::{Watch, WatchMode};
 use crate::{Error, Message, Result};
 
+mod backoff;
 mod group;
 mod lease;
 mod mailbox;

@@ -100,7 +100,7 @@ impl Group {
             .state
             .entries
             .iter()
-            .filter(|(_, e)| e.visible_at <= c.now)
+            .filter(|(seq, e)| self.due_at(**seq, e) <= c.now)
             .map(|(s, e)| (*s, e.clone()))
             .collect();
         for (seq, entry) in due {
@@ -281,7 +281,7 @@ impl Group {
                 };
                 // Claimed by someone, or nacked with a delay not yet over; or out of
                 // deliveries (a normal claim dead-letters it).
-                if entry.visible_at > now || entry.attempt >= g.inner.meta.max_deliveries {
+                if g.due_at(seq, &entry) > now || entry.attempt >= g.inner.meta.max_deliveries {
                     return Ok(None);
                 }
                 let message = read_at(&spec, entry.at, seq)?;

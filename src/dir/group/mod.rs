@@ -174,6 +174,20 @@ impl Group {
             .ok_or_else(|| self.stale(seq, "already settled"))
     }
 
+    /// When unsettled message `seq` may be delivered again: a nacked one when its
+    /// delay is over; one whose claim ran out when the retry policy's delay for that
+    /// attempt is over too (none without a policy, or when it has no delivery left:
+    /// then it is dead-lettered as soon as its claim runs out).
+    fn due_at(&self, seq: u64, e: &Entry) -> i64 {
+        let meta = &self.inner.meta;
+        match &meta.retry {
+            Some(p) if e.consumer.is_some() && e.attempt < meta.max_deliveries => {
+                e.visible_at.saturating_add(ms(p.delay_for(seq, e.attempt)))
+            }
+            _ => e.visible_at,
+        }
+    }
+
     /// Where this group's dead letters and damage notices go.
     fn dead_letter_to(&self) -> DeadLetterTo<'_> {
         let bus = self.inner.mailbox.bus();
@@ -222,11 +236,18 @@ impl Group {
     /// Nacks, extends, terms or dead-letters the live claim of `seq`. A nack of the
     /// last delivery a message gets dead-letters it.
     fn settle_claim(&self, seq: u64, attempt: Option<u32>, how: Settle) -> Result<()> {
+        let mut not_retryable = false;
         let (op, delay, reason) = match how {
             Settle::Nack { delay, reason } => (Op::Nack, delay, reason),
             Settle::Extend(by) => (Op::Extend, by, None),
             Settle::Term { reason } => (Op::Term, Duration::ZERO, reason),
-            Settle::DeadLetter { reason } => (Op::Dead, Duration::ZERO, Some(reason)),
+            Settle::DeadLetter {
+                reason,
+                not_retryable: n,
+            } => {
+                not_retryable = n;
+                (Op::Dead, Duration::ZERO, Some(reason))
+            }
         };
         self.locked(|g, loaded| {
             let now = now_ms();
@@ -244,22 +265,27 @@ impl Group {
             let last_delivery = entry.attempt >= g.inner.meta.max_deliveries;
             if op == Op::Dead || (op == Op::Nack && last_delivery) {
                 // Given up on, or that was the last delivery it gets: dead-letter it now.
-                let (outcome, reason) = match op {
-                    Op::Dead => ("rejected", reason.unwrap_or_default()),
-                    _ => ("nacked", reason.unwrap_or_else(|| "nacked".into())),
+                let to = g.dead_letter_to();
+                let (outcome, reason, recorded) = match op {
+                    Op::Dead => {
+                        let reason = reason.unwrap_or_default();
+                        let (outcome, recorded) = to.at_once(&reason, not_retryable);
+                        (outcome, reason, recorded)
+                    }
+                    _ => {
+                        let reason = reason.unwrap_or_else(|| "nacked".into());
+                        let recorded = to.exhausted(&reason);
+                        ("nacked", reason, recorded)
+                    }
                 };
                 let mut last = entry.clone();
                 last.history.push(AttemptNote {
                     attempt: entry.attempt,
                     consumer: entry.consumer.clone(),
                     outcome: outcome.into(),
-                    reason: Some(reason.clone()),
+                    reason: Some(reason),
                     at: now,
                 });
-                let recorded = match op {
-                    Op::Dead => g.dead_letter_to().rejected(&reason),
-                    _ => g.dead_letter_to().exhausted(&reason),
-                };
                 let message = read_at(&g.spec(), entry.at, seq)?;
                 return g.bury(loaded, &message, &last.history, &recorded, now);
             }
@@ -641,12 +667,25 @@ impl GroupBackend for Group {
         self.settle_claim(seq, attempt, how)
     }
 
+    fn live_attempt(&self, seq: u64) -> Result<u32> {
+        self.locked(|g, loaded| {
+            let entry = g.unsettled(loaded, seq)?;
+            if entry.consumer.is_none() || entry.visible_at <= now_ms() {
+                return Err(g.stale(seq, "the claim ran out or was given back"));
+            }
+            Ok(entry.attempt)
+        })
+    }
+
     fn stats(&self) -> Result<GroupStats> {
         self.counters()
     }
 
     fn next_due_ms(&self) -> Result<Option<i64>> {
-        self.locked(|_, loaded| Ok(loaded.state.entries.values().map(|e| e.visible_at).min()))
+        self.locked(|g, loaded| {
+            let entries = loaded.state.entries.iter();
+            Ok(entries.map(|(seq, e)| g.due_at(*seq, e)).min())
+        })
     }
 
     fn watch(&self, mode: WatchMode) -> Watch {

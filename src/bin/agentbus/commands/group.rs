@@ -1,6 +1,8 @@
 use std::io::Write;
 
-use agentbus::{Error, GroupOptions, StartAt};
+use std::time::Duration;
+
+use agentbus::{Error, GroupOptions, RetryPolicy, StartAt};
 use clap::Subcommand;
 use serde_json::json;
 
@@ -43,6 +45,19 @@ pub enum GroupCommand {
         senders: Vec<String>,
         #[command(flatten)]
         durable: Durable,
+        /// Retry policy: `INITIAL,MULTIPLIER,MAX`, e.g. `1s,2,30s` (1 s, 2 s, 4 s, ...
+        /// up to 30 s). Durations take `ms`, `s`, `m` or `h` (a bare number is
+        /// seconds). It sets the delay of `nack` without `--delay`, of `watch --exec`
+        /// without `--retry-delay`, and after a claim runs out.
+        #[arg(long, value_name = "INITIAL,MULTIPLIER,MAX")]
+        backoff: Option<String>,
+        /// Shorten each retry delay by up to this fraction of it (0 to 1).
+        #[arg(long, requires = "backoff")]
+        jitter: Option<f64>,
+        /// A reason class not to retry (repeatable): a nack whose reason starts with
+        /// `CLASS:` dead-letters the message at once.
+        #[arg(long, value_name = "CLASS", requires = "backoff")]
+        no_retry_on: Vec<String>,
     },
     /// List the groups of a mailbox.
     List {
@@ -78,6 +93,9 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             coalesce,
             senders,
             durable,
+            backoff,
+            jitter,
+            no_retry_on,
         } => {
             let mut filter = types.narrow(agentbus::Filter::new())?;
             let mailbox = open_writer(cli, durable)?.mailbox(mailbox)?;
@@ -98,6 +116,13 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             }
             if let Some(c) = coalesce.get()? {
                 opts = opts.coalesce(c);
+            }
+            if let Some(spec) = backoff {
+                let mut policy = parse_backoff(spec)?.jitter(jitter.unwrap_or(0.0));
+                for class in no_retry_on {
+                    policy = policy.no_retry_on(class);
+                }
+                opts = opts.retry(policy);
             }
             let created = match mailbox.create_group_with(group, opts) {
                 Ok(_) => true,
@@ -123,6 +148,7 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
                         "dead_letter": g.dead_letter_mailbox(),
                         "filter": g.filter(),
                         "coalesce": g.coalesce(),
+                        "retry": g.retry_policy().map(policy_json),
                     }),
                 )?;
             }
@@ -142,4 +168,56 @@ pub fn run(cli: &Cli, cmd: &GroupCommand, out: &mut impl Write) -> Result<(), Fa
             )
         }
     }
+}
+
+/// A retry policy as `group list` shows it: `null` without one.
+fn policy_json(p: &RetryPolicy) -> serde_json::Value {
+    json!({
+        "initial_ms": p.initial_delay().as_millis() as u64,
+        "multiplier": p.multiplier(),
+        "max_ms": p.max_delay().as_millis() as u64,
+        "jitter": p.jitter_fraction(),
+        "no_retry_on": p.non_retryable(),
+    })
+}
+
+/// `--backoff INITIAL,MULTIPLIER,MAX`.
+fn parse_backoff(spec: &str) -> Result<RetryPolicy, Failure> {
+    let usage = |why: String| {
+        Failure::Usage(format!(
+            "--backoff {spec:?}: {why}; give INITIAL,MULTIPLIER,MAX such as 1s,2,30s"
+        ))
+    };
+    let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+    let [initial, multiplier, max] = parts[..] else {
+        return Err(usage(format!("{} parts, not 3", parts.len())));
+    };
+    let multiplier: f64 = multiplier
+        .parse()
+        .map_err(|_| usage(format!("{multiplier:?} is not a number")))?;
+    Ok(RetryPolicy::exponential(
+        duration(initial).map_err(usage)?,
+        multiplier,
+        duration(max).map_err(usage)?,
+    ))
+}
+
+/// A duration such as `250ms`, `1.5s`, `2m`, `1h`, or a bare number of seconds.
+fn duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{text:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
+        .ok_or_else(|| format!("{text:?} is not a duration"))
 }

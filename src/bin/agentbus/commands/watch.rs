@@ -9,7 +9,7 @@ mod stop;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use agentbus::{Delivery, Error, Message, RecvTimeoutError};
+use agentbus::{Delivery, Error, Message, RecvTimeoutError, RetryOutcome, RetryPolicy};
 use clap::Args;
 use serde_json::{json, Value};
 
@@ -21,7 +21,8 @@ use handler::{Ended, Ending, Heartbeat, Run};
 use stop::Stop;
 
 /// The handler's exit code for "retry later": the message is given back for
-/// redelivery after `--retry-delay` (sysexits' `EX_TEMPFAIL`).
+/// redelivery after `--retry-delay`, or the group's retry policy's delay (sysexits'
+/// `EX_TEMPFAIL`).
 pub const EXIT_RETRY_LATER: i32 = 75;
 
 /// The handler's exit code for "do not retry": the message goes to the group's
@@ -68,9 +69,11 @@ pub struct WatchArgs {
     /// out, then the line says `"unsettled"` (the message comes again).
     #[arg(long)]
     exec: Option<String>,
-    /// Seconds before the message of a failed handler is redelivered.
-    #[arg(long, default_value_t = 0.0)]
-    retry_delay: f64,
+    /// Seconds before the message of a failed handler is redelivered, whatever the
+    /// attempt. Default: the group's retry policy (`group create --backoff`), or at
+    /// once for a group without one.
+    #[arg(long)]
+    retry_delay: Option<f64>,
     /// Kill a handler that runs longer than this many seconds (its process group:
     /// SIGTERM, then SIGKILL 2 s later); with `--group` that counts as a failure.
     #[arg(long, requires = "exec")]
@@ -100,7 +103,8 @@ struct Watch<'a> {
     max: usize,
     exec: Option<&'a str>,
     timeout: Option<Duration>,
-    retry: Duration,
+    /// `--retry-delay`; `None`: the group's retry policy.
+    retry: Option<Duration>,
 }
 
 /// `watch`: stream messages (or run a handler per message) as they arrive.
@@ -120,7 +124,7 @@ pub fn run(cli: &Cli, args: &WatchArgs, out: &mut impl Write) -> Result<(), Fail
         max: args.max.unwrap_or(usize::MAX),
         exec: args.exec.as_deref(),
         timeout: args.handler_timeout.map(secs).transpose()?,
-        retry: secs(args.retry_delay)?,
+        retry: args.retry_delay.map(secs).transpose()?,
     };
     let bus = open_writer(cli, &args.durable)?;
     match &args.group {
@@ -390,7 +394,8 @@ fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> 
         }
         return Ok(line);
     }
-    let why = failure(w, ended);
+    let mut why = failure(w, ended);
+    let mut retry_delay = Duration::ZERO;
     let last = d.attempt >= group.max_deliveries();
     let exhausted = || format!("max deliveries ({}) reached: {why}", group.max_deliveries());
     let (settled, outcome, reason) = if ended.stopped {
@@ -404,18 +409,31 @@ fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> 
             "dead_lettered",
             reason,
         )
-    } else if last {
-        let nack = confirmed(d, || d.nack(w.retry, Some(&why)));
-        (nack, "dead_lettered", exhausted())
+    } else if let Some(delay) = w.retry {
+        retry_delay = delay;
+        let nack = confirmed(d, || d.nack(delay, Some(&why)));
+        let outcome = if last { "dead_lettered" } else { "retried" };
+        (nack, outcome, if last { exhausted() } else { why.clone() })
     } else {
-        let nack = confirmed(d, || d.nack(w.retry, Some(&why)));
-        (nack, "retried", why.clone())
+        // The group's retry policy, which may not retry the class of the failure.
+        if group.retry_policy().is_some() {
+            why = classed(ended, why);
+        }
+        match confirmed(d, || d.retry(Some(&why))) {
+            Ok(RetryOutcome::Scheduled { delay }) => {
+                retry_delay = delay;
+                (Ok(()), "retried", why.clone())
+            }
+            Ok(RetryOutcome::DeadLettered { reason }) => (Ok(()), "dead_lettered", reason),
+            Ok(_) => (Ok(()), "retried", why.clone()),
+            Err(e) => (Err(e), "retried", why.clone()),
+        }
     };
     match settled {
         Ok(()) => {
             line["outcome"] = json!(outcome);
             match outcome {
-                "retried" => line["delay"] = json!(w.retry.as_secs_f64()),
+                "retried" => line["delay"] = json!(retry_delay.as_secs_f64()),
                 "dead_lettered" => line["dead_letter"] = json!(group.dead_letter_mailbox()),
                 _ => {}
             }
@@ -440,9 +458,28 @@ fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> 
     Ok(line)
 }
 
+/// The reason of a failed handler for the group's retry policy: with the class of the
+/// handler's last stderr line in front (`CLASS: handler exited with 1: ...`) when that
+/// line has one (`invalid_payload: no url`, Python's `ValueError: ...`), so that
+/// `--no-retry-on` can match it. "Retry later" (exit 75) never has a class.
+fn classed(ended: &Ended, why: String) -> String {
+    if ended.code() == Some(EXIT_RETRY_LATER) || ended.timed_out || ended.stopped {
+        return why;
+    }
+    let last_line = ended
+        .stderr_tail
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty());
+    match last_line.and_then(RetryPolicy::class_of) {
+        Some(class) => format!("{class}: {why}"),
+        None => why,
+    }
+}
+
 /// Runs `settle` until the server confirms it, retrying while the bus is unavailable
 /// (a JetStream failover) and the claim lasts.
-fn confirmed(d: &Delivery, settle: impl Fn() -> agentbus::Result<()>) -> agentbus::Result<()> {
+fn confirmed<T>(d: &Delivery, settle: impl Fn() -> agentbus::Result<T>) -> agentbus::Result<T> {
     loop {
         match settle() {
             Err(e) if e.is_retryable() && time::OffsetDateTime::now_utc() < d.deadline => {
