@@ -240,17 +240,17 @@ esac"#,
             (
                 l["attempt"].as_u64().unwrap(),
                 l["outcome"].as_str().unwrap(),
-                l["delay"].as_f64(),
+                l["delay_ms"].as_u64(),
             )
         })
         .collect();
     assert_eq!(
         outcomes,
         [
-            (1, "retried", Some(0.2)),
-            (2, "retried", Some(0.4)),
-            (3, "retried", Some(0.8)),
-            (4, "retried", Some(0.8)),
+            (1, "retried", Some(200)),
+            (2, "retried", Some(400)),
+            (3, "retried", Some(800)),
+            (4, "retried", Some(800)),
             (5, "dead_lettered", None),
         ],
         "{}",
@@ -317,9 +317,9 @@ esac"#,
         (
             line["seq"].as_u64(),
             line["outcome"].as_str(),
-            line["delay"].as_f64()
+            line["delay_ms"].as_u64()
         ),
-        (Some(3), Some("retried"), Some(0.05))
+        (Some(3), Some("retried"), Some(50))
     );
     assert_eq!(
         line["reason"], "handler exited with 1: timeout: the pager is slow",

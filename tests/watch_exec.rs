@@ -523,14 +523,14 @@ fn the_readme_alert_recipe_retries_dead_letters_and_its_check_reports() {
             (
                 l["seq"].as_u64().unwrap(),
                 l["outcome"].as_str().unwrap().to_owned(),
-                l["delay"].as_f64(),
+                l["delay_ms"].as_u64(),
             )
         })
         .collect();
     assert_eq!(
         got,
         [
-            (1, "retried".into(), Some(0.1)),
+            (1, "retried".into(), Some(100)),
             (2, "dead_lettered".into(), None)
         ],
         "{}",

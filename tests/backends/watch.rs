@@ -60,7 +60,7 @@ behaviours! {
         assert_eq!(outcomes(3), [(1, s("dead_lettered"))]);
         assert_eq!(outcomes(4), [(1, s("retried")), (2, s("dead_lettered"))]);
         let retried = &by_seq[&2][0];
-        assert_eq!(retried["delay"], 0.2, "{retried}");
+        assert_eq!(retried["delay_ms"], 200, "{retried}");
         assert!(retried["reason"].as_str().unwrap().contains("retry later (exit 75)"), "{retried}");
         let refused = &by_seq[&3][0];
         assert_eq!((refused["exit"].as_i64(), refused["dead_letter"].as_str()), (Some(65), Some("jobs.dlq")));

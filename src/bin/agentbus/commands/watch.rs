@@ -366,7 +366,7 @@ fn failure(w: &Watch<'_>, ended: &Ended) -> String {
 }
 
 /// Settles a delivery as its handler's ending says, and returns the outcome line:
-/// `acked`, `retried` (with `delay`), `dead_lettered` (with `reason` and
+/// `acked`, `retried` (with `delay_ms`), `dead_lettered` (with `reason` and
 /// `dead_letter`), `given_back` (watch was told to stop at once), or `expired` (the
 /// claim was lost meanwhile; the group redelivers the message).
 fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> {
@@ -433,7 +433,7 @@ fn settle(w: &Watch<'_>, d: &Delivery, ended: &Ended) -> Result<Value, Failure> 
         Ok(()) => {
             line["outcome"] = json!(outcome);
             match outcome {
-                "retried" => line["delay"] = json!(retry_delay.as_secs_f64()),
+                "retried" => line["delay_ms"] = json!(retry_delay.as_millis() as u64),
                 "dead_lettered" => line["dead_letter"] = json!(group.dead_letter_mailbox()),
                 _ => {}
             }
