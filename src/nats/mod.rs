@@ -430,6 +430,7 @@ fn hint(operation: &'static str) -> &'static str {
         }
         "a process-bound lease" => "no lock spans machines: use a TTL and renew it",
         "requeue" => "replay the dead letter instead (NewMessage::replay_of)",
+        "key-value buckets" => "not yet on JetStream: keep agent state on a directory bus",
         _ => "not offered on JetStream",
     }
 }
