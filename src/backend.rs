@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::report::{CompactReport, DoctorReport, GroupStats, LeaseInfo};
+use crate::report::{CompactReport, DoctorReport, GroupStats, KvEntry, LeaseInfo};
 use crate::watch::{Watch, WatchMode};
 use crate::{dir, Durability, Error, Filter, Message, NewMessage, Receipt, Result, RetryPolicy};
 
@@ -189,11 +189,85 @@ pub(crate) trait BusBackend: Backend + Debug + Send + Sync {
     /// A watch woken by changes of the lease.
     fn watch_lease(&self, name: &str, mode: WatchMode) -> Result<Watch>;
 
+    /// Creates a key-value bucket keeping `history` revisions per key:
+    /// [`Error::BucketExists`] if it exists.
+    fn create_kv(&self, bucket: &str, history: u32) -> Result<()> {
+        let _ = (bucket, history);
+        Err(self.unsupported(KV))
+    }
+    /// Opens a key-value bucket; `None` if it does not exist.
+    fn open_kv(&self, bucket: &str) -> Result<Option<KvImp>> {
+        let _ = bucket;
+        Err(self.unsupported(KV))
+    }
+    /// The names of all key-value buckets, sorted.
+    fn kv_names(&self) -> Result<Vec<String>> {
+        Err(self.unsupported(KV))
+    }
+
     /// Verifies every record, repairing torn tails with `repair`.
     fn doctor(&self, repair: bool) -> Result<DoctorReport> {
         let _ = repair;
         Err(self.unsupported("doctor"))
     }
+}
+
+/// The operation [`BusBackend`]'s key-value defaults refuse.
+const KV: &str = "key-value buckets";
+
+/// The backend of a key-value bucket. One arm for now: the JetStream backend answers
+/// [`Error::Unsupported`] from [`BusBackend`]'s defaults.
+#[derive(Debug)]
+pub(crate) enum KvImp {
+    /// The directory backend (FORMAT.md, "Key-value buckets").
+    Dir(dir::Kv),
+}
+
+impl Deref for KvImp {
+    type Target = dyn KvBackend;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            KvImp::Dir(b) => b,
+        }
+    }
+}
+
+/// What a write of a key expects to find: the compare in compare-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// Anything: a plain put or delete.
+    Any,
+    /// The key absent or deleted: a create.
+    Absent,
+    /// The key's current value at exactly this revision: an update.
+    Revision(u64),
+}
+
+/// A key-value bucket: revisions, compare-and-set, history.
+pub(crate) trait KvBackend: Backend + Debug + Send + Sync {
+    /// The bucket's name.
+    fn bucket(&self) -> &str;
+    /// How many revisions per key a compaction keeps.
+    fn history_depth(&self) -> u32;
+    /// The key's current value; `None` if absent or deleted.
+    fn get(&self, key: &str) -> Result<Option<KvEntry>>;
+    /// Writes `value` (`None`: a tombstone) if the key is as `expect` says: the new
+    /// revision, or [`Error::KvConflict`]. A delete of an absent key writes nothing
+    /// and is `None`.
+    fn write(
+        &self,
+        key: &str,
+        value: Option<&serde_json::Value>,
+        expect: Expect,
+    ) -> Result<Option<u64>>;
+    /// The keys with a current value that start with `prefix`, sorted.
+    fn keys(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Every revision of `key` still stored, oldest first, tombstones included.
+    fn history(&self, key: &str) -> Result<Vec<KvEntry>>;
+    /// Drops all but the last `history_depth` revisions of each key: how many
+    /// revisions were removed.
+    fn compact(&self) -> Result<u64>;
 }
 
 /// An open mailbox: the fields its facade keeps, and its backend.

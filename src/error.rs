@@ -34,8 +34,9 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// A mailbox, group, lease or agent name breaks the naming rule
-    /// `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
+    /// A mailbox, group, lease, bucket or agent name breaks the naming rule
+    /// `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, or a key-value key (kind `"key"`) breaks the
+    /// key rule of [`validate_kv_key`](crate::validate_kv_key).
     #[error("invalid {kind} name {name:?}: {reason}")]
     InvalidName {
         /// What the name was for (`"mailbox"`, `"agent"`, ...).
@@ -346,6 +347,48 @@ pub enum Error {
         reason: String,
     },
 
+    /// The key-value bucket does not exist. Buckets are created explicitly
+    /// ([`Bus::create_kv`](crate::Bus::create_kv), `agentbus kv create`), like mailboxes.
+    #[error(
+        "key-value bucket {bucket:?} does not exist (existing buckets: {}); create it with `agentbus kv create`",
+        list_or_none(existing)
+    )]
+    BucketNotFound {
+        /// The bucket that was asked for.
+        bucket: String,
+        /// The buckets that do exist, sorted.
+        existing: Vec<String>,
+    },
+
+    /// [`Bus::create_kv`](crate::Bus::create_kv) was asked for a bucket that exists.
+    #[error("key-value bucket {bucket:?} already exists")]
+    BucketExists {
+        /// The bucket.
+        bucket: String,
+    },
+
+    /// A compare-and-set lost: [`Kv::update`](crate::Kv::update) expected another
+    /// revision, or [`Kv::create`](crate::Kv::create) found the key present. Nothing
+    /// was written. Read the current value (it is here), compute again, and retry with
+    /// `current_revision`.
+    #[error(
+        "key {key:?} of bucket {bucket:?} is {}, not {}; nothing was written: read it again and retry",
+        revision_or_absent(*current_revision),
+        revision_or_absent(*expected_revision)
+    )]
+    KvConflict {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// The revision the write expected; `None` for a create (expected absent).
+        expected_revision: Option<u64>,
+        /// The revision of the key's current value; `None` if it is absent or deleted.
+        current_revision: Option<u64>,
+        /// The key's current value; `None` if it is absent or deleted.
+        current_value: Option<serde_json::Value>,
+    },
+
     /// An artifact's size differs from the size recorded when it was sent.
     #[error("artifact {} has {actual} bytes, expected {expected}", path.display())]
     ArtifactSizeMismatch {
@@ -367,6 +410,13 @@ pub enum Error {
         /// The digest of the file on disk.
         actual: String,
     },
+}
+
+fn revision_or_absent(revision: Option<u64>) -> String {
+    match revision {
+        Some(r) => format!("at revision {r}"),
+        None => "absent".to_owned(),
+    }
 }
 
 fn list_or_none(names: &[String]) -> String {
@@ -420,6 +470,9 @@ impl Error {
             Error::InvalidSetting { .. } => "invalid_setting",
             Error::ArtifactSizeMismatch { .. } => "artifact_size_mismatch",
             Error::ArtifactDigestMismatch { .. } => "artifact_digest_mismatch",
+            Error::BucketNotFound { .. } => "bucket_not_found",
+            Error::BucketExists { .. } => "bucket_exists",
+            Error::KvConflict { .. } => "kv_conflict",
         }
     }
 
@@ -443,8 +496,8 @@ impl Error {
     }
 
     /// True when the request itself was wrong and nothing was written: a bad name, an
-    /// invalid or oversized message, a setting out of range, a mailbox that does not
-    /// exist (or already does), or a directory that is not a bus.
+    /// invalid or oversized message, a setting out of range, a mailbox or key-value
+    /// bucket that does not exist (or already does), or a directory that is not a bus.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
             self,
@@ -459,6 +512,8 @@ impl Error {
                 | Error::GroupExists { .. }
                 | Error::GroupSettingsDiffer { .. }
                 | Error::NotDelivered { .. }
+                | Error::BucketNotFound { .. }
+                | Error::BucketExists { .. }
         )
     }
 

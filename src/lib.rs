@@ -175,6 +175,7 @@ mod error;
 mod filter;
 mod group;
 mod handoff;
+mod kv;
 mod lease;
 mod lost;
 mod mailbox;
@@ -202,6 +203,7 @@ pub use handoff::{
     Answer, Handoff, HandoffBuilder, HandoffInbox, LeaseRef, ReceivedHandoff, SentHandoff,
     ACCEPTED_TYPE, HANDOFF_GROUP, HANDOFF_TYPE, REJECTED_TYPE,
 };
+pub use kv::{validate_kv_key, Kv, DEFAULT_KV_HISTORY, MAX_KV_KEY_LEN};
 pub use lease::{Lease, LeaseRequest};
 pub use lost::{LOST_FROM_HEADER, LOST_TYPE};
 pub use mailbox::Mailbox;
@@ -212,7 +214,7 @@ pub use read::Messages;
 pub use receiver::RecvStream;
 pub use receiver::{Consumer, Envelope, Follower, RecvTimeoutError, TryRecvError};
 pub use report::{
-    CompactReport, DoctorReport, GroupStats, LeaseInfo, MailboxStats, Problem, ProblemKind,
+    CompactReport, DoctorReport, GroupStats, KvEntry, LeaseInfo, MailboxStats, Problem, ProblemKind,
 };
 /// The `serde_json` this crate is built with, for payloads and handoff state, so the
 /// versions cannot drift apart.

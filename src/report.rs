@@ -149,3 +149,43 @@ pub struct LeaseInfo {
     /// Whether the holder's death frees the lease at once.
     pub process_bound: bool,
 }
+
+/// One revision of a key in a key-value bucket: [`Kv::get`](crate::Kv::get) (the
+/// current value), [`Kv::history`](crate::Kv::history) (every revision kept, deletions
+/// included).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct KvEntry {
+    /// The key.
+    pub key: String,
+    /// The value; `null` for a deletion.
+    pub value: serde_json::Value,
+    /// The bucket-wide revision of this write: strictly increasing across every write
+    /// of the bucket, forever (never reused after a restart or a compaction).
+    pub revision: u64,
+    /// Whether this revision is a deletion (a tombstone).
+    pub deleted: bool,
+    /// When the key got its value after being absent (or deleted).
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When this revision was written.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl KvEntry {
+    /// The value as a `T`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidMessage`](crate::Error::InvalidMessage) if the value does not
+    /// deserialize as a `T`.
+    pub fn value_as<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
+        T::deserialize(&self.value).map_err(|e| {
+            crate::Error::InvalidMessage(format!(
+                "the value of key {:?} (revision {}) is not the type asked for: {e}",
+                self.key, self.revision
+            ))
+        })
+    }
+}

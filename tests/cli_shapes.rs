@@ -115,6 +115,12 @@ const VERBS: &[&[&str]] = &[
     &["lease", "release"],
     &["lease", "show"],
     &["lease", "list"],
+    &["kv", "create"],
+    &["kv", "put"],
+    &["kv", "get"],
+    &["kv", "del"],
+    &["kv", "keys"],
+    &["kv", "history"],
     &["handoff", "send"],
     &["handoff", "recv"],
     &["handoff", "show"],
@@ -132,6 +138,9 @@ const READ_ONLY: &[&[&str]] = &[
     &["stats"],
     &["lease", "show"],
     &["lease", "list"],
+    &["kv", "get"],
+    &["kv", "keys"],
+    &["kv", "history"],
     &["handoff", "show"],
     &["handoff", "verify"],
     &["verify"],
@@ -614,6 +623,14 @@ fn busy_bus() -> tempfile::TempDir {
     hand_lease_to_bob(d, "a", "l", &token);
     ok(run(d, Some("b"), &["handoff", "recv", "bob"]));
     ok(run(d, Some("b"), &["handoff", "accept", "bob", "1"]));
+    ok(run(d, None, &["kv", "create", "state"]));
+    ok(run(
+        d,
+        None,
+        &["kv", "put", "state", "phase1/out", "{\"n\":1}"],
+    ));
+    ok(run(d, None, &["kv", "put", "state", "gone", "true"]));
+    ok(run(d, None, &["kv", "del", "state", "gone"]));
     ok(run(d, None, &["compact"]));
     ok(run(d, None, &["doctor"]));
     dir
@@ -634,6 +651,11 @@ fn read_only_commands_create_and_change_nothing() {
         &["lease", "show", "nothing"],
         &["lease", "show", "l"],
         &["lease", "list"],
+        &["kv", "get", "state", "phase1/out"],
+        &["kv", "get", "state", "never"],
+        &["kv", "get", "state", "gone"],
+        &["kv", "keys", "state", "--prefix", "phase1/"],
+        &["kv", "history", "state", "gone"],
         &["handoff", "show", "bob", "1"],
         &["handoff", "verify", "bob", "1"],
         &["verify", "jobs", "1"],
@@ -680,6 +702,10 @@ fn documented(rel: &str) -> Option<&'static str> {
         ["leases", f] if f.ends_with(".jsonl") => "leases/<name>.jsonl",
         ["leases", f] if f.ends_with(".lock") => "leases/<name>.lock",
         ["leases", f] if f.ends_with(".alive") => "leases/<name>.<token>.alive",
+        ["kv"] | ["kv", _] => "kv/<bucket>/",
+        ["kv", _, "bucket.json"] => "bucket.json ",
+        ["kv", _, "log.jsonl"] => "log.jsonl ",
+        ["kv", _, "lock"] => "lock                        the flock target for every write",
         _ => return None,
     })
 }

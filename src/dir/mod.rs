@@ -10,6 +10,7 @@
 //! | `keys` | the idempotency index |
 //! | `group/` | [`Group`]: state records and their fold, checkpoints, claims |
 //! | `lease` | lease files |
+//! | `kv` | [`Kv`]: key-value buckets |
 //! | `compact`, `doctor`, `watch` | compaction, verification, `notify` wake-ups |
 
 use std::io;
@@ -19,8 +20,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{
-    Backend, BusBackend, Granted, LeaseChange, LeaseGrant, LeaseState, MailboxImp, OpenMailbox,
-    Options,
+    Backend, BusBackend, Granted, KvImp, LeaseChange, LeaseGrant, LeaseState, MailboxImp,
+    OpenMailbox, Options,
 };
 use crate::error::IoContext;
 use crate::report::{DoctorReport, LeaseInfo};
@@ -32,6 +33,7 @@ mod doctor;
 pub(crate) mod fsutil;
 mod group;
 mod keys;
+mod kv;
 mod lease;
 mod mailbox;
 mod read;
@@ -41,6 +43,7 @@ mod segment;
 mod watch;
 
 pub(crate) use group::Group;
+pub(crate) use kv::Kv;
 pub(crate) use mailbox::Mailbox;
 pub(crate) use read::Reader;
 
@@ -148,6 +151,10 @@ impl Bus {
         self.inner.root.join("leases")
     }
 
+    fn kv_dir(&self) -> PathBuf {
+        self.inner.root.join("kv")
+    }
+
     /// Opens the directory mailbox `name`; `None` if it does not exist.
     pub(crate) fn mailbox(&self, name: &str) -> Result<Option<Mailbox>> {
         let dir = self.mailboxes_dir().join(name);
@@ -207,9 +214,7 @@ impl BusBackend for Bus {
             return Err(exists());
         }
         let opts = &self.inner.opts;
-        let tmp = parent.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
-        let built = (|| {
-            fs.create_dir(&tmp)?;
+        fs.build_dir(&dir, opts.sync(), exists, |tmp| {
             let meta = MailboxMeta {
                 format: FORMAT_VERSION,
                 segment_bytes: opts.segment_bytes,
@@ -230,16 +235,7 @@ impl BusBackend for Bus {
                 }
             }
             Ok(())
-        })();
-        let renamed = built.and_then(|()| fs.rename_new_dir(&tmp, &dir, exists));
-        if let Err(e) = renamed {
-            fs.remove_tree(&tmp);
-            return Err(e);
-        }
-        if opts.sync() {
-            fs.sync_dir(&parent)?;
-        }
-        Ok(())
+        })
     }
 
     fn open_mailbox(&self, name: &str) -> Result<Option<OpenMailbox>> {
@@ -297,6 +293,18 @@ impl BusBackend for Bus {
             mode,
             self.inner.opts.poll_interval,
         ))
+    }
+
+    fn create_kv(&self, bucket: &str, history: u32) -> Result<()> {
+        kv::create(self, &self.kv_dir(), bucket, history)
+    }
+
+    fn open_kv(&self, bucket: &str) -> Result<Option<KvImp>> {
+        Ok(Kv::open(self, &self.kv_dir(), bucket)?.map(KvImp::Dir))
+    }
+
+    fn kv_names(&self) -> Result<Vec<String>> {
+        kv::names(self.fs(), &self.kv_dir())
     }
 
     fn doctor(&self, repair: bool) -> Result<DoctorReport> {

@@ -64,6 +64,7 @@ mod tests {
             visibility_ms: 1_000,
             dead_letter: "x.dlq".into(),
             filter: Filter::new(),
+            coalesce: None,
             retry,
         }
     }

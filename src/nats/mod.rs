@@ -437,6 +437,7 @@ fn hint(operation: &'static str) -> &'static str {
             "coalesce in the receiver (Follower::coalesce, watch --coalesce), or keep the \
              mailbox on a directory bus"
         }
+        "key-value buckets" => "not yet on JetStream: keep agent state on a directory bus",
         _ => "not offered on JetStream",
     }
 }

@@ -1,12 +1,13 @@
 //! One JSON shape per object the CLI prints: a message (in `recv`, `recv --group`,
-//! `watch`, a `watch --exec` handler's stdin, `handoff recv` and `handoff show`) and a
-//! lease (in `lease acquire`, `renew`, `show` and `list`). Every key is always present,
+//! `watch`, a `watch --exec` handler's stdin, `handoff recv` and `handoff show`), a
+//! lease (in `lease acquire`, `renew`, `show` and `list`) and a key-value entry (in
+//! every `kv` command but `kv create` and `kv keys`). Every key is always present,
 //! `null`, `[]` or `{}` where the object has nothing, in the same order; times are
 //! RFC 3339 UTC; durations are whole milliseconds in keys ending `_ms`.
 
 use std::collections::BTreeMap;
 
-use agentbus::{Artifact, Delivery, Error, LeaseInfo, Message};
+use agentbus::{Artifact, Delivery, Error, KvEntry, LeaseInfo, Message};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -192,5 +193,39 @@ impl<'a> LeaseLine<'a> {
             renewals: info.map_or(0, |i| i.renewals),
             process_bound: info.is_some_and(|i| i.process_bound),
         }
+    }
+}
+
+/// One revision of a key as every `kv` command prints it. A key without a value
+/// (`kv get` of an absent key, `kv del` of one) has `null` revision, value and times.
+#[derive(Serialize)]
+pub struct KvLine<'a> {
+    bucket: &'a str,
+    key: &'a str,
+    revision: Option<u64>,
+    value: Option<&'a Value>,
+    deleted: bool,
+    created_at: Option<String>,
+    updated_at: Option<String>,
+}
+
+impl<'a> KvLine<'a> {
+    /// Key `key` of `bucket` at `entry` (`None`: no value, deleted or never set).
+    pub fn new(bucket: &'a str, key: &'a str, entry: Option<&'a KvEntry>) -> Self {
+        KvLine {
+            bucket,
+            key,
+            revision: entry.map(|e| e.revision),
+            value: entry.map(|e| &e.value),
+            deleted: entry.is_some_and(|e| e.deleted),
+            created_at: entry.map(|e| rfc3339(e.created_at)),
+            updated_at: entry.map(|e| rfc3339(e.updated_at)),
+        }
+    }
+
+    /// The same, with the revision known to have been written.
+    pub fn revision(mut self, revision: Option<u64>) -> Self {
+        self.revision = revision.or(self.revision);
+        self
     }
 }

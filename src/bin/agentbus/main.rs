@@ -18,8 +18,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use commands::{
-    ack, compact, doctor, extend, group, handoff, init, lease, mailbox, nack, recv, replay, send,
-    stats, term, verify, watch,
+    ack, compact, doctor, extend, group, handoff, init, kv, lease, mailbox, nack, recv, replay,
+    send, stats, term, verify, watch,
 };
 use output::{print_warnings, report, Failure};
 
@@ -70,6 +70,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     #[command(subcommand)]
     Lease(lease::LeaseCommand),
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
     #[command(subcommand)]
     Handoff(handoff::HandoffCommand),
     Verify(verify::VerifyArgs),
@@ -139,6 +141,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
         Command::Compact(args) => compact::run(&cli, args, out),
         Command::Replay(args) => replay::run(&cli, args, out),
         Command::Lease(cmd) => lease::run(&cli, cmd, out),
+        Command::Kv(cmd) => kv::run(&cli, cmd, out),
         Command::Handoff(cmd) => handoff::run(&cli, cmd, out),
         Command::Verify(args) => verify::run(&cli, args, out),
         Command::Doctor(args) => doctor::run(&cli, args, out),

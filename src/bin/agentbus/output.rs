@@ -10,6 +10,7 @@
 //! | 4 | `doctor` found problems it did not repair |
 //! | 5 | a stale delivery (`nack`, `extend`, `term`) or lease grant (`lease renew`, `release`) |
 //! | 6 | an artifact is missing, is not a regular file, or differs in size or SHA-256 (`send`, `handoff`) |
+//! | 7 | `kv put --expect-revision` or `kv create`: a compare-and-set conflict; the error carries the current revision and value |
 
 use std::io::Write;
 use std::path::Path;
@@ -51,6 +52,7 @@ pub fn report(failure: Failure) -> ExitCode {
                 | Error::ArtifactSizeMismatch { .. }
                 | Error::ArtifactDigestMismatch { .. } => 6,
                 Error::StaleDelivery { .. } | Error::StaleLease { .. } => 5,
+                Error::KvConflict { .. } => 7,
                 _ if e.is_invalid_input() => 2,
                 _ => 1,
             };
@@ -69,8 +71,21 @@ pub fn error_json(e: &Error) -> Value {
         v["path"] = path_json(path);
     }
     match e {
-        Error::MailboxNotFound { existing, .. } | Error::GroupNotFound { existing, .. } => {
-            v["existing"] = json!(existing)
+        Error::MailboxNotFound { existing, .. }
+        | Error::GroupNotFound { existing, .. }
+        | Error::BucketNotFound { existing, .. } => v["existing"] = json!(existing),
+        Error::KvConflict {
+            bucket,
+            key,
+            expected_revision,
+            current_revision,
+            current_value,
+        } => {
+            v["bucket"] = json!(bucket);
+            v["key"] = json!(key);
+            v["expected_revision"] = json!(expected_revision);
+            v["current_revision"] = json!(current_revision);
+            v["current_value"] = json!(current_value);
         }
         Error::Corrupt { line, .. } => v["line"] = json!(line),
         Error::Compacted {

@@ -487,6 +487,32 @@ impl Fs {
         }
     }
 
+    /// Creates directory `dir` whole: `build` fills a temporary sibling
+    /// (`.new-<uuid>`), which is then renamed into place, so other processes see all of
+    /// it or nothing; on any failure the temporary directory is removed. `exists()` is
+    /// the error when `dir` exists (someone else created it meanwhile). The parent is
+    /// fsynced when `sync`.
+    pub(crate) fn build_dir(
+        &self,
+        dir: &Path,
+        sync: bool,
+        exists: impl FnOnce() -> Error,
+        build: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        let parent = dir.parent().unwrap_or(Path::new(""));
+        let tmp = parent.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
+        let built = self.create_dir(&tmp).and_then(|()| build(&tmp));
+        let renamed = built.and_then(|()| self.rename_new_dir(&tmp, dir, exists));
+        if let Err(e) = renamed {
+            self.remove_tree(&tmp);
+            return Err(e);
+        }
+        if sync {
+            self.sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
     /// Renames a directory built under a temporary name into place (both in the same
     /// directory); `exists()` is the error when the target exists already (someone
     /// else created it meanwhile).

@@ -38,9 +38,7 @@ pub(crate) fn create(
         mailbox.first_seq()?
     };
     let sync = opts.sync();
-    let tmp = groups.join(format!(".new-{}", uuid::Uuid::now_v7().simple()));
-    let built = (|| {
-        fs.create_dir(&tmp)?;
+    fs.build_dir(&dir, sync, exists, |tmp| {
         let write = |file: &str, bytes: Vec<u8>| fs.write_atomic(&tmp.join(file), &bytes, sync);
         write(
             "group.json",
@@ -56,20 +54,14 @@ pub(crate) fn create(
             "checkpoint.json",
             serde_json::to_vec(&cp).expect("checkpoint serializes"),
         )?;
-        fs.open_append(&state_path(&tmp, 0))?;
+        fs.open_append(&state_path(tmp, 0))?;
         fs.open_lock(&tmp.join("lock"))?;
         if sync {
-            fs.sync_dir(&tmp)?;
+            fs.sync_dir(tmp)?;
         }
         Ok(())
-    })();
-    let renamed = built.and_then(|()| fs.rename_new_dir(&tmp, &dir, exists));
-    if let Err(e) = renamed {
-        fs.remove_tree(&tmp);
-        return Err(e);
-    }
+    })?;
     if sync {
-        fs.sync_dir(&groups)?;
         // `groups/` is created with the first group: its own entry needs the mailbox
         // directory synced too.
         fs.sync_dir(mailbox.dir())?;

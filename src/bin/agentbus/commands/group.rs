@@ -11,6 +11,8 @@ use crate::output::{emit, Failure};
 use crate::Cli;
 
 /// Create or list consumer groups.
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
     /// Create a consumer group on a mailbox.

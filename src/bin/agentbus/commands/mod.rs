@@ -8,6 +8,7 @@ pub mod extend;
 pub mod group;
 pub mod handoff;
 pub mod init;
+pub mod kv;
 pub mod lease;
 pub mod mailbox;
 pub mod nack;
