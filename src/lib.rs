@@ -116,9 +116,9 @@
 //!   `Claimed`, `Settle`, `LeaseGrant`, `LeaseChange`, `LeaseState`) is all the
 //!   backends share with the facades. An operation a backend cannot express is a
 //!   trait default that answers [`Error::Unsupported`] with that backend's hint. The
-//!   URL switch (`open_bus`) picks the backend. `#[cfg(feature = "nats")]` appears
-//!   only there, on the enum arms, and at the top of `nats/` (which compiles to
-//!   nothing without the feature).
+//!   URL switch (`open_bus`) picks the backend. The `nats` feature gate appears only
+//!   there, on the enum arms, and at the top of `nats/` (which compiles to nothing
+//!   without the feature).
 //! - **The directory backend** (`dir/`) is everything that touches files: `fsutil`
 //!   (no-follow opens, `flock`), `record` (the CRC line codec), `segment`, `read`,
 //!   `mailbox` (the append path), `keys` (the idempotency index), `group/` (state
